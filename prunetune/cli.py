@@ -1,0 +1,132 @@
+"""The `prunetune` command: the only module that imports the CLI framework (click). Thin: it
+parses arguments, calls the package, and turns errors into exit codes.
+
+Exit codes: 0 success; 2 bad input (one line on stderr, no traceback, nothing written);
+130 interrupted by the user; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import yaml
+
+from prunetune import spec as spec_mod
+from prunetune.errors import UserError
+
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Bad input → exit 2 with one line; Ctrl-C → 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+    return wrapper
+
+
+set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                          help="Override a spec key (dotted, repeatable), e.g. --set schedule.sparsity=0.8")
+uri_option = click.option("--tracking-uri", default=None, metavar="URI",
+                          help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the spec's tracking.uri)")
+spec_argument = click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="prunetune")
+def main():
+    """Sweep neural-network pruning schedules with Ray Tune, Optuna and MLflow."""
+
+
+@main.command()
+@spec_argument
+@set_option
+@handle_errors
+def validate(spec_path: Path, sets: tuple[str, ...]):
+    """Check a spec and its data paths; print the resolved spec."""
+    from prunetune.data import load_dataset
+
+    loaded = spec_mod.load(spec_path, list(sets))
+    fixed = loaded.fixed_spec()
+    dataset = load_dataset(fixed.data, fixed.seed)
+    resolved = fixed.model_dump(mode="json")
+    for key in loaded.space:
+        spec_mod.set_dotted(resolved, key, spec_mod.get_dotted(loaded.raw, key))
+    click.echo(yaml.safe_dump(resolved, sort_keys=False), nl=False)
+    counts = {s: int((dataset.split == s).sum()) for s in ("train", "val", "test")}
+    click.echo(f"# ok: {fixed.data.dataset}, {len(dataset.classes)} classes, "
+               f"{counts['train']} train / {counts['val']} val / {counts['test']} test samples; "
+               f"{len(loaded.space)} searched key(s): {', '.join(loaded.space) or 'none'}", err=True)
+
+
+@main.command()
+@spec_argument
+@set_option
+@uri_option
+@handle_errors
+def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None):
+    """Run one trial in this process (no Ray); searched keys must be fixed by the spec or --set."""
+    from prunetune import tracking
+    from prunetune.trial import Trial
+
+    loaded = spec_mod.load(spec_path, list(sets), for_trial=True)
+    spec = loaded.trial_spec()
+    uri = tracking.effective_uri(spec.tracking.uri, tracking_uri)
+    tracking.check_store(uri)
+    runner = Trial(spec)  # reads the data and builds the model: bad input fails here, before any write
+
+    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
+    config_hash = spec.config_hash()
+    run_id = tracker.start_run(spec.name, f"trial-{config_hash[:8]}",
+                               {tracking.TAG_CONFIG_HASH: config_hash, tracking.TAG_KIND: "trial"}, spec.flat())
+    runner.report = lambda metrics, epoch: tracker.log_metrics(run_id, metrics, epoch)
+    click.echo(f"MLflow run {run_id} in experiment {spec.name!r} ({tracker.uri})", err=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="prunetune-trial-") as tmp:
+            result = runner.run(tmp)
+            last_epoch = result.history[-1]["epoch"] + 1 if result.history else 0
+            tracker.log_metrics(run_id, result.metrics, last_epoch)
+            tracker.log_artifacts(run_id, Path(tmp))
+    except KeyboardInterrupt:
+        tracker.end_run(run_id, "KILLED")
+        raise
+    except BaseException as exc:
+        tracker.set_tags(run_id, {"prunetune.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id)
+    _print_metrics(result.metrics)
+    click.echo(f"run id: {run_id}\nopen the MLflow UI with: prunetune ui {spec_path}")
+
+
+def _print_metrics(metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="final metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if "recall_class" in k:
+            continue
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""Errors that the CLI turns into exit codes.
+
+`UserError` is bad input (spec, data, arguments): the CLI prints its message on one line and exits 2,
+never with a traceback. Everything else is a bug or an environment failure (exit 1).
+"""
+
+
+class UserError(Exception):
+    """Bad input from the user; the message names the key or file and what is allowed."""

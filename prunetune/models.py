@@ -1,0 +1,146 @@
+"""Model name → torch module, with the small-image stem, a head sized to the dataset, local
+weights loading, and the prunable layers in forward order."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from prunetune import registry
+from prunetune.errors import UserError
+
+
+class SimpleCNN(nn.Module):
+    """Two convolutions and two linear layers: the seed project's baseline, and quick on digits."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * width, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def simple_cnn(num_classes: int, in_channels: int, small: bool, image_size: int) -> nn.Module:
+    return SimpleCNN(num_classes, in_channels)
+
+
+def _vgg(name: str):
+    def build(num_classes: int, in_channels: int, small: bool, image_size: int) -> nn.Module:
+        model = getattr(torchvision.models, name)(weights=None)
+        if in_channels != 3:
+            model.features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
+        if small:
+            # VGG already starts with a 3x3 stride-1 conv; keep as many 2x pools as the image allows
+            # (five at 32 px) and use a compact head: global average pool + one linear layer.
+            pools = [i for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+            for i in pools[max(0, int(math.log2(image_size))):]:
+                model.features[i] = nn.Identity()
+            model.avgpool = nn.AdaptiveAvgPool2d(1)
+            model.classifier = nn.Sequential(nn.Flatten(), nn.Linear(512, num_classes))
+        else:
+            model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)
+        return model
+    return build
+
+
+def _resnet(name: str):
+    def build(num_classes: int, in_channels: int, small: bool, image_size: int) -> nn.Module:
+        model = getattr(torchvision.models, name)(weights=None)
+        if small:
+            model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            model.maxpool = nn.Identity()
+        elif in_channels != 3:
+            model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        return model
+    return build
+
+
+def _densenet(name: str):
+    def build(num_classes: int, in_channels: int, small: bool, image_size: int) -> nn.Module:
+        model = getattr(torchvision.models, name)(weights=None)
+        out = model.features.conv0.out_channels
+        if small:
+            model.features.conv0 = nn.Conv2d(in_channels, out, 3, stride=1, padding=1, bias=False)
+            model.features.pool0 = nn.Identity()
+        elif in_channels != 3:
+            model.features.conv0 = nn.Conv2d(in_channels, out, 7, stride=2, padding=3, bias=False)
+        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+        return model
+    return build
+
+
+vgg11, vgg16 = _vgg("vgg11"), _vgg("vgg16")
+resnet18, resnet50 = _resnet("resnet18"), _resnet("resnet50")
+densenet121, densenet169 = _densenet("densenet121"), _densenet("densenet169")
+
+
+def uses_small_stem(stem: str, image_size: int) -> bool:
+    return stem == "small" or (stem == "auto" and image_size <= 64)
+
+
+def build_model(model_spec, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """Build `model_spec.arch` for the data's classes and channels; load `weights` if given."""
+    small = uses_small_stem(model_spec.stem, image_size)
+    model = registry.lookup(registry.MODELS, model_spec.arch)(num_classes, in_channels, small, image_size)
+    if model_spec.weights:
+        load_weights(model, Path(model_spec.weights))
+    return model
+
+
+def load_weights(model: nn.Module, path: Path) -> list[str]:
+    """Load a local state_dict (e.g. torchvision's ImageNet weights) into `model`, skipping the
+    tensors whose shapes differ (the head sized to the dataset, a grayscale first conv).
+    Returns the names of the skipped tensors."""
+    if not path.is_file():
+        raise UserError(f"model.weights: file {path} not found (expected a torchvision state_dict .pth)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise UserError(f"model.weights: {path} is not a readable state_dict ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"model.weights: {path} holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise UserError(f"model.weights: no tensor in {path} fits this model (wrong arch or stem?)")
+    model.load_state_dict(matched, strict=False)
+    return sorted(set(own) - set(matched))
+
+
+def forward_order(model: nn.Module, example: torch.Tensor, types=(nn.Conv2d, nn.Linear)) -> list[str]:
+    """Names of the modules of `types`, in the order a forward pass calls them."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
+             for name, m in model.named_modules() if isinstance(m, types)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    seen: dict[str, None] = {}
+    for n in order:
+        seen.setdefault(n)
+    return list(seen)
+
+
+def prunable_layers(model: nn.Module, in_channels: int, image_size: int) -> list[str]:
+    """Conv and linear layers (their `weight` is pruned), in forward order."""
+    device = next(model.parameters()).device
+    return forward_order(model, torch.zeros(1, in_channels, image_size, image_size, device=device))

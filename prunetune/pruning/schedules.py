@@ -1,0 +1,144 @@
+"""Which sparsity when: every schedule method as a pure function from the spec to a list of phases.
+
+No torch here, so the arithmetic is tested by properties on its own. `trial.py` carries the phases
+out: at the start of a phase it prunes (and rewinds or releases masks), then trains `epochs`.
+
+A method is one function plus one registry entry in `METHODS`, with the schedule keys it uses (the
+search space is conditional on them: a key is sampled only when the sampled method uses it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Prune to `target` sparsity (fraction of zero weights) over `layers` (None = all selected)."""
+
+    target: float
+    layers: tuple[str, ...] | None = None
+    scope: str = "global"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training after the dense phase.
+
+    At its start: `prune` (if any), then `rewind` the surviving weights to the rewind snapshot, or
+    `release_masks` (all weights trainable again; pruned ones restart at zero). Then `epochs` of
+    training (fractional: a part of an epoch). The learning rate at epoch t of the phase is the
+    spec's schedule evaluated at `lr_offset + t` of a schedule `lr_horizon` epochs long, times
+    `lr_factor`.
+    """
+
+    name: str
+    epochs: float
+    prune: Prune | None = None
+    rewind: bool = False
+    release_masks: bool = False
+    lr_offset: float = 0.0
+    lr_horizon: float = 0.0
+    lr_factor: float = 1.0
+
+
+def step_targets(sparsity: float, step_size: float) -> list[float]:
+    """step_size, 2·step_size, … , sparsity: the last step clipped to `sparsity` exactly."""
+    if sparsity <= 0:
+        return []
+    count = math.ceil(sparsity / step_size - 1e-9)
+    return [round(min(k * step_size, sparsity), 12) for k in range(1, count + 1)]
+
+
+def _one_lr_schedule(phases: list[Phase]) -> list[Phase]:
+    """Give phases one learning-rate schedule spanning all of them, in order."""
+    horizon = sum(p.epochs for p in phases)
+    out, offset = [], 0.0
+    for p in phases:
+        out.append(replace(p, lr_offset=offset, lr_horizon=horizon))
+        offset += p.epochs
+    return out
+
+
+def oneshot(s, train, layers: Sequence[str]) -> list[Phase]:
+    return _one_lr_schedule([Phase("prune", train.finetune_epochs, Prune(s.sparsity, scope=s.scope))])
+
+
+def iterative(s, train, layers: Sequence[str]) -> list[Phase]:
+    phases = [
+        Phase(f"step{i + 1}", s.step_epochs, Prune(t, scope=s.scope))
+        for i, t in enumerate(step_targets(s.sparsity, s.step_size))
+    ]
+    return _one_lr_schedule(phases + [Phase("finetune", train.finetune_epochs)])
+
+
+def layerwise(s, train, layers: Sequence[str]) -> list[Phase]:
+    phases = [Phase(f"layer:{name}", s.step_epochs, Prune(s.sparsity, (name,), "layer")) for name in layers]
+    return _one_lr_schedule(phases + [Phase("finetune", train.finetune_epochs)])
+
+
+def lottery(s, train, layers: Sequence[str]) -> list[Phase]:
+    # Each round replays the dense phase's learning-rate schedule from the rewind epoch
+    # (Frankle & Carbin; Renda et al.'s weight rewinding).
+    retrain = train.dense_epochs - s.rewind_epoch
+    return [
+        Phase(f"round{i + 1}", retrain, Prune(t, scope=s.scope), rewind=True,
+              lr_offset=s.rewind_epoch, lr_horizon=train.dense_epochs)
+        for i, t in enumerate(step_targets(s.sparsity, s.step_size))
+    ]
+
+
+@dataclass(frozen=True)
+class Method:
+    plan: Callable[..., list[Phase]]
+    uses: frozenset[str]  # method-specific schedule keys this method reads
+
+
+# Schedule keys that only some methods read; every other schedule key applies to all methods.
+METHOD_SPECIFIC_KEYS = frozenset({"step_size", "step_epochs", "rewind_epoch"})
+
+METHODS: dict[str, Method] = {
+    "oneshot": Method(oneshot, frozenset()),
+    "iterative": Method(iterative, frozenset({"step_size", "step_epochs"})),
+    "layerwise": Method(layerwise, frozenset({"step_epochs"})),
+    "lottery": Method(lottery, frozenset({"step_size", "rewind_epoch"})),
+}
+
+
+def plan(schedule, train, layers: Sequence[str]) -> list[Phase]:
+    """The phases after the dense phase for `schedule.method`, over the selected `layers`."""
+    return METHODS[schedule.method].plan(schedule, train, list(layers))
+
+
+def key_is_used(method: str, key: str) -> bool:
+    """Whether `schedule.<key>` matters for `method`."""
+    return key not in METHOD_SPECIFIC_KEYS or key in METHODS[method].uses
+
+
+def parse_layers(layers: str | list[str]) -> tuple[str, int | list[str] | None]:
+    """Parse `schedule.layers`: 'all', 'first:K', 'last:K' or a list of globs. Raises ValueError."""
+    if isinstance(layers, list):
+        if not layers or not all(isinstance(g, str) and g for g in layers):
+            raise ValueError("a list of layers must hold one or more glob strings")
+        return "globs", layers
+    if layers == "all":
+        return "all", None
+    head, _, count = layers.partition(":")
+    if head in ("first", "last") and count.isdigit() and int(count) >= 1:
+        return head, int(count)
+    raise ValueError("must be 'all', 'first:K', 'last:K' (K >= 1) or a list of globs over module names")
+
+
+def select_layers(names: Sequence[str], layers: str | list[str]) -> list[str]:
+    """The prunable layer names (in forward order) that `schedule.layers` selects."""
+    kind, arg = parse_layers(layers)
+    if kind == "all":
+        return list(names)
+    if kind == "first":
+        return list(names[:arg])
+    if kind == "last":
+        return list(names[-arg:])
+    return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in arg)]

@@ -1,0 +1,530 @@
+"""The spec: pydantic models of every key (the one place where defaults live), loading (YAML,
+`base:` deep-merge, `--set`), search entries, validation and the content hash.
+
+Imports no torch, ray, optuna or mlflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prunetune import registry
+from prunetune.errors import UserError
+from prunetune.pruning import schedules
+
+# Final metrics of a trial (DESIGN.md, "What every trial reports"); objectives must name one.
+FINAL_METRICS = (
+    "test_acc", "test_top5", "test_loss", "test_balanced_acc", "test_macro_f1", "sparsity",
+    "nonzero_params", "total_params", "compression_ratio", "flops_dense", "flops_sparse",
+    "theoretical_speedup", "checkpoint_bytes", "train_epochs_total", "trial_seconds", "val_acc",
+)
+SEARCHABLE_SECTIONS = ("model", "data", "train", "schedule")
+SEARCH_KINDS = ("choice", "uniform", "loguniform", "int")
+
+
+def _known(value: str, names) -> str:
+    if value not in names:
+        raise ValueError(f"unknown name {value!r}; valid: {', '.join(sorted(names))}")
+    return value
+
+
+class _Strict(BaseModel):
+    # Unknown or mistyped keys are refused, never ignored; no silent type coercion of strings.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelSpec(_Strict):
+    arch: str = "simple_cnn"
+    weights: Optional[str] = None
+    stem: Literal["auto", "imagenet", "small"] = "auto"
+    freeze: list[str] = []
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return _known(v, registry.MODELS)
+
+
+class DataSpec(_Strict):
+    dataset: str = "digits"
+    root: Optional[str] = None
+    image_size: int = Field(32, ge=4, le=1024)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    augment: list[Literal["flip", "crop"]] = []
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return _known(v, registry.DATASETS)
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+
+class TrainSpec(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5.0e-4, ge=0.0)
+    lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
+    dense_epochs: int = Field(10, ge=0)
+    finetune_epochs: float = Field(10, ge=0.0)
+    amp: bool = False
+
+
+class ScheduleSpec(_Strict):
+    method: str = "oneshot"
+    criterion: str = "l1_unstructured"
+    scope: Literal["global", "layer"] = "global"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    step_size: float = Field(0.2, gt=0.0, lt=1.0)
+    step_epochs: float = Field(1.0, ge=0.0)
+    rewind_epoch: int = Field(0, ge=0)
+    layers: Union[str, list[str]] = "all"
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return _known(v, schedules.METHODS)
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, v: str) -> str:
+        return _known(v, registry.CRITERIA)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        schedules.parse_layers(v)
+        return v
+
+
+class Objective(_Strict):
+    metric: str
+    mode: Literal["max", "min"]
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        return _known(v, FINAL_METRICS)
+
+
+class SearchSpec(_Strict):
+    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="test_acc", mode="max")], min_length=1)
+    num_trials: int = Field(8, ge=1)
+    early_stop: Literal["none", "asha"] = "none"
+    replicates: int = Field(1, ge=1)
+
+
+class ResourcesSpec(_Strict):
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    max_concurrent: int = Field(2, ge=1)
+
+
+class TrackingSpec(_Strict):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifacts: str = "mlruns/artifacts"
+
+
+class CkaSpec(_Strict):
+    top: int = Field(3, ge=0)
+    samples: int = Field(1024, ge=4)
+    batch_size: int = Field(256, ge=4)
+
+
+class AnalysisSpec(_Strict):
+    cka: CkaSpec = CkaSpec()
+
+
+class Spec(_Strict):
+    """A resolved spec: every key filled in; no search entries left."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    distill: None = None  # knowledge distillation is not built yet: only null is accepted
+    search: SearchSpec = SearchSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    analysis: AnalysisSpec = AnalysisSpec()
+
+    @model_validator(mode="after")
+    def _method_values(self):
+        s = self.schedule
+        if s.method == "lottery" and s.rewind_epoch > self.train.dense_epochs:
+            raise ValueError(
+                f"schedule.rewind_epoch ({s.rewind_epoch}) must not exceed train.dense_epochs "
+                f"({self.train.dense_epochs}) for method lottery")
+        return self
+
+    # -- derived views -------------------------------------------------------------------------
+    def flat(self) -> dict[str, Any]:
+        """Every key, dotted (`schedule.method`, `train.lr`, …): the params logged to MLflow."""
+        return flatten(self.model_dump(mode="json"))
+
+    def config_hash(self) -> str:
+        """Content hash of what determines a trial's result (not tracking, resources, search)."""
+        return _hash({k: v for k, v in self.model_dump(mode="json").items()
+                      if k in ("seed", "model", "data", "train", "schedule", "distill")})
+
+    def dense_hash(self) -> str:
+        """Content hash of what determines the dense phase: trials with equal hashes share it."""
+        d = self.model_dump(mode="json")
+        train = {k: v for k, v in d["train"].items() if k != "finetune_epochs"}
+        return _hash({"seed": d["seed"], "model": d["model"], "data": d["data"], "train": train})
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Search entries
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchEntry:
+    """`{choice: [...]}`, `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}` or `{int: [lo, hi]}`."""
+
+    kind: str
+    args: tuple
+    step: float | int | None = None
+
+    def probe_values(self) -> list[Any]:
+        """Values that validation tries: every choice, or both ends of a range."""
+        return list(self.args) if self.kind == "choice" else [self.args[0], self.args[1]]
+
+
+def is_search_entry(value: Any) -> bool:
+    return isinstance(value, dict) and any(k in value for k in SEARCH_KINDS)
+
+
+def parse_search_entry(key: str, value: dict) -> SearchEntry:
+    kinds = [k for k in SEARCH_KINDS if k in value]
+    extra = sorted(set(value) - set(SEARCH_KINDS) - {"step"})
+    allowed = "{choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]} or {int: [lo, hi]} (optional step:)"
+    if len(kinds) != 1 or extra:
+        raise UserError(f"spec key {key}: a search entry is one of {allowed}; got {value!r}")
+    kind = kinds[0]
+    args, step = value[kind], value.get("step")
+    if not isinstance(args, list) or not args:
+        raise UserError(f"spec key {key}: {kind} takes a non-empty list; got {args!r}")
+    if kind == "choice":
+        if step is not None:
+            raise UserError(f"spec key {key}: choice takes no step")
+        return SearchEntry(kind, tuple(args))
+    if len(args) != 2 or not all(_is_number(a) for a in args):
+        raise UserError(f"spec key {key}: {kind} takes [lo, hi] numbers; got {args!r}")
+    lo, hi = args
+    if kind == "int" and not all(isinstance(a, int) for a in args):
+        raise UserError(f"spec key {key}: int takes integer bounds; got {args!r}")
+    if not lo < hi and not (kind == "int" and lo == hi):
+        raise UserError(f"spec key {key}: {kind} needs lo < hi; got {args!r}")
+    if kind == "loguniform":
+        if lo <= 0:
+            raise UserError(f"spec key {key}: loguniform needs lo > 0; got {args!r}")
+        if step is not None:
+            raise UserError(f"spec key {key}: loguniform takes no step")
+    if step is not None and (not _is_number(step) or step <= 0 or (kind == "int" and not isinstance(step, int))):
+        raise UserError(f"spec key {key}: step must be a positive {'integer' if kind == 'int' else 'number'}; got {step!r}")
+    return SearchEntry(kind, (lo, hi), step)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _extract_search(raw: dict) -> dict[str, SearchEntry]:
+    found: dict[str, SearchEntry] = {}
+
+    def walk(node: Any, path: str, searchable: bool) -> None:
+        if is_search_entry(node):
+            if not searchable:
+                raise UserError(f"spec key {path}: search entries are allowed only under "
+                                f"{', '.join(SEARCHABLE_SECTIONS)}")
+            found[path] = parse_search_entry(path, node)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                sub = f"{path}.{k}" if path else str(k)
+                walk(v, sub, searchable or (not path and k in SEARCHABLE_SECTIONS))
+
+    walk(raw, "", False)
+    return found
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+class _SpecLoader(yaml.SafeLoader):
+    """A safe loader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?[0-9][0-9_]*\.[0-9_]*$|^[-+]?\.[0-9_]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"""),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"spec file {path}: not found")
+    text = path.read_text()
+    try:
+        data = yaml_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"spec file {path}:{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        raise UserError(f"spec file {path}: the file is empty; a spec needs at least `name:`")
+    if not isinstance(data, dict):
+        raise UserError(f"spec file {path}: must be a YAML mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not is_search_entry(v):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"spec file {path}: `base:` files form a cycle")
+    data = _read_yaml(path)
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"spec file {path}: `base` must be a path or a list of paths")
+    merged: dict = {}
+    for b in bases:
+        bpath = (path.parent / b)
+        if not bpath.is_file():
+            raise UserError(f"spec file {path}: base file {b} not found (looked for {bpath.resolve()})")
+        merged = deep_merge(merged, _load_with_bases(bpath, seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """`a.b=value` → ('a.b', value parsed as a YAML scalar or flow collection)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. schedule.sparsity=0.8")
+    try:
+        value = yaml_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+@dataclass
+class LoadedSpec:
+    """A spec file as loaded: the merged raw mapping and its search space, validated."""
+
+    path: Path | None
+    raw: dict
+    space: dict[str, SearchEntry]
+
+    def fixed_spec(self) -> Spec:
+        """The spec with each search entry at its first probe value (for display and checks)."""
+        return self.resolve({k: e.probe_values()[0] for k, e in self.space.items()})
+
+    def resolve(self, params: dict[str, Any]) -> Spec:
+        """Replace search entries by `params` (dotted keys); entries not given take the default."""
+        raw = copy.deepcopy(self.raw)
+        for key in self.space:
+            if key in params:
+                set_dotted(raw, key, params[key])
+            else:
+                _del_dotted(raw, key)
+        return validate(raw)
+
+    def trial_spec(self) -> Spec:
+        """The one spec a `prunetune trial` runs: every searched key that matters must be fixed."""
+        method = self.raw.get("schedule", {}).get("method", ScheduleSpec().method)
+        if "schedule.method" in self.space:
+            missing = list(self.space)
+        else:
+            missing = [k for k in self.space
+                       if not k.startswith("schedule.") or schedules.key_is_used(method, k.split(".", 1)[1])]
+        if missing:
+            raise UserError("prunetune trial needs fixed values for the searched keys "
+                            f"{', '.join(missing)}; give them with --set KEY=VALUE")
+        return self.resolve({})
+
+
+def get_dotted(d: dict, key: str, default: Any = None) -> Any:
+    for p in key.split("."):
+        if not isinstance(d, dict) or p not in d:
+            return default
+        d = d[p]
+    return d
+
+
+def _del_dotted(d: dict, key: str) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.get(p, {})
+    d.pop(parts[-1], None)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    errs = exc.errors()
+    first = errs[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        parent = loc.rsplit(".", 1)[0] if "." in loc else None
+        model = _model_at(parent)
+        allowed = ", ".join(model.model_fields) if model else ""
+        msg = f"unknown key; allowed here: {allowed}"
+    elif first["type"] == "missing":
+        msg = "is required"
+    elif "input" in first and first["type"] not in ("value_error",):
+        msg = f"{msg} (got {first['input']!r})"
+    where = f"spec key {loc}: " if loc else "spec: "
+    more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
+    return f"{where}{msg}{more}"
+
+
+def _model_at(dotted: str | None):
+    model: Any = Spec
+    for part in (dotted.split(".") if dotted else []):
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def validate(raw: dict) -> Spec:
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc)) from None
+
+
+def _check_space(raw: dict, space: dict[str, SearchEntry], unused_is_error: bool = True) -> None:
+    """Validate every searched value (each choice, both ends of each range), per method."""
+    method_entry = space.get("schedule.method")
+    if method_entry is not None:
+        for m in method_entry.probe_values():
+            if m not in schedules.METHODS:
+                raise UserError(f"spec key schedule.method: unknown name {m!r}; valid: "
+                                f"{', '.join(sorted(schedules.METHODS))}")
+        methods = list(method_entry.probe_values())
+    else:
+        methods = [raw.get("schedule", {}).get("method", ScheduleSpec().method)]
+
+    for key in space:
+        section, _, leaf = key.partition(".")
+        if section == "schedule" and leaf in schedules.METHOD_SPECIFIC_KEYS:
+            if unused_is_error and not any(schedules.key_is_used(m, leaf) for m in methods):
+                raise UserError(f"spec key {key}: searched, but schedule.method "
+                                f"({', '.join(map(str, methods))}) never uses it")
+
+    base_params = {k: e.probe_values()[0] for k, e in space.items()}
+    for method in methods:
+        for key, entry in space.items():
+            if key == "schedule.method":
+                continue
+            for value in entry.probe_values():
+                params = dict(base_params, **{key: value})
+                if method_entry is not None:
+                    params["schedule.method"] = method
+                raw_try = copy.deepcopy(raw)
+                for k, v in params.items():
+                    set_dotted(raw_try, k, v)
+                try:
+                    Spec.model_validate(raw_try)
+                except ValidationError as exc:
+                    raise UserError(f"{format_validation_error(exc)} [searched value {value!r} of {key}]") from None
+
+
+def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = None,
+         for_trial: bool = False) -> LoadedSpec:
+    """Load a spec file (or a raw mapping), apply `base:` and `--set` overrides, and validate it.
+
+    A searched key that no possible method uses is an error for a sweep; `for_trial` allows it,
+    since `--set schedule.method=...` legitimately leaves other methods' searched keys unused.
+
+    Raises UserError with one line naming the key or file and what is allowed.
+    """
+    if raw is None:
+        p = Path(path)
+        raw = _load_with_bases(p)
+    else:
+        p = None
+        raw = copy.deepcopy(raw)
+        raw.pop("base", None)
+    for item in overrides:
+        key, value = parse_set(item)
+        set_dotted(raw, key, value)
+    space = _extract_search(raw)
+    _check_space(raw, space, unused_is_error=not for_trial)
+    loaded = LoadedSpec(p, raw, space)
+    loaded.fixed_spec()  # full validation with searched keys at a representative value
+    return loaded
+
+
+def defaults_yaml() -> str:
+    """Every key with its default, as conf/defaults.yaml holds it."""
+    d = Spec(name="prunetune").model_dump(mode="json")
+    return yaml.safe_dump(d, sort_keys=False)

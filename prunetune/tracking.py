@@ -1,0 +1,114 @@
+"""MLflow at the edge: the only module that imports mlflow.
+
+One experiment per spec `name` (artifacts under `tracking.artifacts`), runs created and written
+through `MlflowClient`, so one process (the driver) is the only writer to a SQLite store.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from prunetune.errors import UserError
+
+TAG_SWEEP = "prunetune.sweep"
+TAG_TRIAL_ID = "prunetune.trial_id"
+TAG_CONFIG_HASH = "prunetune.config_hash"
+TAG_KIND = "prunetune.kind"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+def effective_uri(spec_uri: str, cli_uri: str | None = None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the spec's `tracking.uri`."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri
+
+
+def absolute_uri(uri: str) -> str:
+    """Make a relative sqlite path absolute (relative to the working directory), so the driver
+    and Ray workers, whose working directories differ, name the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def artifacts_uri(path: str) -> str:
+    if "://" in path:
+        return path
+    return Path(path).resolve().as_uri()
+
+
+class Tracker:
+    """Creates and writes runs in one store."""
+
+    def __init__(self, uri: str, artifacts: str):
+        import mlflow  # noqa: F401 - imported here, never at package import
+        from mlflow.tracking import MlflowClient
+
+        self.uri = absolute_uri(uri)
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.artifacts = artifacts_uri(artifacts)
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(name, artifact_location=f"{self.artifacts.rstrip('/')}/{name}")
+
+    def start_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any] | None = None,
+                  parent_run_id: str | None = None) -> str:
+        from mlflow.entities import Param, RunTag
+
+        tags = dict(tags)
+        if parent_run_id:
+            tags[TAG_PARENT] = parent_run_id
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
+                                     tags=tags)
+        run_id = run.info.run_id
+        items = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[start:start + 100])
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, run_id: str, local_file: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(local_file), artifact_path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def download(self, run_id: str, path: str, dst: Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+
+def _param_value(v: Any) -> str:
+    text = "null" if v is None else str(v)
+    return text[:6000]
+
+
+def check_store(uri: str) -> None:
+    """A readable error for a tracking URI MLflow cannot use (checked before any write)."""
+    if uri.startswith("file:") or ("://" not in uri and not uri.startswith("sqlite")):
+        raise UserError(f"tracking.uri: {uri!r} is a file store, which current MLflow refuses; "
+                        "use sqlite:///path/mlflow.db or an http(s):// MLflow server")

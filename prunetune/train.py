@@ -1,0 +1,194 @@
+"""The training loop, evaluation and per-epoch reporting. No ray, no mlflow: metrics go to a
+`report(metrics, epoch)` callable.
+
+Time is counted in optimiser steps, so a phase may last a fraction of an epoch; an "epoch" is a
+pass over the training split, and its metrics are reported when the global step count crosses an
+epoch boundary (MLflow step = epoch index across all phases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Report = Callable[[dict, int], None]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the trial fails with this error."""
+
+
+def lr_shape(kind: str, t: float, horizon: float) -> float:
+    """The learning-rate multiplier at epoch `t` of a `horizon`-epoch schedule."""
+    if horizon <= 0 or kind == "constant":
+        return 1.0
+    frac = min(max(t / horizon, 0.0), 1.0)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    if kind == "step":  # ×0.1 at 50% and at 75% of the schedule
+        return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
+    raise ValueError(kind)
+
+
+def make_optimizer(params, train_spec, lr_factor: float = 1.0) -> torch.optim.Optimizer:
+    lr = train_spec.lr * lr_factor
+    if train_spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=train_spec.momentum, weight_decay=train_spec.weight_decay)
+    cls = torch.optim.Adam if train_spec.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=lr, weight_decay=train_spec.weight_decay)
+
+
+class Trainer:
+    """Trains `model` on `data` (a DeviceData) while keeping `masks` applied."""
+
+    def __init__(self, model: nn.Module, data, train_spec, masks, report: Report, seed: int,
+                 loss_fn: Callable | None = None):
+        self.model, self.data, self.spec, self.masks, self.report = model, data, train_spec, masks, report
+        self.device = data.device
+        self.batch_size = min(train_spec.batch_size, data.size("train"))
+        self.steps_per_epoch = max(1, data.size("train") // self.batch_size)  # drop the last partial batch
+        self.global_step = 0
+        self.seed = seed
+        self.history: list[dict] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.on_epoch_end: Callable[[int], None] | None = None
+        self._use_amp = train_spec.amp and self.device.type == "cuda"
+        self._amp_dtype = torch.bfloat16 if self._use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self._scaler = torch.amp.GradScaler("cuda", enabled=self._use_amp and self._amp_dtype == torch.float16)
+        self._reset_epoch_stats()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _reset_epoch_stats(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        self._seen = 0
+        self._steps_in_epoch = 0
+        self._epoch_start = time.perf_counter()
+
+    def autocast(self):
+        if self._use_amp:
+            return torch.autocast("cuda", dtype=self._amp_dtype)
+        return contextlib.nullcontext()
+
+    def new_optimizer(self, lr_factor: float = 1.0) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(params, self.spec, lr_factor)
+
+    @property
+    def epoch(self) -> int:
+        """Index of the epoch in progress (across all phases)."""
+        return self.global_step // self.steps_per_epoch
+
+    def _batch_index(self, step: int) -> torch.Tensor:
+        # The permutation of an epoch depends only on (seed, epoch): a resumed run replays it.
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.data.size("train"), generator=g)
+        return perm[pos * self.batch_size:(pos + 1) * self.batch_size].to(self.device)
+
+    # -- training ------------------------------------------------------------------------------
+    def run(self, epochs: float, lr_at: Callable[[float], float]) -> None:
+        """Train for `epochs` (fractional allowed); `lr_at(t)` is the lr at epoch t of this run."""
+        steps = round(epochs * self.steps_per_epoch)
+        if steps and self.optimizer is None:
+            self.new_optimizer()
+        self.model.train()
+        for i in range(steps):
+            lr = lr_at(i / self.steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = self.data.train_batch(self._batch_index(self.global_step))
+            with self.autocast():
+                logits = self.model(x)
+                loss = self.loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at epoch {self.epoch}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self._scaler.scale(loss).backward()
+            self.masks.mask_grads()
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+            self.masks.apply()  # the guarantee: pruned weights are exactly zero after every step
+            self._loss_sum += loss.detach().double() * len(y)
+            self._correct += (logits.detach().argmax(1) == y).sum()
+            self._seen += len(y)
+            self._steps_in_epoch += 1
+            self.global_step += 1
+            self._lr = lr
+            if self.global_step % self.steps_per_epoch == 0:
+                self.end_epoch()
+                self.model.train()
+
+    def end_epoch(self) -> None:
+        """Report the epoch in progress (also a partial one at the end of training)."""
+        if self._steps_in_epoch == 0:
+            return
+        epoch = (self.global_step - 1) // self.steps_per_epoch
+        metrics = {"train_loss": float(self._loss_sum) / self._seen, "train_acc": int(self._correct) / self._seen}
+        if self.data.size("val"):
+            val = self.evaluate("val")
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"])
+        metrics.update(sparsity=self.masks.sparsity(), lr=self._lr,
+                       epoch_seconds=time.perf_counter() - self._epoch_start)
+        self.history.append({"epoch": epoch, **metrics})
+        self.report(metrics, epoch)
+        if self.on_epoch_end is not None and self.global_step % self.steps_per_epoch == 0:
+            self.on_epoch_end(epoch + 1)
+        self._reset_epoch_stats()
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (float32) and labels of a split."""
+        was_training = self.model.training
+        self.model.eval()
+        logits, labels = [], []
+        for x, y in self.data.eval_batches(split, 2 * self.batch_size):
+            with self.autocast():
+                logits.append(self.model(x).float())
+            labels.append(y)
+        self.model.train(was_training)
+        return torch.cat(logits).cpu().numpy(), torch.cat(labels).cpu().numpy()
+
+    def evaluate(self, split: str) -> dict:
+        logits, labels = self.predict(split)
+        return {"loss": cross_entropy_np(logits, labels), "acc": float((logits.argmax(1) == labels).mean())}
+
+
+def cross_entropy_np(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str = "test_") -> dict:
+    """Accuracy, top-5 (≥ 5 classes), loss, balanced accuracy, macro F1 and per-class recall."""
+    pred = logits.argmax(1)
+    out = {f"{prefix}acc": float((pred == labels).mean()), f"{prefix}loss": cross_entropy_np(logits, labels)}
+    if num_classes >= 5:
+        top5 = np.argsort(-logits, axis=1)[:, :5]
+        out[f"{prefix}top5"] = float((top5 == labels[:, None]).any(axis=1).mean())
+    # As scikit-learn: balanced accuracy averages recall over the classes present in `labels`;
+    # macro F1 averages over the classes present in `labels` or predictions (0 where undefined).
+    recalls, f1s = [], []
+    for c in range(num_classes):
+        tp = int(((pred == c) & (labels == c)).sum())
+        support, predicted = int((labels == c).sum()), int((pred == c).sum())
+        recall = tp / support if support else 0.0
+        precision = tp / predicted if predicted else 0.0
+        if support:
+            recalls.append(recall)
+            out[f"{prefix}recall_class{c}"] = recall
+        if support or predicted:
+            f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    out[f"{prefix}balanced_acc"] = float(np.mean(recalls)) if recalls else 0.0
+    out[f"{prefix}macro_f1"] = float(np.mean(f1s)) if f1s else 0.0
+    return out

@@ -1,0 +1,240 @@
+"""One trial: the dense phase (cached and shared), the schedule's phases, final evaluation and
+the artifacts. No ray, no mlflow: per-epoch metrics go to a `report(metrics, epoch)` callable, so
+`prunetune trial` and a Ray trainable call the same function.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from prunetune import registry
+from prunetune.data import Dataset, load_dataset
+from prunetune.data.device import DeviceData
+from prunetune.errors import UserError
+from prunetune.models import build_model, prunable_layers
+from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
+from prunetune.pruning import schedules
+from prunetune.pruning.masks import Masks, layer_sparsity_rows
+from prunetune.spec import Spec
+from prunetune.train import Trainer, classification_metrics, lr_shape
+
+Report = Callable[[dict, int], None]
+
+
+def default_cache_root() -> Path:
+    """Where shared work (dense checkpoints, decoded data) is kept: $PRUNETUNE_CACHE or
+    ~/.cache/prunetune."""
+    return Path(os.environ.get("PRUNETUNE_CACHE") or Path.home() / ".cache" / "prunetune")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda was asked for, but this machine has no CUDA device; use auto or cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class TrialResult:
+    metrics: dict
+    out_dir: Path
+    history: list[dict] = field(default_factory=list)
+
+
+class DenseCache:
+    """Dense-phase checkpoints, content-addressed by the spec's dense hash. A per-key file lock
+    makes two trials that ask at once train it once: the second waits, then reads."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else default_cache_root() / "dense"
+
+    def get(self, key: str, train: Callable[[Path], None]) -> tuple[Path, bool]:
+        """The entry's folder, trained by `train(folder)` if absent; and whether it was a hit."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        entry = self.root / key
+        with open(self.root / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (entry / "done").is_file():
+                return entry, True
+            tmp = self.root / f"{key}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            train(tmp)
+            (tmp / "done").write_text("ok\n")
+            shutil.rmtree(entry, ignore_errors=True)
+            tmp.rename(entry)
+            return entry, False
+
+
+def _state_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _load_state(model: torch.nn.Module, path: Path) -> None:
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+class Trial:
+    """The pieces of one trial, built from a resolved spec (see `run_trial`)."""
+
+    def __init__(self, spec: Spec, report: Report | None = None):
+        self._start = time.perf_counter()
+        self.spec = spec
+        self.report = report or (lambda metrics, epoch: None)
+        torch.manual_seed(spec.seed)
+        np.random.seed(spec.seed % 2**32)
+        self.device = resolve_device(spec.train.device)
+        self.dataset: Dataset = load_dataset(spec.data, spec.seed)
+        self.num_classes = len(self.dataset.classes)
+        size = spec.data.image_size
+        self.model = build_model(spec.model, self.num_classes, self.dataset.in_channels, size).to(self.device)
+        self.layers = prunable_layers(self.model, self.dataset.in_channels, size)
+        self.selected = schedules.select_layers(self.layers, spec.schedule.layers)
+        if not self.selected:
+            raise UserError(f"schedule.layers: {spec.schedule.layers!r} selects no prunable layer; "
+                            f"the model's are: {', '.join(self.layers)}")
+        self._freeze(spec.model.freeze)
+        self.masks = Masks(self.model, self.layers)
+        self.data = DeviceData(self.dataset, self.device, spec.data.augment,
+                               imagenet_stats=bool(spec.model.weights))
+        # through a lambda, so `trial.report` may be set after construction (once a run exists)
+        self.trainer = Trainer(self.model, self.data, spec.train, self.masks,
+                               lambda metrics, epoch: self.report(metrics, epoch), spec.seed)
+        self.score_fn = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+
+    def _freeze(self, prefixes: list[str]) -> None:
+        for prefix in prefixes:
+            params = [p for n, p in self.model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
+            if not params:
+                raise UserError(f"model.freeze: {prefix!r} names no module of {self.spec.model.arch}")
+            for p in params:
+                p.requires_grad_(False)
+
+    # -- the dense phase -----------------------------------------------------------------------
+    def dense_phase(self, cache: DenseCache) -> Path:
+        """Train (or fetch) the dense phase; leave its final weights in the model. The cache entry
+        holds the weights after every epoch (epoch_0.pt = initialisation) for lottery rewinding,
+        and the epoch metrics, which are replayed so every trial's curves start at epoch 0."""
+        train = self.spec.train
+
+        def run(folder: Path) -> None:
+            torch.save(_state_cpu(self.model), folder / "epoch_0.pt")
+            self.trainer.on_epoch_end = lambda e: torch.save(_state_cpu(self.model), folder / f"epoch_{e}.pt")
+            self.trainer.run(train.dense_epochs, lambda t: train.lr * lr_shape(train.lr_schedule, t, train.dense_epochs))
+            self.trainer.on_epoch_end = None
+            (folder / "history.json").write_text(json.dumps(self.trainer.history))
+
+        entry, hit = cache.get(self.spec.dense_hash(), run)
+        if hit:
+            for row in json.loads((entry / "history.json").read_text()):
+                row = dict(row)
+                epoch = row.pop("epoch")
+                self.trainer.history.append({"epoch": epoch, **row})
+                self.report(row, epoch)
+            self.trainer.global_step = train.dense_epochs * self.trainer.steps_per_epoch
+        _load_state(self.model, entry / f"epoch_{train.dense_epochs}.pt")
+        self.trainer.optimizer = None  # training after the dense phase starts a fresh optimiser
+        return entry
+
+    # -- the schedule --------------------------------------------------------------------------
+    def run_phase(self, index: int, phase: schedules.Phase, dense_entry: Path) -> None:
+        train, t = self.spec.train, self.trainer
+        if phase.prune is not None:
+            gen = torch.Generator().manual_seed(self.spec.seed * 7919 + index)
+            self.masks.prune(phase.prune.target, self.score_fn, phase.prune.layers or self.selected,
+                             phase.prune.scope, gen)
+            if t.optimizer is not None:
+                self.masks.mask_optimizer_state(t.optimizer)
+        if phase.rewind:
+            _load_state(self.model, dense_entry / f"epoch_{self.spec.schedule.rewind_epoch}.pt")
+            self.masks.apply()
+            t.optimizer = None
+        if phase.release_masks:
+            self.masks.release()
+            t.optimizer = None
+        if t.optimizer is None or phase.lr_factor != 1.0:
+            t.new_optimizer(phase.lr_factor)
+        t.run(phase.epochs, lambda e: train.lr * phase.lr_factor
+              * lr_shape(train.lr_schedule, phase.lr_offset + e, phase.lr_horizon))
+
+    # -- the end -------------------------------------------------------------------------------
+    def final_metrics(self) -> dict:
+        logits, labels = self.trainer.predict("test")
+        m = classification_metrics(logits, labels, self.num_classes)
+        if self.data.size("val"):
+            m["val_acc"] = self.trainer.evaluate("val")["acc"]
+        m["sparsity"] = self.masks.sparsity()
+        m.update(param_counts(self.model))
+        example = torch.zeros(1, self.dataset.in_channels, self.spec.data.image_size,
+                              self.spec.data.image_size, device=self.device)
+        m.update(flops(self.model, example, self.layers))
+        m["checkpoint_bytes"] = sparse_checkpoint_bytes(self.model.state_dict())
+        m["train_epochs_total"] = self.trainer.global_step / self.trainer.steps_per_epoch
+        self._test_logits, self._test_labels = logits, labels
+        return m
+
+    def run(self, out_dir: str | Path, cache: DenseCache | None = None) -> TrialResult:
+        """Dense phase, schedule, final metrics and artifacts (see `run_trial`)."""
+        out_dir = Path(out_dir)
+        entry = self.dense_phase(cache or DenseCache())
+        for index, phase in enumerate(schedules.plan(self.spec.schedule, self.spec.train, self.selected)):
+            self.run_phase(index, phase, entry)
+        self.trainer.end_epoch()  # report a last, partial epoch if there is one
+        metrics = self.final_metrics()
+        metrics["trial_seconds"] = time.perf_counter() - self._start
+        self.write_artifacts(out_dir, metrics)
+        return TrialResult(metrics, out_dir, self.trainer.history)
+
+    def write_artifacts(self, out_dir: Path, metrics: dict) -> None:
+        from prunetune import figures  # matplotlib only when artifacts are written
+
+        (out_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
+        (out_dir / "data").mkdir(exist_ok=True)
+        (out_dir / "figures").mkdir(exist_ok=True)
+        torch.save(_state_cpu(self.model), out_dir / "checkpoint" / "model.pt")
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
+        rows = layer_sparsity_rows(self.model, self.layers)
+        _write_csv(out_dir / "layer_sparsity.csv", rows)
+        _write_csv(out_dir / "data" / "split.csv",
+                   [{"sample_id": i, "split": s} for i, s in zip(self.dataset.ids, self.dataset.split)])
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out_dir / "history.json").write_text(json.dumps(self.trainer.history))
+        figures.curves(self.trainer.history, out_dir / "figures" / "curves.png",
+                       title=f"{self.spec.name}: {self.spec.schedule.method} to {self.spec.schedule.sparsity:.0%}",
+                       dense_epochs=self.spec.train.dense_epochs)
+        figures.weights_hist(self.model, self.layers, out_dir / "figures" / "weights_hist.png")
+        counts = np.bincount(self.dataset.part("train")[1], minlength=self.num_classes)
+        if counts.min() == 0 or counts.max() / counts.min() > 1.5:  # imbalanced classes
+            figures.confusion(self._test_logits.argmax(1), self._test_labels, self.dataset.classes,
+                              out_dir / "figures" / "confusion.png")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["empty"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_trial(spec: Spec, out_dir: str | Path, report: Report | None = None,
+              cache: DenseCache | None = None) -> TrialResult:
+    """Run one trial of a resolved spec; write its artifacts under `out_dir`.
+
+    `report(metrics, epoch)` receives the per-epoch metrics (train_loss, train_acc, val_loss,
+    val_acc, sparsity, lr, epoch_seconds). Returns the final metrics (DESIGN.md's list).
+    Bad input (data, layers, weights) raises UserError before any training.
+    """
+    return Trial(spec, report).run(out_dir, cache)
