@@ -55,6 +55,7 @@ class Trainer:
         self.batch_size = min(train_spec.batch_size, data.size("train"))
         self.steps_per_epoch = max(1, data.size("train") // self.batch_size)  # drop the last partial batch
         self.global_step = 0
+        self.clock = 0.0  # epochs asked for so far; phases end at round(clock · steps_per_epoch)
         self.seed = seed
         self.history: list[dict] = []
         self.optimizer: torch.optim.Optimizer | None = None
@@ -96,8 +97,11 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
     def run(self, epochs: float, lr_at: Callable[[float], float]) -> None:
-        """Train for `epochs` (fractional allowed); `lr_at(t)` is the lr at epoch t of this run."""
-        steps = round(epochs * self.steps_per_epoch)
+        """Train for `epochs` (fractional allowed); `lr_at(t)` is the lr at epoch t of this run.
+
+        Phase ends are rounded on the cumulative clock, so rounding errors do not add up."""
+        self.clock += epochs
+        steps = max(0, round(self.clock * self.steps_per_epoch) - self.global_step)
         if steps and self.optimizer is None:
             self.new_optimizer()
         self.model.train()

@@ -145,6 +145,7 @@ class Trial:
                 self.trainer.history.append({"epoch": epoch, **row})
                 self.report(row, epoch)
             self.trainer.global_step = train.dense_epochs * self.trainer.steps_per_epoch
+            self.trainer.clock = float(train.dense_epochs)
         _load_state(self.model, entry / f"epoch_{train.dense_epochs}.pt")
         self.trainer.optimizer = None  # training after the dense phase starts a fresh optimiser
         return entry
