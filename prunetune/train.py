@@ -100,13 +100,15 @@ class Trainer:
         """Train for `epochs` (fractional allowed); `lr_at(t)` is the lr at epoch t of this run.
 
         Phase ends are rounded on the cumulative clock, so rounding errors do not add up."""
+        phase_start = round(self.clock * self.steps_per_epoch)
         self.clock += epochs
-        steps = max(0, round(self.clock * self.steps_per_epoch) - self.global_step)
-        if steps and self.optimizer is None:
+        end = round(self.clock * self.steps_per_epoch)
+        if end > self.global_step and self.optimizer is None:
             self.new_optimizer()
         self.model.train()
-        for i in range(steps):
-            lr = lr_at(i / self.steps_per_epoch)
+        # from global_step, not phase_start: a run resumed from a checkpoint continues mid-phase
+        while self.global_step < end:
+            lr = lr_at((self.global_step - phase_start) / self.steps_per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = self.data.train_batch(self._batch_index(self.global_step))

@@ -114,6 +114,7 @@ class Trial:
         self.trainer = Trainer(self.model, self.data, spec.train, self.masks,
                                lambda metrics, epoch: self.report(metrics, epoch), spec.seed)
         self.score_fn = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+        self.phase_index, self.phase_start_clock = -1, 0.0  # -1: the dense phase
 
     def _freeze(self, prefixes: list[str]) -> None:
         for prefix in prefixes:
@@ -124,7 +125,7 @@ class Trial:
                 p.requires_grad_(False)
 
     # -- the dense phase -----------------------------------------------------------------------
-    def dense_phase(self, cache: DenseCache) -> Path:
+    def dense_phase(self, cache: DenseCache, replay: bool = True) -> Path:
         """Train (or fetch) the dense phase; leave its final weights in the model. The cache entry
         holds the weights after every epoch (epoch_0.pt = initialisation) for lottery rewinding,
         and the epoch metrics, which are replayed so every trial's curves start at epoch 0."""
@@ -138,7 +139,7 @@ class Trial:
             (folder / "history.json").write_text(json.dumps(self.trainer.history))
 
         entry, hit = cache.get(self.spec.dense_hash(), run)
-        if hit:
+        if hit and replay:
             for row in json.loads((entry / "history.json").read_text()):
                 row = dict(row)
                 epoch = row.pop("epoch")
@@ -151,8 +152,19 @@ class Trial:
         return entry
 
     # -- the schedule --------------------------------------------------------------------------
-    def run_phase(self, index: int, phase: schedules.Phase, dense_entry: Path) -> None:
+    def run_phase(self, index: int, phase: schedules.Phase, dense_entry: Path, resumed: bool = False) -> None:
+        """Carry out one phase; `resumed`: its start (prune, rewind) was done before a checkpoint."""
         train, t = self.spec.train, self.trainer
+        self.phase_index, self.phase_start_clock = index, t.clock
+        if not resumed:
+            self._start_phase(index, phase, dense_entry)
+        if t.optimizer is None:
+            t.new_optimizer(phase.lr_factor)
+        t.run(phase.epochs, lambda e: train.lr * phase.lr_factor
+              * lr_shape(train.lr_schedule, phase.lr_offset + e, phase.lr_horizon))
+
+    def _start_phase(self, index: int, phase: schedules.Phase, dense_entry: Path) -> None:
+        t = self.trainer
         if phase.prune is not None:
             gen = torch.Generator().manual_seed(self.spec.seed * 7919 + index)
             self.masks.prune(phase.prune.target, self.score_fn, phase.prune.layers or self.selected,
@@ -162,14 +174,10 @@ class Trial:
         if phase.rewind:
             _load_state(self.model, dense_entry / f"epoch_{self.spec.schedule.rewind_epoch}.pt")
             self.masks.apply()
-            t.optimizer = None
         if phase.release_masks:
             self.masks.release()
-            t.optimizer = None
-        if t.optimizer is None or phase.lr_factor != 1.0:
-            t.new_optimizer(phase.lr_factor)
-        t.run(phase.epochs, lambda e: train.lr * phase.lr_factor
-              * lr_shape(train.lr_schedule, phase.lr_offset + e, phase.lr_horizon))
+        if phase.rewind or phase.release_masks or phase.lr_factor != 1.0:
+            t.optimizer = None  # a fresh optimiser (and its lr factor) from here
 
     # -- the end -------------------------------------------------------------------------------
     def final_metrics(self) -> dict:
@@ -187,17 +195,50 @@ class Trial:
         self._test_logits, self._test_labels = logits, labels
         return m
 
-    def run(self, out_dir: str | Path, cache: DenseCache | None = None) -> TrialResult:
-        """Dense phase, schedule, final metrics and artifacts (see `run_trial`)."""
+    def run(self, out_dir: str | Path, cache: DenseCache | None = None,
+            resume_from: Path | None = None) -> TrialResult:
+        """Dense phase, schedule, final metrics and artifacts (see `run_trial`). With
+        `resume_from` (a file written by `save_checkpoint`), continue where it was taken."""
         out_dir = Path(out_dir)
-        entry = self.dense_phase(cache or DenseCache())
+        entry = self.dense_phase(cache or DenseCache(), replay=resume_from is None)
+        first = self.load_checkpoint(resume_from) if resume_from else 0
         for index, phase in enumerate(schedules.plan(self.spec.schedule, self.spec.train, self.selected)):
-            self.run_phase(index, phase, entry)
+            if index >= first:
+                self.run_phase(index, phase, entry, resumed=resume_from is not None and index == first)
         self.trainer.end_epoch()  # report a last, partial epoch if there is one
         metrics = self.final_metrics()
         metrics["trial_seconds"] = time.perf_counter() - self._start
         self.write_artifacts(out_dir, metrics)
         return TrialResult(metrics, out_dir, self.trainer.history)
+
+    # -- checkpoints (resume) -----------------------------------------------------------------
+    @property
+    def can_checkpoint(self) -> bool:
+        """Checkpoints are taken after the dense phase (which the dense cache already keeps)."""
+        return self.phase_index >= 0
+
+    def save_checkpoint(self, path: Path) -> None:
+        """The trial's state at an epoch boundary, loadable with weights_only=True."""
+        t = self.trainer
+        torch.save({"model": _state_cpu(self.model), "masks": self.masks.state_dict(),
+                    "optimizer": t.optimizer.state_dict() if t.optimizer is not None else None,
+                    "global_step": t.global_step, "history": t.history,
+                    "phase_index": self.phase_index, "phase_start_clock": self.phase_start_clock}, path)
+
+    def load_checkpoint(self, path: Path) -> int:
+        """Restore a state from `save_checkpoint`; returns the phase to continue."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.masks.load_state_dict({k: v.to(self.device) for k, v in state["masks"].items()})
+        t = self.trainer
+        if state["optimizer"] is not None:
+            t.new_optimizer()
+            t.optimizer.load_state_dict(state["optimizer"])
+        t.global_step, t.history = state["global_step"], list(state["history"])
+        t.clock = state["phase_start_clock"]
+        self.phase_start_clock = state["phase_start_clock"]
+        self.phase_index = state["phase_index"]
+        return self.phase_index
 
     def write_artifacts(self, out_dir: Path, metrics: dict) -> None:
         from prunetune import figures  # matplotlib only when artifacts are written

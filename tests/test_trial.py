@@ -129,3 +129,34 @@ def test_non_finite_loss_fails_the_trial(tmp_path):
     from prunetune.train import NonFiniteLoss
     with pytest.raises(NonFiniteLoss):
         run_trial(spec.validate(digits_raw(train__lr=1e12, train__optimizer="sgd")), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["iterative", "lottery"])
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, method):
+    """A trial checkpointed at an epoch boundary and resumed in a new process ends exactly as
+    one that ran through (CPU, same seed)."""
+    overrides = dict(schedule__method=method, schedule__sparsity=0.6, schedule__step_size=0.3,
+                     schedule__step_epochs=1.5, train__dense_epochs=2, train__finetune_epochs=1)
+    cache = DenseCache(tmp_path / "cache")
+    full = run_trial(spec.validate(digits_raw(**overrides)), tmp_path / "full", cache=cache)
+
+    saved = {}
+    first = Trial(spec.validate(digits_raw(**overrides)))
+
+    def report(metrics, epoch):
+        if first.can_checkpoint and epoch == 3:
+            first.save_checkpoint(tmp_path / "ckpt.pt")
+            saved["epoch"] = epoch
+            raise KeyboardInterrupt  # the driver is killed here
+    first.report = report
+    with pytest.raises(KeyboardInterrupt):
+        first.run(tmp_path / "first", cache)
+    assert saved["epoch"] == 3
+
+    reported = []
+    resumed = Trial(spec.validate(digits_raw(**overrides)), lambda m, e: reported.append(e))
+    result = resumed.run(tmp_path / "resumed", cache, resume_from=tmp_path / "ckpt.pt")
+    assert reported[0] == 4  # nothing before the checkpoint is reported again
+    assert [h["epoch"] for h in result.history] == [h["epoch"] for h in full.history]
+    for key in ("test_acc", "test_loss", "sparsity", "nonzero_params"):
+        assert result.metrics[key] == pytest.approx(full.metrics[key], rel=1e-5), key

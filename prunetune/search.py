@@ -1,0 +1,114 @@
+"""The spec's search entries → an Optuna define-by-run space, conditional on the method.
+
+`schedule.method` is sampled first; a method-specific key (step_size, step_epochs, rewind_epoch) is
+sampled only when the sampled method uses it. Imports optuna lazily (only the sweep needs it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from prunetune.errors import UserError
+from prunetune.pruning import schedules
+from prunetune.spec import LoadedSpec, SearchEntry, ScheduleSpec
+
+_PRIMITIVE = (type(None), bool, int, float, str)
+
+
+def _encoded(entry: SearchEntry) -> bool:
+    """Optuna's categorical values are primitives; other choices (lists of globs) go as JSON."""
+    return entry.kind == "choice" and not all(isinstance(v, _PRIMITIVE) for v in entry.args)
+
+
+def suggest(trial, key: str, entry: SearchEntry) -> Any:
+    if entry.kind == "choice":
+        if _encoded(entry):
+            return trial.suggest_categorical(key, [json.dumps(v) for v in entry.args])
+        return trial.suggest_categorical(key, list(entry.args))
+    lo, hi = entry.args
+    if entry.kind == "int":
+        return trial.suggest_int(key, lo, hi, step=entry.step or 1)
+    if entry.kind == "loguniform":
+        return trial.suggest_float(key, lo, hi, log=True)
+    return trial.suggest_float(key, lo, hi, step=entry.step)
+
+
+def active_keys(loaded: LoadedSpec, method: str) -> list[str]:
+    """The searched keys that matter for `method` (in spec order)."""
+    return [k for k in loaded.space
+            if k == "schedule.method" or not k.startswith("schedule.")
+            or schedules.key_is_used(method, k.split(".", 1)[1])]
+
+
+def fixed_method(loaded: LoadedSpec) -> str:
+    return loaded.raw.get("schedule", {}).get("method", ScheduleSpec().method)
+
+
+def define_by_run(loaded: LoadedSpec) -> Callable:
+    """An Optuna define-by-run function sampling the spec's search space."""
+    space = loaded.space
+
+    def sample(trial) -> None:
+        method = (suggest(trial, "schedule.method", space["schedule.method"])
+                  if "schedule.method" in space else fixed_method(loaded))
+        for key in active_keys(loaded, method):
+            if key != "schedule.method":
+                suggest(trial, key, space[key])
+    return sample
+
+
+def decode(loaded: LoadedSpec, config: dict) -> dict:
+    """Sampled values (as Optuna/Ray hold them) → spec values."""
+    out = {}
+    for key, value in config.items():
+        entry = loaded.space.get(key)
+        out[key] = json.loads(value) if entry is not None and _encoded(entry) else value
+    return out
+
+
+def make_sampler(loaded: LoadedSpec, seed: int):
+    import optuna
+
+    search = loaded.fixed_spec().search
+    if search.sampler == "tpe":
+        # group=True lets multivariate TPE model a conditional (method-dependent) space
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          n_startup_trials=min(10, max(2, search.num_trials // 3)))
+    if search.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GridSampler(grid(loaded), seed=seed)
+
+
+def grid(loaded: LoadedSpec) -> dict[str, list]:
+    """The grid sampler's space: every searched key must be a choice."""
+    not_choice = [k for k, e in loaded.space.items() if e.kind != "choice"]
+    if not_choice:
+        raise UserError(f"search.sampler: grid searches choice entries only; {', '.join(not_choice)} "
+                        "are ranges (make them {choice: [...]} or use tpe, random or nsga2)")
+    return {k: ([json.dumps(v) for v in e.args] if _encoded(e) else list(e.args)) for k, e in loaded.space.items()}
+
+
+def grid_size(loaded: LoadedSpec) -> int:
+    """How many distinct configurations a grid holds, counting only keys each method uses."""
+    space = loaded.space
+    methods = list(space["schedule.method"].args) if "schedule.method" in space else [fixed_method(loaded)]
+    total = 0
+    for method in methods:
+        n = 1
+        for key in active_keys(loaded, method):
+            if key != "schedule.method":
+                n *= len(space[key].args)
+        total += n
+    return total
+
+
+def check(loaded: LoadedSpec) -> None:
+    """Sweep-level checks of the search section (raises UserError)."""
+    search = loaded.fixed_spec().search
+    if search.sampler == "grid":
+        grid(loaded)
+    if search.replicates != 1:
+        raise UserError("search.replicates: only 1 is supported in this version (replicates arrive with reports)")
