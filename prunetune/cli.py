@@ -114,6 +114,91 @@ def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None):
     click.echo(f"run id: {run_id}\nopen the MLflow UI with: prunetune ui {spec_path}")
 
 
+@main.command()
+@spec_argument
+@click.option("--resume", is_flag=True, help="Continue the sweep of this spec after Ctrl-C, a crash or a kill.")
+@click.option("--restart", is_flag=True, help="Start this spec's sweep over (its old MLflow runs are kept).")
+@click.option("--address", default=None, metavar="ADDR",
+              help="Attach to a running Ray cluster (default: $RAY_ADDRESS, else a local Ray).")
+@uri_option
+@set_option
+@click.option("--dry-run", is_flag=True, help="Validate the spec and print the plan; run nothing.")
+@handle_errors
+def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tracking_uri: str | None,
+          sets: tuple[str, ...], dry_run: bool):
+    """Run a sweep: Ray Tune trials, Optuna search, MLflow tracking."""
+    from prunetune import sweep as sweep_mod
+
+    loaded = spec_mod.load(spec_path, list(sets))
+    if dry_run:
+        paths, uri = sweep_mod.prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri)
+        click.echo(sweep_mod.plan_text(loaded, paths, uri))
+        return
+    try:
+        result = sweep_mod.run_sweep(loaded, spec_path, resume=resume, restart=restart, address=address,
+                                     tracking_uri=tracking_uri, echo=lambda line: click.echo(line, err=True))
+    except sweep_mod.SweepInterrupted:
+        click.echo(f"sweep interrupted; its state is saved. Resume with:\n  prunetune sweep {spec_path} --resume",
+                   err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    _print_sweep(result, spec_path)
+
+
+def _print_sweep(result, spec_path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metric, mode = result.objectives[0]
+    done = [r for r in result.rows if r.get(metric) is not None]
+    done.sort(key=lambda r: r[metric], reverse=(mode == "max"))
+    failed = sum(r["state"] == "ERROR" for r in result.rows)
+    table = Table(title=f"sweep {result.name}: top trials by {metric} ({mode}); "
+                        f"{len(done)} finished, {failed} failed")
+    params = sorted({k for r in result.rows for k in r if "." in k})
+    leaves = [p.rsplit(".", 1)[1] for p in params]
+    headers = leaves if len(set(leaves)) == len(leaves) else params
+    for col in ["trial", *headers, *[m for m, _ in result.objectives], "MLflow run"]:
+        table.add_column(col, no_wrap=True)
+    for r in done[:10]:
+        table.add_row(r["trial_id"], *[_fmt(r.get(p)) for p in params],
+                      *[_fmt(r.get(m)) for m, _ in result.objectives], r["run_id"] or "")
+    Console().print(table)
+    if done:
+        click.echo(f"best run: {done[0]['run_id']} (trial {done[0]['trial_id']})")
+    else:
+        click.echo("no trial finished", err=True)
+    click.echo(f"parent run: {result.parent_run_id}\ncompare runs in the MLflow UI: prunetune ui {spec_path}")
+    if not done:
+        sys.exit(1)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+@main.command()
+@spec_argument
+@uri_option
+@click.option("--port", default=5000, show_default=True, help="Port on 127.0.0.1.")
+@handle_errors
+def ui(spec_path: Path, tracking_uri: str | None, port: int):
+    """Serve the MLflow UI of the spec's tracking store, bound to 127.0.0.1."""
+    import subprocess
+
+    from prunetune import tracking
+
+    spec = spec_mod.load(spec_path).fixed_spec()
+    uri = tracking.absolute_uri(tracking.effective_uri(spec.tracking.uri, tracking_uri))
+    tracking.check_store(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"tracking.uri: {uri} does not exist yet; run a trial or a sweep first")
+    click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)", err=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--default-artifact-root", tracking.artifacts_uri(spec.tracking.artifacts),
+           "--host", "127.0.0.1", "--port", str(port)]
+    sys.exit(subprocess.call(cmd))
+
+
 def _print_metrics(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -7,7 +7,7 @@ sampled only when the sampled method uses it. Imports optuna lazily (only the sw
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
 from prunetune.errors import UserError
 from prunetune.pruning import schedules
@@ -45,17 +45,20 @@ def fixed_method(loaded: LoadedSpec) -> str:
     return loaded.raw.get("schedule", {}).get("method", ScheduleSpec().method)
 
 
-def define_by_run(loaded: LoadedSpec) -> Callable:
-    """An Optuna define-by-run function sampling the spec's search space."""
-    space = loaded.space
+class DefineByRun:
+    """An Optuna define-by-run function sampling the spec's search space (a class, not a closure,
+    so Tune can pickle it with the sweep's state)."""
 
-    def sample(trial) -> None:
+    def __init__(self, loaded: LoadedSpec):
+        self.loaded = loaded
+
+    def __call__(self, trial) -> None:
+        space = self.loaded.space
         method = (suggest(trial, "schedule.method", space["schedule.method"])
-                  if "schedule.method" in space else fixed_method(loaded))
-        for key in active_keys(loaded, method):
+                  if "schedule.method" in space else fixed_method(self.loaded))
+        for key in active_keys(self.loaded, method):
             if key != "schedule.method":
                 suggest(trial, key, space[key])
-    return sample
 
 
 def decode(loaded: LoadedSpec, config: dict) -> dict:
