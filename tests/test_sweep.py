@@ -1,0 +1,292 @@
+"""Sweeps with real Ray (local, small), real Optuna and a real SQLite MLflow store in temp dirs.
+The CLI runs in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+    name: {name}
+    seed: 0
+    data: {{dataset: digits, image_size: 8}}
+    train: {{batch_size: 128, lr: 0.05, dense_epochs: 1, finetune_epochs: {finetune}}}
+    schedule:
+      method: {{choice: [oneshot, iterative, lottery]}}
+      sparsity: {{uniform: [0.5, 0.9]}}
+      step_size: {{choice: [0.3, 0.4]}}
+      step_epochs: 0.5
+      rewind_epoch: {{int: [0, 1]}}
+    search: {{sampler: {sampler}, num_trials: {trials}}}
+    resources: {{cpus_per_trial: {cpus}, max_concurrent: {concurrent}}}
+    """
+
+
+def write_spec(tmp_path: Path, name="tiny", trials=3, concurrent=2, cpus=1, sampler="tpe", finetune=1,
+               extra: str = "") -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(textwrap.dedent(TINY.format(name=name, trials=trials, concurrent=concurrent, cpus=cpus,
+                                             sampler=sampler, finetune=finetune)) + textwrap.dedent(extra))
+    return p
+
+
+def sweep(args, cwd, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", "prunetune.cli", "sweep", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def client(tmp_path):
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+
+
+def runs_of(tmp_path, name):
+    c = client(tmp_path)
+    exp = c.get_experiment_by_name(name)
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("prunetune.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("prunetune.kind") == "trial"]
+    return parents, children
+
+
+PER_EPOCH = {"train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds"}
+FINAL = {"test_acc", "test_top5", "test_loss", "test_balanced_acc", "test_macro_f1", "sparsity", "nonzero_params",
+         "total_params", "compression_ratio", "flops_dense", "flops_sparse", "theoretical_speedup",
+         "checkpoint_bytes", "train_epochs_total", "trial_seconds"}
+
+
+def assert_complete_child(c, run, parent_id):
+    assert run.info.status == "FINISHED", run.data.tags.get("prunetune.error")
+    assert run.data.tags["mlflow.parentRunId"] == parent_id
+    assert run.data.tags["prunetune.trial_id"] and run.data.tags["prunetune.sweep"]
+    assert len(run.data.tags["prunetune.config_hash"]) == 16
+    assert FINAL <= set(run.data.metrics), FINAL - set(run.data.metrics)
+    epochs = int(run.data.metrics["train_epochs_total"] + 0.999)
+    for key in PER_EPOCH:
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, key)]
+        if key in ("sparsity", "val_acc"):
+            assert steps[-1] == epochs  # the final value, logged once more after the last epoch
+            steps = steps[:-1]
+        assert steps == list(range(epochs)), (key, steps)
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "config.yaml", "layer_sparsity.csv", "data", "figures"} <= artifacts
+    method = run.data.params["schedule.method"]
+    assert run.data.metrics["sparsity"] == pytest.approx(float(run.data.params["schedule.sparsity"]), abs=1e-3)
+    return method
+
+
+def test_small_sweep_and_refused_rerun(tmp_path):
+    spec = write_spec(tmp_path, trials=4)
+    r = sweep([str(spec)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "best run:" in r.stdout and "prunetune ui" in r.stdout
+    assert "4/4 done" in r.stderr  # progress lines
+    parents, children = runs_of(tmp_path, "tiny")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    c = client(tmp_path)
+    assert "tiny.yaml" in {a.path for a in c.list_artifacts(parents[0].info.run_id)}
+    for run in children:
+        method = assert_complete_child(c, run, parents[0].info.run_id)
+    assert (tmp_path / "mlruns" / "tune" / "tiny" / "sweep.json").is_file()
+
+    # the same sweep again: refused, with a hint, and nothing written
+    db_before = (tmp_path / "mlruns" / "mlflow.db").stat().st_mtime_ns
+    again = sweep([str(spec)], tmp_path)
+    assert again.returncode == 2
+    assert "--resume" in again.stderr and "--restart" in again.stderr and "Traceback" not in again.stderr
+    assert (tmp_path / "mlruns" / "mlflow.db").stat().st_mtime_ns == db_before
+    assert len(runs_of(tmp_path, "tiny")[1]) == 4
+
+    # a changed search space is refused on --resume
+    changed = write_spec(tmp_path, trials=4, extra="")
+    changed.write_text(changed.read_text().replace("[0.5, 0.9]", "[0.4, 0.9]"))
+    r = sweep([str(changed), "--resume"], tmp_path)
+    assert r.returncode == 2 and "search space" in r.stderr
+
+
+def test_conditional_space_in_optuna(tmp_path):
+    """Optuna samples step_size only for iterative/lottery and rewind_epoch only for lottery."""
+    spec = write_spec(tmp_path, name="grid", sampler="grid", trials=5, finetune=0.5,
+                      extra="")
+    spec.write_text(spec.read_text().replace("sparsity: {uniform: [0.5, 0.9]}", "sparsity: {choice: [0.6]}")
+                    .replace("rewind_epoch: {int: [0, 1]}", "rewind_epoch: {choice: [0]}"))
+    r = sweep([str(spec)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parents, children = runs_of(tmp_path, "grid")
+    c = client(tmp_path)
+    methods = sorted(assert_complete_child(c, run, parents[0].info.run_id) for run in children)
+    assert set(methods) == {"oneshot", "iterative", "lottery"}
+
+
+def test_failing_trial_does_not_stop_the_sweep(tmp_path):
+    spec = tmp_path / "failing.yaml"
+    spec.write_text(textwrap.dedent("""
+        name: failing
+        data: {dataset: digits, image_size: 8}
+        train: {batch_size: 128, lr: {choice: [0.05, 1.0e+12]}, dense_epochs: 0, finetune_epochs: 1}
+        schedule: {method: oneshot, sparsity: 0.5}
+        search: {sampler: grid, num_trials: 2}
+        """))
+    r = sweep([str(spec)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 failed" in r.stderr
+    parents, children = runs_of(tmp_path, "failing")
+    states = sorted(run.info.status for run in children)
+    assert states == ["FAILED", "FINISHED"]
+    failed = next(run for run in children if run.info.status == "FAILED")
+    assert "non-finite" in failed.data.tags["prunetune.error"]
+    assert failed.data.params["train.lr"] == "1000000000000.0"
+
+
+def test_four_concurrent_trials_on_sqlite_lose_no_metric(tmp_path):
+    spec = write_spec(tmp_path, name="concurrent", trials=4, concurrent=4, cpus=0.5, finetune=2)
+    r = sweep([str(spec)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "database is locked" not in r.stderr
+    parents, children = runs_of(tmp_path, "concurrent")
+    assert len(children) == 4
+    c = client(tmp_path)
+    for run in children:
+        assert_complete_child(c, run, parents[0].info.run_id)
+
+
+def _finished_children(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT count(*) FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
+                               "WHERE r.status = 'FINISHED' AND t.key = 'prunetune.kind' AND t.value = 'trial'"
+                               ).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def _start_and_wait(args, cwd, db, finished, timeout=300):
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while _finished_children(db) < finished:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "trials did not finish in time"
+        time.sleep(0.5)
+    return proc
+
+
+def _check_resumed(tmp_path, name, trials, before):
+    parents, children = runs_of(tmp_path, name)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == trials  # exactly one child per trial: no duplicates
+    assert len({r.data.tags["prunetune.trial_id"] for r in children}) == trials
+    c = client(tmp_path)
+    for run in children:
+        assert_complete_child(c, run, parents[0].info.run_id)  # no orphan left RUNNING, no duplicate steps
+    after = {r.data.tags["prunetune.trial_id"]: r.data.metrics["test_acc"] for r in children}
+    for trial_id, acc in before.items():  # finished trials are kept, not run again
+        assert after[trial_id] == acc
+
+
+def _finished_before(tmp_path, name):
+    _, children = runs_of(tmp_path, name)
+    return {r.data.tags["prunetune.trial_id"]: r.data.metrics["test_acc"]
+            for r in children if r.info.status == "FINISHED"}
+
+
+def test_sigkill_then_resume(tmp_path):
+    spec = write_spec(tmp_path, name="killed", trials=5, finetune=3)
+    db = tmp_path / "mlruns" / "mlflow.db"
+    proc = _start_and_wait([str(spec)], tmp_path, db, finished=2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and what it started, as a crash would
+    proc.wait()
+    before = _finished_before(tmp_path, "killed")
+    assert 2 <= len(before) < 5
+    r = sweep([str(spec), "--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_resumed(tmp_path, "killed", 5, before)
+
+
+def test_ctrl_c_exits_130_and_resumes(tmp_path):
+    spec = write_spec(tmp_path, name="interrupted", trials=4, finetune=3)
+    db = tmp_path / "mlruns" / "mlflow.db"
+    proc = _start_and_wait([str(spec)], tmp_path, db, finished=1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"prunetune sweep {spec} --resume" in err
+    before = _finished_before(tmp_path, "interrupted")
+    r = sweep([str(spec), "--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_resumed(tmp_path, "interrupted", 4, before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_on_an_existing_cluster(tmp_path):
+    import psutil
+
+    port = _free_port()
+    ray_bin = Path(sys.executable).parent / "ray"
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
+                             f"--temp-dir={tmp_path / 'ray'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        spec = write_spec(tmp_path, name="cluster", trials=2)
+        r = sweep([str(spec), "--address", f"127.0.0.1:{port}"], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        parents, children = runs_of(tmp_path, "cluster")
+        assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)
+        # a request this cluster cannot meet is refused at once
+        r = sweep([str(spec), "--restart", "--address", f"127.0.0.1:{port}", "--set", "resources.gpus_per_trial=1"],
+                  tmp_path, timeout=120)
+        assert r.returncode == 2 and "GPU" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        # stop the cluster by its own PIDs (never `ray stop`, which would stop every Ray here)
+        procs = [head.pid] + [p.pid for p in psutil.Process(head.pid).children(recursive=True)]
+        for pid in procs:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in procs:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_dry_run_and_bad_resources_write_nothing(tmp_path):
+    spec = write_spec(tmp_path, name="dry")
+    r = sweep([str(spec), "--dry-run"], tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "schedule.method: choice" in r.stdout and "3 trials" in r.stdout
+    r = sweep([str(spec), "--set", "resources.gpus_per_trial=1"], tmp_path, timeout=180)
+    assert r.returncode == 2 and "gpus_per_trial" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "mlruns").exists()
