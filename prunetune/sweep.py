@@ -9,11 +9,14 @@ SIGKILL of the driver.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +85,13 @@ def _trainable(config: dict, *, raw: dict, cache_root: str, cpus: float) -> None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         local = Path(checkpoint.to_directory(str(work / "restored")))
+        if (local / "artifacts" / "metrics.json").is_file():
+            # The trial had finished when the driver died, before Tune recorded it: report again.
+            final = json.loads((local / "artifacts" / "metrics.json").read_text())
+            history = json.loads((local / "artifacts" / "history.json").read_text())
+            tune.report({**final, FINAL_FLAG: True, "epoch": history[-1]["epoch"] + 1 if history else 0},
+                        checkpoint=tune.Checkpoint.from_directory(str(local)))
+            return
         if (local / "trial.pt").is_file():
             resume_from = local / "trial.pt"
     try:
@@ -110,11 +120,12 @@ class MlflowLogger(tune.Callback):
         self._tracker = None
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
+        self._final_logged: set[str] = set()
         self.run_ids: dict[str, str] = {}  # trial id → run id, for the summary
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; clients stay out
         state = dict(self.__dict__)
-        state.update(_tracker=None, _runs={}, _last_step={})
+        state.update(_tracker=None, _runs={}, _last_step={}, _final_logged=set())
         return state
 
     @property
@@ -136,6 +147,8 @@ class MlflowLogger(tune.Callback):
             run_id = found[0].info.run_id
             history = client.get_metric_history(run_id, "train_loss")
             self._last_step[tid] = max((m.step for m in history), default=-1)
+            if "trial_seconds" in found[0].data.metrics:
+                self._final_logged.add(tid)
             if found[0].info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
         else:
@@ -159,8 +172,10 @@ class MlflowLogger(tune.Callback):
         run_id = self.run_for(trial)
         tid = trial.trial_id
         if result.get(FINAL_FLAG):
-            final = {k: v for k, v in result.items() if k not in ("epoch",) and _is_metric_name(k)}
-            self.tracker.log_metrics(run_id, final, result.get("epoch", 0))
+            if tid not in self._final_logged:  # once, also when a resumed trial reports it again
+                final = {k: v for k, v in result.items() if k != "epoch" and _is_metric_name(k)}
+                self.tracker.log_metrics(run_id, final, result.get("epoch", 0))
+                self._final_logged.add(tid)
             return
         epoch = result.get("epoch")
         if epoch is None or epoch <= self._last_step.get(tid, -1):
@@ -386,15 +401,40 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
                 name=spec.name, storage_path=str(paths.tune_root), callbacks=[logger_cb, progress], verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
-    grid = tuner.fit()
+    with _graceful_ctrl_c(echo) as stopped:
+        grid = tuner.fit()
     trials = grid._experiment_analysis.trials
     rows = _rows(trials, tracker, spec.name, parent, objectives)
-    interrupted = sum(t.status in ("TERMINATED", "ERROR") for t in trials) < spec.search.num_trials
+    interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < spec.search.num_trials
     tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
     result = SweepResult(spec.name, parent, rows, objectives, interrupted)
     if interrupted:
         raise SweepInterrupted(result)
     return result
+
+
+@contextlib.contextmanager
+def _graceful_ctrl_c(echo: Callable[[str], None]):
+    """Ctrl-C → Tune's graceful stop (it saves the experiment state), and we learn it happened;
+    a second Ctrl-C interrupts at once. Tune's own SIGINT handler would hide the first one."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(sig, frame):
+        stopped.set()
+        signal.signal(signal.SIGINT, previous)
+        echo("stopping: saving the sweep's state (Ctrl-C again to quit at once)")
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune stops gracefully on SIGUSR1
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _reconcile_after_restore(tuner, logger_cb: MlflowLogger) -> None:
@@ -417,9 +457,11 @@ def _reconcile_after_restore(tuner, logger_cb: MlflowLogger) -> None:
             continue
         if found and found[0].info.status == "RUNNING":
             run_id = found[0].info.run_id
-            final = {k: v for k, v in metrics.items() if k != "epoch" and _is_metric_name(k)}
-            tracker.log_metrics(run_id, final, metrics.get("epoch", 0))
-            if result.checkpoint is not None and (Path(result.checkpoint.path) / "artifacts").is_dir():
+            if "trial_seconds" not in found[0].data.metrics:  # the final report was not logged yet
+                final = {k: v for k, v in metrics.items() if k != "epoch" and _is_metric_name(k)}
+                tracker.log_metrics(run_id, final, metrics.get("epoch", 0))
+            if (result.checkpoint is not None and (Path(result.checkpoint.path) / "artifacts").is_dir()
+                    and not tracker.client.list_artifacts(run_id)):
                 tracker.log_artifacts(run_id, Path(result.checkpoint.path) / "artifacts")
             tracker.end_run(run_id, "FINISHED")
 
