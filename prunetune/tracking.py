@@ -44,8 +44,7 @@ class Tracker:
     """Creates and writes runs in one store."""
 
     def __init__(self, uri: str, artifacts: str):
-        import mlflow  # noqa: F401 - imported here, never at package import
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # imported here, never at package import
 
         self.uri = absolute_uri(uri)
         if self.uri.startswith("sqlite:///"):
@@ -61,7 +60,7 @@ class Tracker:
 
     def start_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any] | None = None,
                   parent_run_id: str | None = None) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         tags = dict(tags)
         if parent_run_id:

@@ -98,7 +98,7 @@ def test_small_sweep_and_refused_rerun(tmp_path):
     c = client(tmp_path)
     assert "tiny.yaml" in {a.path for a in c.list_artifacts(parents[0].info.run_id)}
     for run in children:
-        method = assert_complete_child(c, run, parents[0].info.run_id)
+        assert_complete_child(c, run, parents[0].info.run_id)
     assert (tmp_path / "mlruns" / "tune" / "tiny" / "sweep.json").is_file()
 
     # the same sweep again: refused, with a hint, and nothing written
@@ -237,14 +237,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _session_pids(sid: int) -> list[int]:
+    """PIDs of the processes in session `sid` (the cluster we started with start_new_session)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session ...
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def test_sweep_on_an_existing_cluster(tmp_path):
-    import psutil
+    import shutil
+    import tempfile
 
     port = _free_port()
     ray_bin = Path(sys.executable).parent / "ray"
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
-                             f"--temp-dir={tmp_path / 'ray'}"],
+                             f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -264,22 +279,19 @@ def test_sweep_on_an_existing_cluster(tmp_path):
                   tmp_path, timeout=120)
         assert r.returncode == 2 and "GPU" in r.stderr and "Traceback" not in r.stderr
     finally:
-        # stop the cluster by its own PIDs (never `ray stop`, which would stop every Ray here)
-        procs = [head.pid] + [p.pid for p in psutil.Process(head.pid).children(recursive=True)]
-        for pid in procs:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in procs:
+        # stop the cluster by its own PIDs (never `ray stop`, which would stop every Ray here);
+        # SIGKILL, since a SIGTERMed head drains for 30 s
+        for pid in _session_pids(head.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        head.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _session_pids(head.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _session_pids(head.pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_dry_run_and_bad_resources_write_nothing(tmp_path):

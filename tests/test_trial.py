@@ -1,8 +1,6 @@
 """Trials end to end on real (tiny) data, without Ray or MLflow."""
 
-import json
 
-import numpy as np
 import pytest
 import torch
 

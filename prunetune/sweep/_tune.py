@@ -1,11 +1,5 @@
-"""Sweeps: the only module that imports ray. Ray Tune runs the trials, Optuna (through Tune's
-OptunaSearch) proposes them, and a driver-side callback is the one writer to MLflow: trials
-report to Tune, the driver logs what they report, keyed by trial id.
-
-Sweep state lives under `mlruns/tune/<name>` (Tune's experiment plus `sweep.json`: the parent run
-and the search-space fingerprint), so `--resume` continues the same sweep after Ctrl-C, a crash or
-SIGKILL of the driver.
-"""
+"""The Ray side of a sweep: the trainable (in Ray workers), the driver's Tune callbacks (MLflow,
+progress), the Optuna searcher, and reconciliation after a resume."""
 
 from __future__ import annotations
 
@@ -18,7 +12,6 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,31 +21,8 @@ from ray.tune.search.optuna import OptunaSearch
 from prunetune import search, tracking
 from prunetune.errors import UserError
 from prunetune.spec import LoadedSpec, SearchEntry
+from prunetune.sweep import FINAL_FLAG, PER_EPOCH
 
-PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds")
-FINAL_FLAG = "prunetune_final"  # set in a trial's last report, which carries the final metrics
-
-
-class SweepInterrupted(Exception):
-    """The user stopped the sweep (Ctrl-C); its state is saved and it can be resumed."""
-
-
-def space_fingerprint(space: dict[str, SearchEntry]) -> dict:
-    return {k: {"kind": e.kind, "args": list(e.args), "step": e.step} for k, e in sorted(space.items())}
-
-
-@dataclass
-class SweepPaths:
-    tune_root: Path  # Tune's storage_path
-    name: str
-
-    @property
-    def dir(self) -> Path:
-        return self.tune_root / self.name
-
-    @property
-    def meta(self) -> Path:
-        return self.dir / "sweep.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,20 +225,7 @@ class Progress(tune.Callback):
                   f"{running} running, {failed} failed; {best_text}")
 
 
-# ---------------------------------------------------------------------------------------------
-# The driver
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class SweepResult:
-    name: str
-    parent_run_id: str
-    rows: list[dict]  # one per trial: trial_id, run_id, state, params, objectives
-    objectives: list[tuple[str, str]]
-    interrupted: bool
-
-
-def _ray_init(address: str | None) -> None:
+def ray_init(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -294,123 +251,6 @@ def check_resources(cpus: float, gpus: float) -> None:
         have = ", ".join(f"{n['Resources'].get('CPU', 0):g} CPU / {n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
         raise UserError(f"resources: no Ray node can give a trial {cpus:g} CPU and {gpus:g} GPU "
                         f"(nodes: {have or 'none'}); lower resources.cpus_per_trial / gpus_per_trial")
-
-
-def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
-    spec = loaded.fixed_spec()
-    lines = [f"sweep {spec.name}: {spec.search.num_trials} trials, sampler {spec.search.sampler}, "
-             f"objectives {', '.join(f'{o.metric} ({o.mode})' for o in spec.search.objectives)}",
-             f"  model {spec.model.arch}, data {spec.data.dataset} ({spec.data.image_size} px)",
-             f"  resources per trial: {spec.resources.cpus_per_trial:g} CPU, {spec.resources.gpus_per_trial:g} GPU; "
-             f"at most {spec.resources.max_concurrent} at once; early stop: {spec.search.early_stop}",
-             f"  state: {paths.dir}", f"  tracking: {uri}", "  search space:"]
-    for key, entry in loaded.space.items():
-        lines.append(f"    {key}: {entry.kind} {list(entry.args)}" + (f" step {entry.step}" if entry.step else ""))
-    return "\n".join(lines)
-
-
-def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: str | None) -> tuple[SweepPaths, str]:
-    """All checks that need no Ray and write nothing; returns the sweep paths and tracking URI."""
-    from prunetune.data import load_dataset
-
-    if resume and restart:
-        raise UserError("--resume and --restart: choose one")
-    search.check(loaded)
-    spec = loaded.fixed_spec()
-    uri = tracking.absolute_uri(tracking.effective_uri(spec.tracking.uri, tracking_uri))
-    tracking.check_store(uri)
-    load_dataset(spec.data, spec.seed)  # a missing or malformed data root fails here
-    paths = SweepPaths(Path("mlruns/tune").resolve(), spec.name)
-    exists = paths.meta.is_file()
-    if exists and not (resume or restart):
-        raise UserError(f"sweep {spec.name!r} already exists at {paths.dir}; "
-                        "use --resume to continue it or --restart to start it over")
-    if resume:
-        if not exists:
-            raise UserError(f"--resume: there is no sweep {spec.name!r} at {paths.dir} to resume")
-        meta = json.loads(paths.meta.read_text())
-        if meta["space"] != space_fingerprint(loaded.space):
-            raise UserError(f"--resume: the search space of {spec.name!r} changed since the sweep started; "
-                            "use --restart to start over (or restore the spec)")
-    return paths, uri
-
-
-def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = False, restart: bool = False,
-              address: str | None = None, tracking_uri: str | None = None,
-              echo: Callable[[str], None] = print) -> SweepResult:
-    """Run (or resume) the sweep of a loaded spec. Raises UserError on bad input before writing."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    paths, uri = prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri)
-    spec = loaded.fixed_spec()
-    res = spec.resources
-    _ray_init(address)
-    check_resources(res.cpus_per_trial, res.gpus_per_trial)
-
-    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
-    if restart:
-        shutil.rmtree(paths.dir, ignore_errors=True)
-    if resume:
-        parent = json.loads(paths.meta.read_text())["parent_run_id"]
-        tracker.client.update_run(parent, status="RUNNING")
-    else:
-        parent = tracker.start_run(spec.name, f"sweep-{spec.name}",
-                                   {tracking.TAG_SWEEP: spec.name, tracking.TAG_KIND: "sweep"})
-        if spec_file is not None:
-            tracker.log_artifact(parent, spec_file)
-        paths.dir.mkdir(parents=True, exist_ok=True)
-        paths.meta.write_text(json.dumps({"parent_run_id": parent, "space": space_fingerprint(loaded.space),
-                                          "tracking_uri": uri}, indent=1))
-
-    # Per-epoch reports carry no objective (it exists only after the final evaluation); Tune's
-    # strict check would reject them.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Keeping one checkpoint per trial forces an experiment snapshot after each report: that is
-    # what makes a SIGKILLed driver lose no finished trial, so silence Tune's warning about it.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    cache_root = os.environ.get("PRUNETUNE_CACHE") or str(Path.home() / ".cache" / "prunetune")
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, raw=loaded.raw, cache_root=cache_root, cpus=res.cpus_per_trial),
-        {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
-    objectives = [(o.metric, o.mode) for o in spec.search.objectives]
-    logger_cb = MlflowLogger(uri, spec.tracking.artifacts, spec.name, parent, spec.name, loaded.raw)
-    progress = Progress(objectives[0][0], objectives[0][1], spec.search.num_trials, echo)
-
-    if resume and tune.Tuner.can_restore(str(paths.dir)):
-        tuner = tune.Tuner.restore(str(paths.dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
-        # Tune restores the callbacks it pickled; give them this process's output and store.
-        callbacks = tuner._local_tuner.get_run_config().callbacks
-        for cb in callbacks:
-            if isinstance(cb, Progress):
-                cb.echo, cb.start = echo, time.monotonic()
-            if isinstance(cb, MlflowLogger):
-                logger_cb = cb
-        _reconcile_after_restore(tuner, logger_cb)
-    else:
-        searcher = _optuna_searcher(loaded, objectives, spec.seed)
-        # ASHA compares trials on val_acc after the dense phase (which all trials share)
-        scheduler = (ASHAScheduler(metric="val_acc", mode="max", time_attr="epoch", max_t=10_000,
-                                   grace_period=spec.train.dense_epochs + 1)
-                     if spec.search.early_stop == "asha" else FIFOScheduler())
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.search.num_trials,
-                                        max_concurrent_trials=res.max_concurrent),
-            run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(paths.tune_root), callbacks=[logger_cb, progress], verbose=0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
-    with _graceful_ctrl_c(echo) as stopped:
-        grid = tuner.fit()
-    trials = grid._experiment_analysis.trials
-    rows = _rows(trials, tracker, spec.name, parent, objectives)
-    interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < spec.search.num_trials
-    tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
-    result = SweepResult(spec.name, parent, rows, objectives, interrupted)
-    if interrupted:
-        raise SweepInterrupted(result)
-    return result
 
 
 @contextlib.contextmanager
