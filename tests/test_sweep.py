@@ -175,7 +175,9 @@ def _finished_children(db: Path) -> int:
 
 
 def _start_and_wait(args, cwd, db, finished, timeout=300):
-    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", *args], cwd=cwd,
+    # checkpoint every epoch, so resumed trials restart from a checkpoint, not from scratch
+    env = {**os.environ, "PRUNETUNE_CHECKPOINT_S": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
     while _finished_children(db) < finished:
@@ -302,3 +304,54 @@ def test_dry_run_and_bad_resources_write_nothing(tmp_path):
     r = sweep([str(spec), "--set", "resources.gpus_per_trial=1"], tmp_path, timeout=180)
     assert r.returncode == 2 and "gpus_per_trial" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_two_objectives_nsga2_and_asha(tmp_path):
+    """A Pareto sweep (NSGA-II over accuracy and non-zero weights) with ASHA early stopping: stopped
+    trials are closed as KILLED with a tag, finished ones carry both objectives."""
+    spec = write_spec(tmp_path, name="pareto", trials=4, finetune=3, sampler="nsga2",
+                      extra="""
+                      """)
+    spec.write_text(spec.read_text().replace(
+        "search: {sampler: nsga2, num_trials: 4}",
+        "search:\n  sampler: nsga2\n  num_trials: 4\n  early_stop: asha\n  objectives:\n"
+        "    - {metric: test_acc, mode: max}\n    - {metric: nonzero_params, mode: min}"))
+    r = sweep([str(spec)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parents, children = runs_of(tmp_path, "pareto")
+    assert len(children) == 4 and parents[0].info.status == "FINISHED"
+    for run in children:
+        if run.info.status == "KILLED":
+            assert run.data.tags["prunetune.state"] == "stopped_early"
+        else:
+            assert run.info.status == "FINISHED"
+            assert {"test_acc", "nonzero_params"} <= set(run.data.metrics)
+    assert "nonzero_params" in r.stdout  # both objectives in the summary table
+
+
+def test_ui_serves_the_store_on_localhost(tmp_path):
+    import urllib.request
+
+    spec = write_spec(tmp_path, name="ui")
+    r = subprocess.run([sys.executable, "-m", "prunetune.cli", "ui", str(spec)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "does not exist yet" in r.stderr  # no store yet: nothing to serve
+    (tmp_path / "mlruns").mkdir()
+    from mlflow.tracking import MlflowClient
+    MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").search_experiments()  # creates the store
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "ui", str(spec), "--port", str(port)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
+                time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -132,9 +132,12 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
         paths.meta.write_text(json.dumps({"parent_run_id": parent, "space": space_fingerprint(loaded.space),
                                           "tracking_uri": uri}, indent=1))
 
-    cache_root = os.environ.get("PRUNETUNE_CACHE") or str(Path.home() / ".cache" / "prunetune")
+    from prunetune.trial import default_cache_root
+
+    cache_root = str(default_cache_root())
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, raw=loaded.raw, cache_root=cache_root, cpus=res.cpus_per_trial),
+        tune.with_parameters(_trainable, raw=loaded.raw, cache_root=cache_root, cpus=res.cpus_per_trial,
+                             checkpoint_s=float(os.environ.get("PRUNETUNE_CHECKPOINT_S", "10"))),
         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     objectives = [(o.metric, o.mode) for o in spec.search.objectives]
     logger_cb = MlflowLogger(uri, spec.tracking.artifacts, spec.name, parent, spec.name, loaded.raw)
@@ -160,7 +163,10 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.search.num_trials,
-                                        max_concurrent_trials=res.max_concurrent),
+                                        max_concurrent_trials=res.max_concurrent,
+                                        # one worker process runs trial after trial: torch and the
+                                        # data are loaded once per worker, not once per trial
+                                        reuse_actors=True),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(paths.tune_root), callbacks=[logger_cb, progress], verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -29,7 +29,7 @@ from prunetune.sweep import FINAL_FLAG, PER_EPOCH
 # The trainable (runs in a Ray worker)
 # ---------------------------------------------------------------------------------------------
 
-def _trainable(config: dict, *, raw: dict, cache_root: str, cpus: float) -> None:
+def _trainable(config: dict, *, raw: dict, cache_root: str, cpus: float, checkpoint_s: float) -> None:
     import torch
 
     from prunetune.spec import load
@@ -41,14 +41,20 @@ def _trainable(config: dict, *, raw: dict, cache_root: str, cpus: float) -> None
     trial = Trial(spec)
     work = Path(tempfile.mkdtemp(prefix="prunetune-trial-"))
 
+    # A checkpoint (and the experiment snapshot it triggers) costs time: take one at an epoch end
+    # when `checkpoint_s` seconds have passed since the last (0: every epoch).
+    last_checkpoint = time.monotonic()
+
     def report(metrics: dict, epoch: int) -> None:
+        nonlocal last_checkpoint
         result = {**metrics, "epoch": epoch}
-        if not trial.can_checkpoint:
+        if not trial.can_checkpoint or time.monotonic() - last_checkpoint < checkpoint_s:
             tune.report(result)
             return
         with tempfile.TemporaryDirectory(dir=work) as ckpt:
             trial.save_checkpoint(Path(ckpt) / "trial.pt")
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(ckpt))
+        last_checkpoint = time.monotonic()
 
     trial.report = report
     resume_from = None
