@@ -7,6 +7,7 @@ sampled only when the sampled method uses it. Imports optuna lazily (only the sw
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from prunetune.errors import UserError
@@ -112,6 +113,9 @@ def check(loaded: LoadedSpec) -> None:
     """Sweep-level checks of the search section (raises UserError)."""
     search = loaded.fixed_spec().search
     if search.sampler == "grid":
-        grid(loaded)
+        points = math.prod(len(values) for values in grid(loaded).values())
+        if search.num_trials > points:
+            raise UserError(f"search.num_trials: {search.num_trials} is more than the grid's {points} points "
+                            f"({grid_size(loaded)} distinct configurations once unused keys are dropped)")
     if search.replicates != 1:
         raise UserError("search.replicates: only 1 is supported in this version (replicates arrive with reports)")

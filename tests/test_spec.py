@@ -182,3 +182,40 @@ def test_flat_params_are_dotted():
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_specs_validate(path):
     spec.load(path)
+
+
+def test_search_checks(tmp_path):
+    from prunetune import search
+    grid = spec.load(write(tmp_path, """
+        name: a
+        schedule: {method: {choice: [oneshot, iterative]}, step_size: {choice: [0.1, 0.2]}}
+        search: {sampler: grid, num_trials: 5}
+        """))
+    with pytest.raises(UserError, match="4 points .3 distinct"):
+        search.check(grid)
+    ranged = spec.load(write(tmp_path, "name: a\nschedule: {sparsity: {uniform: [0.5, 0.9]}}\nsearch: {sampler: grid}\n"))
+    with pytest.raises(UserError, match="grid searches choice entries only"):
+        search.check(ranged)
+
+
+def test_define_by_run_is_conditional(tmp_path):
+    import optuna
+    from prunetune import search
+    loaded = spec.load(write(tmp_path, """
+        name: a
+        schedule:
+          method: {choice: [oneshot, iterative, lottery]}
+          sparsity: {uniform: [0.5, 0.9]}
+          step_size: {choice: [0.1, 0.2]}
+          rewind_epoch: {int: [0, 2]}
+          layers: {choice: [all, [features.*]]}
+        """))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: search.DefineByRun(loaded)(t) or 0.0, n_trials=30)
+    for t in study.trials:
+        method = t.params["schedule.method"]
+        assert ("schedule.step_size" in t.params) == (method in ("iterative", "lottery"))
+        assert ("schedule.rewind_epoch" in t.params) == (method == "lottery")
+        resolved = loaded.resolve(search.decode(loaded, t.params))  # lists of globs round-trip
+        assert resolved.schedule.layers in ("all", ["features.*"])
+    assert {t.params["schedule.method"] for t in study.trials} == {"oneshot", "iterative", "lottery"}
