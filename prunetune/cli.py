@@ -162,7 +162,10 @@ def _print_sweep(result, spec_path: Path) -> None:
     for r in done[:10]:
         table.add_row(r["trial_id"], *[_fmt(r.get(p)) for p in params],
                       *[_fmt(r.get(m)) for m, _ in result.objectives], r["run_id"] or "")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: do not cut the table at 80 columns
+        console = Console(width=220)
+    console.print(table)
     if done:
         click.echo(f"best run: {done[0]['run_id']} (trial {done[0]['trial_id']})")
     else:

@@ -200,3 +200,5 @@ def _ray_environment(address: str | None) -> None:
     # Keeping one checkpoint per trial forces an experiment snapshot after each report: that is
     # what makes a SIGKILLed driver lose no finished trial, so silence Tune's warning about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # prunetune prints its own progress; Tune's newer console output ignores verbose=0 with ASHA
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
