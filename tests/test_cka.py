@@ -1,0 +1,115 @@
+"""CKA against a plain float64 implementation of the formulas, and by its properties."""
+
+import math
+
+import pytest
+import torch
+
+from prunetune.analysis.cka import CKAAccumulator, cka_matrix
+
+
+def reference_hsic_biased(x, y):
+    n = x.shape[0]
+    k, l = x @ x.T, y @ y.T
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    return torch.trace(k @ h @ l @ h) / (n - 1) ** 2
+
+
+def reference_hsic_unbiased(x, y):
+    n = x.shape[0]
+    k, l = x @ x.T, y @ y.T
+    k = k - torch.diag(torch.diag(k))
+    l = l - torch.diag(torch.diag(l))
+    one = torch.ones(n, 1, dtype=torch.float64)
+    term = torch.trace(k @ l) + (one.T @ k @ one) * (one.T @ l @ one) / ((n - 1) * (n - 2)) \
+        - 2.0 / (n - 2) * (one.T @ k @ l @ one)
+    return (term / (n * (n - 3))).item()
+
+
+def reference_cka(feats_a, feats_b, batch_size=None):
+    """One pair at a time, straight from the formulas."""
+    out = torch.zeros(len(feats_a), len(feats_b), dtype=torch.float64)
+    for i, a in enumerate(feats_a):
+        for j, b in enumerate(feats_b):
+            a2, b2 = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
+            if batch_size is None:
+                out[i, j] = reference_hsic_biased(a2, b2) / math.sqrt(
+                    reference_hsic_biased(a2, a2) * reference_hsic_biased(b2, b2))
+            else:
+                xy = xx = yy = 0.0
+                for s in range(0, len(a2), batch_size):
+                    xa, xb = a2[s:s + batch_size], b2[s:s + batch_size]
+                    if len(xa) < 4:
+                        break
+                    xy += reference_hsic_unbiased(xa, xb)
+                    xx += reference_hsic_unbiased(xa, xa)
+                    yy += reference_hsic_unbiased(xb, xb)
+                out[i, j] = xy / math.sqrt(xx * yy)
+    return out
+
+
+def features(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 10, generator=g)
+    return [base @ torch.randn(10, 20, generator=g),                       # linear in base
+            torch.relu(base @ torch.randn(10, 30, generator=g)).view(n, 5, 6),  # a conv-like shape
+            torch.randn(n, 15, generator=g),                                # unrelated
+            base[:, :3] ** 2]
+
+
+@pytest.mark.parametrize("batch_size", [None, 16, 20])
+def test_matches_reference(batch_size):
+    a, b = features(seed=0), features(seed=1)[:3]
+    ours = cka_matrix(a, b, batch_size=batch_size)
+    assert ours.dtype == torch.float64 and ours.shape == (4, 3)
+    torch.testing.assert_close(ours, reference_cka(a, b, batch_size), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_self_comparison_is_symmetric_with_unit_diagonal(batch_size):
+    a = features()
+    m = cka_matrix(a, batch_size=batch_size)
+    torch.testing.assert_close(m, m.T)
+    torch.testing.assert_close(torch.diagonal(m), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(m, cka_matrix(a, a, batch_size=batch_size))
+
+
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_invariant_to_orthogonal_transforms_and_isotropic_scaling(batch_size):
+    a = [x.reshape(len(x), -1).double() for x in features()]  # float64: the transform adds no rounding
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    transformed = [a[0] @ q * 7.5] + [x * 0.01 for x in a[1:]]
+    torch.testing.assert_close(cka_matrix(a, batch_size=batch_size),
+                               cka_matrix(transformed, batch_size=batch_size), rtol=1e-7, atol=1e-9)
+
+
+def test_biased_values_in_unit_interval():
+    m = cka_matrix(features(n=40), features(n=40, seed=5))
+    assert (m >= 0).all() and (m <= 1 + 1e-12).all()
+
+
+def test_accumulator_equals_one_shot_minibatches():
+    a, b = features(n=48), features(n=48, seed=2)
+    acc = CKAAccumulator()
+    for s in range(0, 48, 16):
+        acc.update([x[s:s + 16] for x in a], [x[s:s + 16] for x in b])
+    torch.testing.assert_close(acc.result(), cka_matrix(a, b, batch_size=16))
+
+
+def test_degenerate_layer_gives_zero_not_nan():
+    a = features(n=32) + [torch.ones(32, 8)]
+    m = cka_matrix(a, batch_size=16)
+    assert not torch.isnan(m).any()
+    assert (m[-1] == 0).all() and (m[:, -1] == 0).all()
+
+
+def test_clear_errors():
+    a = features(n=32)
+    with pytest.raises(ValueError, match="samples"):
+        cka_matrix(a, [torch.randn(31, 4)])
+    with pytest.raises(ValueError, match="at least 4"):
+        cka_matrix(a, batch_size=3)
+    with pytest.raises(ValueError, match="at least 4"):
+        cka_matrix([x[:3] for x in a], batch_size=8)
+    with pytest.raises(ValueError, match="empty"):
+        cka_matrix([])
