@@ -1,0 +1,118 @@
+"""Datasets: each reads its publisher's on-disk layout from `data.root` (nothing is downloaded),
+resized once to `data.image_size` as uint8, then split (seeded, stratified by class).
+
+A loader in the registry takes the DataSpec and returns a `Source`; `load_dataset` adds the split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from prunetune import registry
+
+
+@dataclass
+class Source:
+    """What a dataset loader reads: all samples, resized, as uint8 [N, C, H, W]."""
+
+    images: np.ndarray
+    labels: np.ndarray  # int64 [N]
+    ids: list[str]  # a stable id per sample, written to data/split.csv
+    classes: list[str]
+    official_split: np.ndarray | None = None  # "train"/"val"/"test" per sample where published
+    groups: np.ndarray | None = None  # samples of one group never straddle splits (HAM lesion_id)
+
+
+@dataclass
+class Dataset(Source):
+    split: np.ndarray | None = None  # "train" | "val" | "test" per sample
+
+    def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(self.split == name)
+        return self.images[idx], self.labels[idx]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images.shape[1])
+
+
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int,
+                     groups: np.ndarray | None = None) -> np.ndarray:
+    """Assign each sample to "train" or one of `fractions`' splits, per class, seeded.
+
+    Per class, fraction · n_class samples (rounded so the split's total is round(fraction · n)) go
+    to each split. With
+    `groups`, whole groups are assigned (by their majority class), so no group straddles splits.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.full(len(labels), "train", dtype=object)
+    if groups is None:
+        units = np.arange(len(labels))
+        unit_of = units
+        unit_label = labels
+        unit_size = np.ones(len(labels), dtype=int)
+    else:
+        units, unit_of = np.unique(groups, return_inverse=True)
+        unit_label = np.array([np.bincount(labels[unit_of == u]).argmax() for u in range(len(units))])
+        unit_size = np.bincount(unit_of)
+    assignment = np.full(len(units), "train", dtype=object)
+    classes = np.unique(unit_label)
+    class_size = np.array([unit_size[unit_label == c].sum() for c in classes])
+    want = {name: _largest_remainder(fraction * class_size, round(fraction * class_size.sum()), rng)
+            for name, fraction in fractions.items()}
+    for ci, c in enumerate(classes):
+        members = rng.permutation(np.flatnonzero(unit_label == c))
+        pos = 0
+        for name in fractions:
+            got = 0
+            # whole units (samples, or groups) until the split holds its share of the class
+            while pos < len(members) and got + unit_size[members[pos]] <= want[name][ci]:
+                assignment[members[pos]] = name
+                got += unit_size[members[pos]]
+                pos += 1
+    out[:] = assignment[unit_of]
+    return out.astype(str)
+
+
+def _largest_remainder(quotas: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+    """Integers near `quotas` (each floor or ceil) that sum to `total`: per-class counts that keep
+    class proportions within rounding while the split's size is exact, even for tiny classes."""
+    counts = np.floor(quotas).astype(int)
+    remainder = quotas - counts
+    order = np.lexsort((rng.random(len(quotas)), -remainder))
+    counts[order[:max(0, total - counts.sum())]] += 1
+    return counts
+
+
+def load_dataset(data_spec, seed: int) -> Dataset:
+    """Read `data_spec.dataset` from its root, resized to `image_size`, and split it."""
+    src: Source = registry.lookup(registry.DATASETS, data_spec.dataset)(data_spec)
+    if src.official_split is not None:
+        split = src.official_split.astype(object).copy()
+        if not (split == "val").any() and data_spec.val_fraction > 0:
+            train = np.flatnonzero(split == "train")
+            sub = stratified_split(src.labels[train], {"val": data_spec.val_fraction}, seed,
+                                   None if src.groups is None else src.groups[train])
+            split[train] = sub
+        split = split.astype(str)
+    else:
+        split = stratified_split(src.labels, {"test": data_spec.test_fraction, "val": data_spec.val_fraction},
+                                 seed, src.groups)
+    return Dataset(**vars(src), split=split)
+
+
+def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 [N, C, H, W] to size × size (bilinear, antialiased), in chunks."""
+    if images.shape[2] == size and images.shape[3] == size:
+        return images
+    import torch
+    import torch.nn.functional as F
+
+    out = np.empty((images.shape[0], images.shape[1], size, size), dtype=np.uint8)
+    for start in range(0, len(images), 1024):
+        x = torch.from_numpy(images[start:start + 1024]).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start:start + 1024] = y.round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
