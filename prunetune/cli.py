@@ -202,6 +202,51 @@ def ui(spec_path: Path, tracking_uri: str | None, port: int):
     sys.exit(subprocess.call(cmd))
 
 
+@main.command()
+@click.argument("target", metavar="SPEC_OR_SWEEP", type=click.Path(path_type=Path))
+@click.option("--top", type=int, default=None, help="The sweep's best K trials by its first objective "
+              "(default: analysis.cka.top).")
+@click.option("--runs", multiple=True, metavar="RUN_ID", help="Compare these MLflow runs instead (repeatable).")
+@uri_option
+@handle_errors
+def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str | None):
+    """Layer-similarity (linear CKA) within and between the best checkpoints of a sweep."""
+    from prunetune.analysis import similarity
+    from prunetune.sweep import locate
+    from prunetune import tracking
+
+    spec, parent, uri = locate(target, tracking_uri)
+    cfg = spec.analysis.cka
+    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
+    selected = tracking.select_runs(tracker, spec, parent, list(runs), top if top is not None else cfg.top)
+    if len(selected) < 1:
+        raise UserError("cka: no finished trial to compare (use --runs RUN_ID ... or run the sweep first)")
+    with tempfile.TemporaryDirectory(prefix="prunetune-cka-") as tmp:
+        tmp = Path(tmp)
+        files = [(r, tracker.download(r.info.run_id, "config.yaml", tmp / r.info.run_id),
+                  tracker.download(r.info.run_id, "checkpoint/model.pt", tmp / r.info.run_id)) for r in selected]
+        first = spec_mod.validate(yaml.safe_load(files[0][1].read_text()))
+        for r, config, _ in files[1:]:
+            if spec_mod.validate(yaml.safe_load(config.read_text())).data != first.data:
+                raise UserError(f"cka: run {r.info.run_id} used other data than {selected[0].info.run_id}; "
+                                "CKA compares layers on the same samples")
+        dataset, batches = similarity.eval_batches(first, cfg.samples, cfg.batch_size)
+        checkpoints = [similarity.load_checkpoint(f"{r.info.run_id[:8]}-{r.data.params.get('schedule.method', '')}",
+                                                  config, state, len(dataset.classes), dataset.in_channels)
+                       for r, config, state in files]
+        matrices = similarity.cka_matrices(checkpoints, batches)
+        similarity.write_results(tmp / "cka", checkpoints, matrices)
+        run_id = tracker.start_run(spec.name, "cka", {tracking.TAG_KIND: "cka", tracking.TAG_SWEEP: spec.name,
+                                                       "prunetune.cka_runs": ",".join(r.info.run_id for r in selected)},
+                                   {"analysis.cka.samples": cfg.samples, "analysis.cka.batch_size": cfg.batch_size},
+                                   parent_run_id=parent)
+        tracker.log_artifacts(run_id, tmp / "cka", "cka")
+        tracker.end_run(run_id)
+    for line in similarity.summary_lines(checkpoints, matrices):
+        click.echo(line)
+    click.echo(f"CKA run: {run_id} (CSV matrices and heatmaps under its artifacts, cka/)")
+
+
 def _print_metrics(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table

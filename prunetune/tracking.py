@@ -111,3 +111,24 @@ def check_store(uri: str) -> None:
     if uri.startswith("file:") or ("://" not in uri and not uri.startswith("sqlite")):
         raise UserError(f"tracking.uri: {uri!r} is a file store, which current MLflow refuses; "
                         "use sqlite:///path/mlflow.db or an http(s):// MLflow server")
+
+
+def select_runs(tracker: Tracker, spec, parent_run_id: str | None, run_ids: list[str], top: int) -> list:
+    """Explicit runs, or the sweep's `top` finished trials by its first objective."""
+    if run_ids:
+        runs = []
+        for rid in run_ids:
+            try:
+                runs.append(tracker.client.get_run(rid))
+            except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing run
+                raise UserError(f"--runs: no run {rid} in {tracker.uri}") from None
+        return runs
+    if parent_run_id is None:
+        raise UserError("cka: no sweep found for this spec; run `prunetune sweep` first or give --runs")
+    objective = spec.search.objectives[0]
+    order = "DESC" if objective.mode == "max" else "ASC"
+    return tracker.client.search_runs(
+        [tracker.experiment_id(spec.name)],
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_KIND}` = 'trial' "
+                      "and attributes.status = 'FINISHED'",
+        order_by=[f"metrics.{objective.metric} {order}"], max_results=max(top, 0))

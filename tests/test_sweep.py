@@ -207,9 +207,12 @@ def _finished_before(tmp_path, name):
 
 
 def test_sigkill_then_resume(tmp_path):
-    spec = write_spec(tmp_path, name="killed", trials=5, finetune=3)
+    spec = write_spec(tmp_path, name="killed", trials=5, finetune=8)
+    # trials of several seconds each, so some are still running when the driver is killed
+    spec.write_text(spec.read_text().replace("image_size: 8", "image_size: 16").replace("batch_size: 128", "batch_size: 32"))
     db = tmp_path / "mlruns" / "mlflow.db"
     proc = _start_and_wait([str(spec)], tmp_path, db, finished=2)
+    time.sleep(2)  # a finished trial is durable once Tune has snapshotted it (every second)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and what it started, as a crash would
     proc.wait()
     before = _finished_before(tmp_path, "killed")

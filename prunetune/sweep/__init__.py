@@ -112,7 +112,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from prunetune.sweep._tune import (MlflowLogger, Progress, _graceful_ctrl_c, _optuna_searcher,
-                                       _reconcile_after_restore, _rows, _trainable, check_resources, ray_init)
+                                       _reconcile_after_restore, _rows, _trainable, check_resources,
+                                       drop_unrecorded_runs, ray_init)
 
     ray_init(address)
     check_resources(res.cpus_per_trial, res.gpus_per_trial)
@@ -130,7 +131,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
             tracker.log_artifact(parent, spec_file)
         paths.dir.mkdir(parents=True, exist_ok=True)
         paths.meta.write_text(json.dumps({"parent_run_id": parent, "space": space_fingerprint(loaded.space),
-                                          "tracking_uri": uri}, indent=1))
+                                          "tracking_uri": uri, "spec": loaded.raw}, indent=1))
 
     from prunetune.trial import default_cache_root
 
@@ -174,6 +175,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     with _graceful_ctrl_c(echo) as stopped:
         grid = tuner.fit()
     trials = grid._experiment_analysis.trials
+    drop_unrecorded_runs(tracker, spec.name, parent, trials, echo)
     rows = _rows(trials, tracker, spec.name, parent, objectives)
     interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < spec.search.num_trials
     tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
@@ -200,5 +202,27 @@ def _ray_environment(address: str | None) -> None:
     # Keeping one checkpoint per trial forces an experiment snapshot after each report: that is
     # what makes a SIGKILLed driver lose no finished trial, so silence Tune's warning about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune snapshots its experiment state at most this often: a trial that finished is durable
+    # (kept by --resume after a SIGKILL) within about a second.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # prunetune prints its own progress; Tune's newer console output ignores verbose=0 with ASHA
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def locate(target: Path, tracking_uri: str | None = None):
+    """SPEC_OR_SWEEP → (the spec with search entries at a representative value, the sweep's
+    parent run id or None, the tracking URI)."""
+    from prunetune.spec import load
+
+    if target.is_dir():
+        meta = target / "sweep.json"
+        if not meta.is_file():
+            raise UserError(f"{target}: not a sweep directory (no sweep.json)")
+        info = json.loads(meta.read_text())
+        spec = load(None, raw=info["spec"]).fixed_spec()
+        return spec, info["parent_run_id"], tracking_uri or info["tracking_uri"]
+    spec = load(target).fixed_spec()
+    uri = tracking.absolute_uri(tracking.effective_uri(spec.tracking.uri, tracking_uri))
+    meta = SweepPaths(Path("mlruns/tune").resolve(), spec.name).meta
+    parent = json.loads(meta.read_text())["parent_run_id"] if meta.is_file() else None
+    return spec, parent, uri

@@ -335,6 +335,19 @@ def child_runs(tracker: tracking.Tracker, experiment: str, parent_run_id: str) -
     return {r.data.tags.get(tracking.TAG_TRIAL_ID): r for r in runs if tracking.TAG_TRIAL_ID in r.data.tags}
 
 
+def drop_unrecorded_runs(tracker: tracking.Tracker, experiment: str, parent: str, trials,
+                         echo: Callable[[str], None]) -> None:
+    """Delete child runs of trials that Tune's saved state does not know: the driver made the run,
+    then died before Tune recorded the trial (it snapshots every second), and the resumed sweep
+    sampled another trial in its place. One child run per trial of the sweep remains."""
+    known = {t.trial_id for t in trials}
+    for trial_id, run in child_runs(tracker, experiment, parent).items():
+        if trial_id not in known:
+            tracker.client.delete_run(run.info.run_id)
+            echo(f"dropped MLflow run {run.info.run_id} ({run.info.status.lower()}): its trial {trial_id} "
+                 "was not recorded before the driver stopped, and another trial took its place")
+
+
 def _rows(trials, tracker: tracking.Tracker, experiment: str, parent: str, objectives) -> list[dict]:
     runs = child_runs(tracker, experiment, parent)
     rows = []
