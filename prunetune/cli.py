@@ -211,9 +211,10 @@ def ui(spec_path: Path, tracking_uri: str | None, port: int):
 @handle_errors
 def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str | None):
     """Layer-similarity (linear CKA) within and between the best checkpoints of a sweep."""
+    from prunetune import tracking
     from prunetune.analysis import similarity
     from prunetune.sweep import locate
-    from prunetune import tracking
+    from prunetune.trial import resolve_device
 
     spec, parent, uri = locate(target, tracking_uri)
     cfg = spec.analysis.cka
@@ -230,9 +231,10 @@ def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str 
             if spec_mod.validate(yaml.safe_load(config.read_text())).data != first.data:
                 raise UserError(f"cka: run {r.info.run_id} used other data than {selected[0].info.run_id}; "
                                 "CKA compares layers on the same samples")
-        dataset, batches = similarity.eval_batches(first, cfg.samples, cfg.batch_size)
+        device = resolve_device("auto")  # CUDA when present, as in training
+        dataset, batches = similarity.eval_batches(first, cfg.samples, cfg.batch_size, device)
         checkpoints = [similarity.load_checkpoint(f"{r.info.run_id[:8]}-{r.data.params.get('schedule.method', '')}",
-                                                  config, state, len(dataset.classes), dataset.in_channels)
+                                                  config, state, len(dataset.classes), dataset.in_channels, device)
                        for r, config, state in files]
         matrices = similarity.cka_matrices(checkpoints, batches)
         similarity.write_results(tmp / "cka", checkpoints, matrices)

@@ -28,7 +28,8 @@ class Checkpoint:
     layers: list[str] = field(default_factory=list)
 
 
-def load_checkpoint(label: str, config_yaml: Path, state_path: Path, num_classes: int, in_channels: int) -> Checkpoint:
+def load_checkpoint(label: str, config_yaml: Path, state_path: Path, num_classes: int, in_channels: int,
+                    device: torch.device = torch.device("cpu")) -> Checkpoint:
     import yaml
 
     from prunetune.models import build_model, prunable_layers
@@ -39,7 +40,7 @@ def load_checkpoint(label: str, config_yaml: Path, state_path: Path, num_classes
     spec = validate(raw)
     model = build_model(spec.model, num_classes, in_channels, spec.data.image_size)
     model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
-    model.eval()
+    model.to(device).eval()
     return Checkpoint(label, spec, model, prunable_layers(model, in_channels, spec.data.image_size))
 
 
@@ -114,14 +115,14 @@ def heatmap(path: Path, matrix: torch.Tensor, rows: list[str], cols: list[str], 
     plt.close(fig)
 
 
-def eval_batches(spec: Spec, samples: int, batch_size: int):
+def eval_batches(spec: Spec, samples: int, batch_size: int, device: torch.device = torch.device("cpu")):
     """The fixed evaluation subset: the first `samples` test images of the spec's data, prepared
     (normalised) as in training, in batches."""
     from prunetune.data import load_dataset
     from prunetune.data.device import DeviceData
 
     dataset = load_dataset(spec.data, spec.seed)
-    data = DeviceData(dataset, torch.device("cpu"), imagenet_stats=bool(spec.model.weights))
+    data = DeviceData(dataset, device, imagenet_stats=bool(spec.model.weights))
     x = data.x["test"][:samples]
     if len(x) < 4:
         raise UserError(f"analysis.cka.samples: the test split has {len(x)} samples; CKA needs at least 4")
