@@ -20,7 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from prunetune import search, tracking
 from prunetune.errors import UserError
-from prunetune.spec import LoadedSpec, SearchEntry
+from prunetune.spec import LoadedSpec, load
 from prunetune.sweep import FINAL_FLAG, PER_EPOCH
 
 
@@ -32,7 +32,6 @@ from prunetune.sweep import FINAL_FLAG, PER_EPOCH
 def _trainable(config: dict, *, raw: dict, cache_root: str, cpus: float, checkpoint_s: float) -> None:
     import torch
 
-    from prunetune.spec import load
     from prunetune.trial import DenseCache, Trial
 
     torch.set_num_threads(max(1, int(cpus)))
@@ -97,7 +96,6 @@ class MlflowLogger(tune.Callback):
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
         self._final_logged: set[str] = set()
-        self.run_ids: dict[str, str] = {}  # trial id → run id, for the summary
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; clients stay out
         state = dict(self.__dict__)
@@ -128,7 +126,7 @@ class MlflowLogger(tune.Callback):
             if found[0].info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
         else:
-            loaded = LoadedSpec(None, self.raw, _space(self.raw))
+            loaded = load(None, raw=self.raw)
             spec = loaded.resolve(search.decode(loaded, dict(trial.config)))
             config_hash = spec.config_hash()
             run_id = self.tracker.start_run(
@@ -138,7 +136,6 @@ class MlflowLogger(tune.Callback):
                 spec.flat(), parent_run_id=self.parent_run_id)
             self._last_step[tid] = -1
         self._runs[tid] = run_id
-        self.run_ids[tid] = run_id
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -194,11 +191,6 @@ def _error_text(trial) -> str:
         lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
         text = lines[-1] if lines else ""
     return (text or "trial failed")[:5000]
-
-
-def _space(raw: dict) -> dict[str, SearchEntry]:
-    from prunetune.spec import _extract_search
-    return _extract_search(raw)
 
 
 class Progress(tune.Callback):
