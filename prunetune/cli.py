@@ -86,8 +86,7 @@ def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None):
 
     loaded = spec_mod.load(spec_path, list(sets), for_trial=True)
     spec = loaded.trial_spec()
-    uri = tracking.effective_uri(spec.tracking.uri, tracking_uri)
-    tracking.check_store(uri)
+    uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
     runner = Trial(spec)  # reads the data and builds the model: bad input fails here, before any write
 
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
@@ -99,8 +98,7 @@ def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None):
     try:
         with tempfile.TemporaryDirectory(prefix="prunetune-trial-") as tmp:
             result = runner.run(tmp)
-            last_epoch = result.history[-1]["epoch"] + 1 if result.history else 0
-            tracker.log_metrics(run_id, result.metrics, last_epoch)
+            tracker.log_metrics(run_id, result.metrics, result.final_step)
             tracker.log_artifacts(run_id, Path(tmp))
     except KeyboardInterrupt:
         tracker.end_run(run_id, "KILLED")
@@ -191,8 +189,7 @@ def ui(spec_path: Path, tracking_uri: str | None, port: int):
     from prunetune import tracking
 
     spec = spec_mod.load(spec_path).fixed_spec()
-    uri = tracking.absolute_uri(tracking.effective_uri(spec.tracking.uri, tracking_uri))
-    tracking.check_store(uri)
+    uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"tracking.uri: {uri} does not exist yet; run a trial or a sweep first")
     click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)", err=True)

@@ -20,9 +20,12 @@ TAG_KIND = "prunetune.kind"
 TAG_PARENT = "mlflow.parentRunId"
 
 
-def effective_uri(spec_uri: str, cli_uri: str | None = None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the spec's `tracking.uri`."""
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri
+def store_uri(spec_uri: str, cli_uri: str | None = None) -> str:
+    """The tracking URI to use: --tracking-uri, else $MLFLOW_TRACKING_URI, else the spec's
+    `tracking.uri`; a relative sqlite path made absolute. Raises UserError for a file store."""
+    uri = absolute_uri(cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri)
+    check_store(uri)
+    return uri
 
 
 def absolute_uri(uri: str) -> str:

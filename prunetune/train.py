@@ -61,6 +61,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.loss_fn = loss_fn or F.cross_entropy
         self.on_epoch_end: Callable[[int], None] | None = None
+        self._perm, self._perm_epoch = None, -1
         self._use_amp = train_spec.amp and self.device.type == "cuda"
         self._amp_dtype = torch.bfloat16 if self._use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self._scaler = torch.amp.GradScaler("cuda", enabled=self._use_amp and self._amp_dtype == torch.float16)
@@ -91,9 +92,11 @@ class Trainer:
     def _batch_index(self, step: int) -> torch.Tensor:
         # The permutation of an epoch depends only on (seed, epoch): a resumed run replays it.
         epoch, pos = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.data.size("train"), generator=g)
-        return perm[pos * self.batch_size:(pos + 1) * self.batch_size].to(self.device)
+        if self._perm_epoch != epoch:  # one permutation per epoch, not per step
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.data.size("train"), generator=g).to(self.device)
+            self._perm_epoch = epoch
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
     # -- training ------------------------------------------------------------------------------
     def run(self, epochs: float, lr_at: Callable[[float], float]) -> None:

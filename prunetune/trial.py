@@ -47,11 +47,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def final_step(history: list[dict]) -> int:
+    """The MLflow step of the final metrics: one past the last reported epoch."""
+    return history[-1]["epoch"] + 1 if history else 0
+
+
 @dataclass
 class TrialResult:
     metrics: dict
     out_dir: Path
     history: list[dict] = field(default_factory=list)
+
+    @property
+    def final_step(self) -> int:
+        return final_step(self.history)
 
 
 class DenseCache:

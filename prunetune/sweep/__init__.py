@@ -39,6 +39,11 @@ class SweepPaths:
     tune_root: Path  # Tune's storage_path
     name: str
 
+    @classmethod
+    def of(cls, name: str) -> "SweepPaths":
+        """A sweep's state: mlruns/tune/<name>, from the working directory."""
+        return cls(Path("mlruns/tune").resolve(), name)
+
     @property
     def dir(self) -> Path:
         return self.tune_root / self.name
@@ -58,7 +63,6 @@ class SweepResult:
     parent_run_id: str
     rows: list[dict]  # one per trial: trial_id, run_id, state, params, objectives
     objectives: list[tuple[str, str]]
-    interrupted: bool
 
 
 def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
@@ -82,10 +86,9 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: st
         raise UserError("--resume and --restart: choose one")
     search.check(loaded)
     spec = loaded.fixed_spec()
-    uri = tracking.absolute_uri(tracking.effective_uri(spec.tracking.uri, tracking_uri))
-    tracking.check_store(uri)
+    uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
     load_dataset(spec.data, spec.seed)  # a missing or malformed data root fails here
-    paths = SweepPaths(Path("mlruns/tune").resolve(), spec.name)
+    paths = SweepPaths.of(spec.name)
     exists = paths.meta.is_file()
     if exists and not (resume or restart):
         raise UserError(f"sweep {spec.name!r} already exists at {paths.dir}; "
@@ -111,9 +114,9 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from prunetune.sweep._tune import (MlflowLogger, Progress, _graceful_ctrl_c, _optuna_searcher,
-                                       _reconcile_after_restore, _rows, _trainable, check_resources,
-                                       drop_unrecorded_runs, ray_init)
+    from prunetune.sweep._tune import (MlflowLogger, Progress, _graceful_ctrl_c, _optuna_searcher, _rows,
+                                       _trainable, check_resources, drop_unrecorded_runs, ray_init)
+    from prunetune.trial import DenseCache
 
     ray_init(address)
     check_resources(res.cpus_per_trial, res.gpus_per_trial)
@@ -133,11 +136,9 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
         paths.meta.write_text(json.dumps({"parent_run_id": parent, "space": space_fingerprint(loaded.space),
                                           "tracking_uri": uri, "spec": loaded.raw}, indent=1))
 
-    from prunetune.trial import default_cache_root
-
-    cache_root = str(default_cache_root())
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, raw=loaded.raw, cache_root=cache_root, cpus=res.cpus_per_trial,
+        # the driver's cache folder, passed on: workers of an attached cluster have other environments
+        tune.with_parameters(_trainable, raw=loaded.raw, dense_dir=str(DenseCache().root), cpus=res.cpus_per_trial,
                              checkpoint_s=float(os.environ.get("PRUNETUNE_CHECKPOINT_S", "10"))),
         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     objectives = [(o.metric, o.mode) for o in spec.search.objectives]
@@ -154,7 +155,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
                 cb.echo, cb.start = echo, time.monotonic()
             if isinstance(cb, MlflowLogger):
                 logger_cb = cb
-        _reconcile_after_restore(tuner, logger_cb)
+        logger_cb.close_restored(tuner.get_results())
     else:
         searcher = _optuna_searcher(loaded, objectives, spec.seed)
         # ASHA compares trials on val_acc after the dense phase (which all trials share)
@@ -179,12 +180,10 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     rows = _rows(trials, tracker, spec.name, parent, objectives)
     interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < spec.search.num_trials
     tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
-    result = SweepResult(spec.name, parent, rows, objectives, interrupted)
+    result = SweepResult(spec.name, parent, rows, objectives)
     if interrupted:
         raise SweepInterrupted(result)
     return result
-
-
 
 
 def _ray_environment(address: str | None) -> None:
@@ -222,7 +221,7 @@ def locate(target: Path, tracking_uri: str | None = None):
         spec = load(None, raw=info["spec"]).fixed_spec()
         return spec, info["parent_run_id"], tracking_uri or info["tracking_uri"]
     spec = load(target).fixed_spec()
-    uri = tracking.absolute_uri(tracking.effective_uri(spec.tracking.uri, tracking_uri))
-    meta = SweepPaths(Path("mlruns/tune").resolve(), spec.name).meta
+    uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
+    meta = SweepPaths.of(spec.name).meta
     parent = json.loads(meta.read_text())["parent_run_id"] if meta.is_file() else None
     return spec, parent, uri

@@ -1,5 +1,5 @@
 """The Ray side of a sweep: the trainable (in Ray workers), the driver's Tune callbacks (MLflow,
-progress), the Optuna searcher, and reconciliation after a resume."""
+progress), and the Optuna searcher."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ from prunetune.sweep import FINAL_FLAG, PER_EPOCH
 # The trainable (runs in a Ray worker)
 # ---------------------------------------------------------------------------------------------
 
-def _trainable(config: dict, *, raw: dict, cache_root: str, cpus: float, checkpoint_s: float) -> None:
+def _trainable(config: dict, *, raw: dict, dense_dir: str, cpus: float, checkpoint_s: float) -> None:
     import torch
 
-    from prunetune.trial import DenseCache, Trial
+    from prunetune.trial import DenseCache, Trial, final_step
 
     torch.set_num_threads(max(1, int(cpus)))
     loaded = load(None, raw=raw)
@@ -56,26 +56,25 @@ def _trainable(config: dict, *, raw: dict, cache_root: str, cpus: float, checkpo
         last_checkpoint = time.monotonic()
 
     trial.report = report
-    resume_from = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        local = Path(checkpoint.to_directory(str(work / "restored")))
-        if (local / "artifacts" / "metrics.json").is_file():
-            # The trial had finished when the driver died, before Tune recorded it: report again.
-            final = json.loads((local / "artifacts" / "metrics.json").read_text())
-            history = json.loads((local / "artifacts" / "history.json").read_text())
-            tune.report({**final, FINAL_FLAG: True, "epoch": history[-1]["epoch"] + 1 if history else 0},
-                        checkpoint=tune.Checkpoint.from_directory(str(local)))
-            return
-        if (local / "trial.pt").is_file():
-            resume_from = local / "trial.pt"
     try:
-        result = trial.run(work / "artifacts", DenseCache(Path(cache_root) / "dense"), resume_from=resume_from)
-        final = {**result.metrics, FINAL_FLAG: True,
-                 "epoch": result.history[-1]["epoch"] + 1 if result.history else 0}
-        with tempfile.TemporaryDirectory(dir=work) as ckpt:
-            shutil.copytree(work / "artifacts", Path(ckpt) / "artifacts")
-            tune.report(final, checkpoint=tune.Checkpoint.from_directory(ckpt))
+        resume_from = None
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            local = Path(checkpoint.to_directory(str(work / "restored")))
+            artifacts = local / "artifacts"
+            if (artifacts / "metrics.json").is_file():
+                # The trial had finished when the driver died, before Tune recorded it: report again.
+                history = json.loads((artifacts / "history.json").read_text())
+                tune.report({**json.loads((artifacts / "metrics.json").read_text()), FINAL_FLAG: True,
+                             "epoch": final_step(history)}, checkpoint=tune.Checkpoint.from_directory(str(local)))
+                return
+            if (local / "trial.pt").is_file():
+                resume_from = local / "trial.pt"
+        # The artifacts are written into the folder that becomes the final checkpoint.
+        final = work / "final"
+        result = trial.run(final / "artifacts", DenseCache(Path(dense_dir)), resume_from=resume_from)
+        tune.report({**result.metrics, FINAL_FLAG: True, "epoch": result.final_step},
+                    checkpoint=tune.Checkpoint.from_directory(str(final)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -109,34 +108,52 @@ class MlflowLogger(tune.Callback):
         return self._tracker
 
     def run_for(self, trial) -> str:
+        """The trial's child run: re-attached by trial id if it exists, else created."""
         tid = trial.trial_id
-        if tid in self._runs:
-            return self._runs[tid]
-        client = self.tracker.client
-        exp_id = self.tracker.experiment_id(self.experiment)
-        found = client.search_runs(
-            [exp_id], filter_string=f"tags.`{tracking.TAG_TRIAL_ID}` = '{tid}' and "
-                                    f"tags.`{tracking.TAG_PARENT}` = '{self.parent_run_id}'")
-        if found:
-            run_id = found[0].info.run_id
-            history = client.get_metric_history(run_id, "train_loss")
-            self._last_step[tid] = max((m.step for m in history), default=-1)
-            if "trial_seconds" in found[0].data.metrics:
-                self._final_logged.add(tid)
-            if found[0].info.status != "RUNNING":
-                client.update_run(run_id, status="RUNNING")
-        else:
-            loaded = load(None, raw=self.raw)
-            spec = loaded.resolve(search.decode(loaded, dict(trial.config)))
-            config_hash = spec.config_hash()
-            run_id = self.tracker.start_run(
-                self.experiment, f"{spec.schedule.method}-{tid}",
-                {tracking.TAG_SWEEP: self.sweep, tracking.TAG_TRIAL_ID: tid,
-                 tracking.TAG_CONFIG_HASH: config_hash, tracking.TAG_KIND: "trial"},
-                spec.flat(), parent_run_id=self.parent_run_id)
-            self._last_step[tid] = -1
+        if tid not in self._runs:
+            found = self.tracker.client.search_runs(
+                [self.tracker.experiment_id(self.experiment)],
+                filter_string=f"tags.`{tracking.TAG_TRIAL_ID}` = '{tid}' and "
+                              f"tags.`{tracking.TAG_PARENT}` = '{self.parent_run_id}'")
+            if found:
+                self._reattach(tid, found[0])
+            else:
+                self._runs[tid] = self._create(trial)
+                self._last_step[tid] = -1
+        return self._runs[tid]
+
+    def _create(self, trial) -> str:
+        loaded = load(None, raw=self.raw)
+        spec = loaded.resolve(search.decode(loaded, dict(trial.config)))
+        config_hash = spec.config_hash()
+        return self.tracker.start_run(
+            self.experiment, f"{spec.schedule.method}-{trial.trial_id}",
+            {tracking.TAG_SWEEP: self.sweep, tracking.TAG_TRIAL_ID: trial.trial_id,
+             tracking.TAG_CONFIG_HASH: config_hash, tracking.TAG_KIND: "trial"},
+            spec.flat(), parent_run_id=self.parent_run_id)
+
+    def _reattach(self, tid: str, run) -> None:
+        """Continue a run from before a resume: note what it already holds, mark it RUNNING."""
+        run_id = run.info.run_id
+        history = self.tracker.client.get_metric_history(run_id, "train_loss")
+        self._last_step[tid] = max((m.step for m in history), default=-1)
+        if "trial_seconds" in run.data.metrics:
+            self._final_logged.add(tid)
+        if run.info.status != "RUNNING":
+            self.tracker.client.update_run(run_id, status="RUNNING")
         self._runs[tid] = run_id
-        return run_id
+
+    def _log_final(self, tid: str, result: dict) -> None:
+        if tid not in self._final_logged:  # once, also when a resumed trial reports it again
+            final = {k: v for k, v in result.items() if k != "epoch" and _is_metric_name(k)}
+            self.tracker.log_metrics(self._runs[tid], final, result.get("epoch", 0))
+            self._final_logged.add(tid)
+
+    def _close_finished(self, run_id: str, checkpoint_path: str | None) -> None:
+        artifacts = Path(checkpoint_path) / "artifacts" if checkpoint_path else None
+        if artifacts is not None and artifacts.is_dir() and not self.tracker.client.list_artifacts(run_id):
+            self.tracker.log_artifacts(run_id, artifacts)
+        self.tracker.end_run(run_id, "FINISHED")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.run_for(trial)
@@ -145,10 +162,7 @@ class MlflowLogger(tune.Callback):
         run_id = self.run_for(trial)
         tid = trial.trial_id
         if result.get(FINAL_FLAG):
-            if tid not in self._final_logged:  # once, also when a resumed trial reports it again
-                final = {k: v for k, v in result.items() if k != "epoch" and _is_metric_name(k)}
-                self.tracker.log_metrics(run_id, final, result.get("epoch", 0))
-                self._final_logged.add(tid)
+            self._log_final(tid, result)
             return
         epoch = result.get("epoch")
         if epoch is None or epoch <= self._last_step.get(tid, -1):
@@ -157,25 +171,29 @@ class MlflowLogger(tune.Callback):
         self._last_step[tid] = epoch
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.finish(trial)
+        run_id = self.run_for(trial)
+        if (trial.last_result or {}).get(FINAL_FLAG) and trial.checkpoint is not None:
+            self._close_finished(run_id, trial.checkpoint.path)
+        else:  # stopped early by ASHA, before its final evaluation
+            self.tracker.set_tags(run_id, {"prunetune.state": "stopped_early"})
+            self.tracker.end_run(run_id, "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_for(trial)
         self.tracker.set_tags(run_id, {"prunetune.error": _error_text(trial)})
         self.tracker.end_run(run_id, "FAILED")
 
-    def finish(self, trial) -> None:
-        run_id = self.run_for(trial)
-        last = trial.last_result or {}
-        checkpoint = trial.checkpoint
-        if last.get(FINAL_FLAG) and checkpoint is not None:
-            artifacts = Path(checkpoint.path) / "artifacts"
-            if artifacts.is_dir():
-                self.tracker.log_artifacts(run_id, artifacts)
-            self.tracker.end_run(run_id, "FINISHED")
-        else:  # stopped early by ASHA, before its final evaluation
-            self.tracker.set_tags(run_id, {"prunetune.state": "stopped_early"})
-            self.tracker.end_run(run_id, "KILLED")
+    def close_restored(self, results) -> None:
+        """After a restore: close the runs of trials that finished while the driver was down
+        (their results are in Tune's state; their MLflow runs may still say RUNNING)."""
+        runs = child_runs(self.tracker, self.experiment, self.parent_run_id)
+        for result in results:
+            metrics = result.metrics or {}
+            run = runs.get(metrics.get("trial_id"))
+            if metrics.get(FINAL_FLAG) and run is not None and run.info.status == "RUNNING":
+                self._reattach(metrics["trial_id"], run)
+                self._log_final(metrics["trial_id"], metrics)
+                self._close_finished(run.info.run_id, result.checkpoint.path if result.checkpoint else None)
 
 
 def _is_metric_name(key: str) -> bool:
@@ -273,35 +291,6 @@ def _graceful_ctrl_c(echo: Callable[[str], None]):
         yield stopped
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _reconcile_after_restore(tuner, logger_cb: MlflowLogger) -> None:
-    grid = tuner.get_results()
-    finished = []
-    for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id")
-        if trial_id:
-            finished.append((trial_id, result))
-    # Close runs of trials that finished while the driver was down (their results are in Tune's
-    # state, their MLflow runs may still say RUNNING).
-    tracker = logger_cb.tracker
-    exp_id = tracker.experiment_id(logger_cb.experiment)
-    for trial_id, result in finished:
-        found = tracker.client.search_runs(
-            [exp_id], filter_string=f"tags.`{tracking.TAG_TRIAL_ID}` = '{trial_id}' and "
-                                    f"tags.`{tracking.TAG_PARENT}` = '{logger_cb.parent_run_id}'")
-        metrics = result.metrics or {}
-        if not metrics.get(FINAL_FLAG):
-            continue
-        if found and found[0].info.status == "RUNNING":
-            run_id = found[0].info.run_id
-            if "trial_seconds" not in found[0].data.metrics:  # the final report was not logged yet
-                final = {k: v for k, v in metrics.items() if k != "epoch" and _is_metric_name(k)}
-                tracker.log_metrics(run_id, final, metrics.get("epoch", 0))
-            if (result.checkpoint is not None and (Path(result.checkpoint.path) / "artifacts").is_dir()
-                    and not tracker.client.list_artifacts(run_id)):
-                tracker.log_artifacts(run_id, Path(result.checkpoint.path) / "artifacts")
-            tracker.end_run(run_id, "FINISHED")
 
 
 class _OptunaSearch(OptunaSearch):
