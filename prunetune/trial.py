@@ -21,6 +21,7 @@ import yaml
 
 from prunetune import registry
 from prunetune.data import Dataset, load_dataset
+from prunetune.data.cache import cache_root
 from prunetune.data.device import DeviceData
 from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
@@ -31,12 +32,6 @@ from prunetune.spec import Spec
 from prunetune.train import Trainer, classification_metrics, lr_shape
 
 Report = Callable[[dict, int], None]
-
-
-def default_cache_root() -> Path:
-    """Where shared work (dense checkpoints, decoded data) is kept: $PRUNETUNE_CACHE or
-    ~/.cache/prunetune."""
-    return Path(os.environ.get("PRUNETUNE_CACHE") or Path.home() / ".cache" / "prunetune")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,7 +63,7 @@ class DenseCache:
     makes two trials that ask at once train it once: the second waits, then reads."""
 
     def __init__(self, root: Path | None = None):
-        self.root = Path(root) if root else default_cache_root() / "dense"
+        self.root = Path(root) if root else cache_root() / "dense"
 
     def get(self, key: str, train: Callable[[Path], None]) -> tuple[Path, bool]:
         """The entry's folder, trained by `train(folder)` if absent; and whether it was a hit."""
@@ -149,11 +144,8 @@ class Trial:
 
         entry, hit = cache.get(self.spec.dense_hash(), run)
         if hit and replay:
-            for row in json.loads((entry / "history.json").read_text()):
-                row = dict(row)
-                epoch = row.pop("epoch")
-                self.trainer.history.append({"epoch": epoch, **row})
-                self.report(row, epoch)
+            self.trainer.history.extend(json.loads((entry / "history.json").read_text()))
+            self._replay(self.trainer.history)
             self.trainer.global_step = train.dense_epochs * self.trainer.steps_per_epoch
             self.trainer.clock = float(train.dense_epochs)
         _load_state(self.model, entry / f"epoch_{train.dense_epochs}.pt")
@@ -210,7 +202,10 @@ class Trial:
         `resume_from` (a file written by `save_checkpoint`), continue where it was taken."""
         out_dir = Path(out_dir)
         entry = self.dense_phase(cache or DenseCache(), replay=resume_from is None)
-        first = self.load_checkpoint(resume_from) if resume_from else 0
+        first = 0
+        if resume_from:
+            first = self.load_checkpoint(resume_from)
+            self._replay(self.trainer.history)  # reports the process that saved it may not have delivered
         for index, phase in enumerate(schedules.plan(self.spec.schedule, self.spec.train, self.selected)):
             if index >= first:
                 self.run_phase(index, phase, entry, resumed=resume_from is not None and index == first)
@@ -219,6 +214,13 @@ class Trial:
         metrics["trial_seconds"] = time.perf_counter() - self._start
         self.write_artifacts(out_dir, metrics)
         return TrialResult(metrics, out_dir, self.trainer.history)
+
+    def _replay(self, rows: list[dict]) -> None:
+        """Report epochs of the history again (receivers skip what they already hold)."""
+        for row in rows:
+            row = dict(row)
+            epoch = row.pop("epoch")
+            self.report(row, epoch)
 
     # -- checkpoints (resume) -----------------------------------------------------------------
     @property
@@ -259,8 +261,8 @@ class Trial:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
         rows = layer_sparsity_rows(self.model, self.layers)
         _write_csv(out_dir / "layer_sparsity.csv", rows)
-        _write_csv(out_dir / "data" / "split.csv",
-                   [{"sample_id": i, "split": s} for i, s in zip(self.dataset.ids, self.dataset.split)])
+        _write_csv(out_dir / "data" / "split.csv", [{self.dataset.id_name: i, "split": s}
+                                                    for i, s in zip(self.dataset.ids, self.dataset.split)])
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (out_dir / "history.json").write_text(json.dumps(self.trainer.history))
         figures.curves(self.trainer.history, out_dir / "figures" / "curves.png",

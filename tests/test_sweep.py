@@ -217,9 +217,13 @@ def test_sigkill_then_resume(tmp_path):
     proc.wait()
     before = _finished_before(tmp_path, "killed")
     assert 2 <= len(before) < 5
+    resume = tmp_path / "mlruns" / "tune" / "killed" / "resume"
+    saved = {p.stem for p in resume.glob("*.pt")}  # unfinished trials' own resume state
+    assert saved and not saved & set(before)
     r = sweep([str(spec), "--resume"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     _check_resumed(tmp_path, "killed", 5, before)
+    assert not resume.exists()  # removed once the sweep completes
 
 
 def test_ctrl_c_exits_130_and_resumes(tmp_path):

@@ -23,6 +23,7 @@ class Source:
     classes: list[str]
     official_split: np.ndarray | None = None  # "train"/"val"/"test" per sample where published
     groups: np.ndarray | None = None  # samples of one group never straddle splits (HAM lesion_id)
+    id_name: str = "sample_id"  # the ids' column name in data/split.csv (HAM10000: image_id)
 
 
 @dataclass
@@ -90,12 +91,15 @@ def load_dataset(data_spec, seed: int) -> Dataset:
     """Read `data_spec.dataset` from its root, resized to `image_size`, and split it."""
     src: Source = registry.lookup(registry.DATASETS, data_spec.dataset)(data_spec)
     if src.official_split is not None:
+        # Published splits are kept; a split the publisher left out is carved from train.
         split = src.official_split.astype(object).copy()
-        if not (split == "val").any() and data_spec.val_fraction > 0:
+        missing = {name: fraction for name, fraction in (("test", data_spec.test_fraction),
+                                                         ("val", data_spec.val_fraction))
+                   if fraction > 0 and not (split == name).any()}
+        if missing:
             train = np.flatnonzero(split == "train")
-            sub = stratified_split(src.labels[train], {"val": data_spec.val_fraction}, seed,
-                                   None if src.groups is None else src.groups[train])
-            split[train] = sub
+            split[train] = stratified_split(src.labels[train], missing, seed,
+                                            None if src.groups is None else src.groups[train])
         split = split.astype(str)
     else:
         split = stratified_split(src.labels, {"test": data_spec.test_fraction, "val": data_spec.val_fraction},

@@ -52,6 +52,11 @@ class SweepPaths:
     def meta(self) -> Path:
         return self.dir / "sweep.json"
 
+    @property
+    def resume(self) -> Path:
+        """Trials' own resume state (see `_tune._trainable`); removed when the sweep completes."""
+        return self.dir / "resume"
+
 
 # ---------------------------------------------------------------------------------------------
 # The driver
@@ -138,7 +143,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
 
     trainable = tune.with_resources(
         # the driver's cache folder, passed on: workers of an attached cluster have other environments
-        tune.with_parameters(_trainable, raw=loaded.raw, dense_dir=str(DenseCache().root), cpus=res.cpus_per_trial,
+        tune.with_parameters(_trainable, raw=loaded.raw, dense_dir=str(DenseCache().root),
+                             resume_dir=str(paths.resume), cpus=res.cpus_per_trial,
                              checkpoint_s=float(os.environ.get("PRUNETUNE_CHECKPOINT_S", "10"))),
         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     objectives = [(o.metric, o.mode) for o in spec.search.objectives]
@@ -180,6 +186,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     rows = _rows(trials, tracker, spec.name, parent, objectives)
     interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < spec.search.num_trials
     tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
+    if not interrupted:
+        shutil.rmtree(paths.resume, ignore_errors=True)
     result = SweepResult(spec.name, parent, rows, objectives)
     if interrupted:
         raise SweepInterrupted(result)
@@ -198,8 +206,8 @@ def _ray_environment(address: str | None) -> None:
     # Per-epoch reports carry no objective (it exists only after the final evaluation); Tune's
     # strict check would reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Keeping one checkpoint per trial forces an experiment snapshot after each report: that is
-    # what makes a SIGKILLed driver lose no finished trial, so silence Tune's warning about it.
+    # Keeping one checkpoint per trial forces an experiment snapshot after each final report;
+    # silence Tune's warning about it.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune snapshots its experiment state at most this often: a trial that finished is durable
     # (kept by --resume after a SIGKILL) within about a second.

@@ -29,7 +29,13 @@ from prunetune.sweep import FINAL_FLAG, PER_EPOCH
 # The trainable (runs in a Ray worker)
 # ---------------------------------------------------------------------------------------------
 
-def _trainable(config: dict, *, raw: dict, dense_dir: str, cpus: float, checkpoint_s: float) -> None:
+def _trainable(config: dict, *, raw: dict, dense_dir: str, resume_dir: str, cpus: float,
+               checkpoint_s: float) -> None:
+    """One trial in a Ray worker. Its resume state is its own, not Tune's: Tune deletes a trial's
+    older checkpoint when it records a newer one, so a driver killed between that and its next
+    experiment snapshot would leave the snapshot naming a deleted checkpoint. Here the latest
+    state is one file replaced atomically (`<trial_id>.pt`), and a finished trial's artifacts
+    stay in `<trial_id>.final/` until the sweep ends; Tune only ever holds the final checkpoint."""
     import torch
 
     from prunetune.trial import DenseCache, Trial, final_step
@@ -38,43 +44,40 @@ def _trainable(config: dict, *, raw: dict, dense_dir: str, cpus: float, checkpoi
     loaded = load(None, raw=raw)
     spec = loaded.resolve(search.decode(loaded, config))
     trial = Trial(spec)
-    work = Path(tempfile.mkdtemp(prefix="prunetune-trial-"))
+    tid = tune.get_context().get_trial_id()
+    resume = Path(resume_dir)
+    resume.mkdir(parents=True, exist_ok=True)
+    state_file, final = resume / f"{tid}.pt", resume / f"{tid}.final"
+    work = Path(tempfile.mkdtemp(prefix=f".{tid}-", dir=resume))  # same filesystem: renames are atomic
 
-    # A checkpoint (and the experiment snapshot it triggers) costs time: take one at an epoch end
-    # when `checkpoint_s` seconds have passed since the last (0: every epoch).
-    last_checkpoint = time.monotonic()
+    def report_final(folder: Path, metrics: dict, epoch: int) -> None:
+        tune.report({**metrics, FINAL_FLAG: True, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+
+    # Saving the state costs time: save at an epoch end when `checkpoint_s` seconds have passed
+    # since the last save (0: every epoch).
+    # The state is saved before the epoch is reported; a resumed trial reports its history again.
+    last_save, saved_epoch = time.monotonic(), -1
 
     def report(metrics: dict, epoch: int) -> None:
-        nonlocal last_checkpoint
-        result = {**metrics, "epoch": epoch}
-        if not trial.can_checkpoint or time.monotonic() - last_checkpoint < checkpoint_s:
-            tune.report(result)
-            return
-        with tempfile.TemporaryDirectory(dir=work) as ckpt:
-            trial.save_checkpoint(Path(ckpt) / "trial.pt")
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(ckpt))
-        last_checkpoint = time.monotonic()
+        nonlocal last_save, saved_epoch
+        if trial.can_checkpoint and epoch > saved_epoch and time.monotonic() - last_save >= checkpoint_s:
+            trial.save_checkpoint(work / "trial.pt")
+            os.replace(work / "trial.pt", state_file)
+            last_save, saved_epoch = time.monotonic(), epoch
+        tune.report({**metrics, "epoch": epoch})
 
     trial.report = report
     try:
-        resume_from = None
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            local = Path(checkpoint.to_directory(str(work / "restored")))
-            artifacts = local / "artifacts"
-            if (artifacts / "metrics.json").is_file():
-                # The trial had finished when the driver died, before Tune recorded it: report again.
-                history = json.loads((artifacts / "history.json").read_text())
-                tune.report({**json.loads((artifacts / "metrics.json").read_text()), FINAL_FLAG: True,
-                             "epoch": final_step(history)}, checkpoint=tune.Checkpoint.from_directory(str(local)))
-                return
-            if (local / "trial.pt").is_file():
-                resume_from = local / "trial.pt"
-        # The artifacts are written into the folder that becomes the final checkpoint.
-        final = work / "final"
-        result = trial.run(final / "artifacts", DenseCache(Path(dense_dir)), resume_from=resume_from)
-        tune.report({**result.metrics, FINAL_FLAG: True, "epoch": result.final_step},
-                    checkpoint=tune.Checkpoint.from_directory(str(final)))
+        if (final / "artifacts" / "metrics.json").is_file():
+            # The trial had finished when the driver died, before Tune recorded it: report again.
+            history = json.loads((final / "artifacts" / "history.json").read_text())
+            report_final(final, json.loads((final / "artifacts" / "metrics.json").read_text()), final_step(history))
+            return
+        result = trial.run(work / "final" / "artifacts", DenseCache(Path(dense_dir)),
+                           resume_from=state_file if state_file.is_file() else None)
+        os.replace(work / "final", final)
+        state_file.unlink(missing_ok=True)
+        report_final(final, result.metrics, result.final_step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
