@@ -23,6 +23,9 @@ DATASETS: dict[str, str] = {
     "digits": "prunetune.data.digits:load",
     "cifar10": "prunetune.data.cifar:load_cifar10",
     "cifar100": "prunetune.data.cifar:load_cifar100",
+    "ham10000": "prunetune.data.ham10000:load",
+    "imagefolder": "prunetune.data.imagefolder:load",
+    "medmnist": "prunetune.data.medmnist:load",
 }
 
 CRITERIA: dict[str, str] = {

@@ -86,6 +86,9 @@ class TrainSpec(_Strict):
     dense_epochs: int = Field(10, ge=0)
     finetune_epochs: float = Field(10, ge=0.0)
     amp: bool = False
+    # Imbalanced data: weight the loss by inverse class frequency, or draw training batches with
+    # every class equally likely (with replacement; an epoch is still one pass's worth of samples).
+    class_balance: Literal["none", "weighted_loss", "balanced_sampler"] = "none"
 
 
 class ScheduleSpec(_Strict):

@@ -9,6 +9,7 @@ epoch boundary (MLflow step = epoch index across all phases).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from typing import Callable
@@ -59,7 +60,13 @@ class Trainer:
         self.seed = seed
         self.history: list[dict] = []
         self.optimizer: torch.optim.Optimizer | None = None
-        self.loss_fn = loss_fn or F.cross_entropy
+        counts = torch.bincount(data.y["train"], minlength=data.num_classes).double()
+        # inverse class frequency, normalised so a balanced set has every weight 1
+        inverse = torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp_min(1)), 0.0)
+        balance = train_spec.class_balance
+        self.loss_fn = loss_fn or (functools.partial(F.cross_entropy, weight=inverse.float().to(self.device))
+                                   if balance == "weighted_loss" else F.cross_entropy)
+        self._sample_weights = inverse[data.y["train"].cpu()] if balance == "balanced_sampler" else None
         self.on_epoch_end: Callable[[int], None] | None = None
         self._perm, self._perm_epoch = None, -1
         self._use_amp = train_spec.amp and self.device.type == "cuda"
@@ -94,7 +101,11 @@ class Trainer:
         epoch, pos = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:  # one permutation per epoch, not per step
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.data.size("train"), generator=g).to(self.device)
+            n = self.data.size("train")
+            if self._sample_weights is None:
+                self._perm = torch.randperm(n, generator=g).to(self.device)
+            else:  # every class equally likely
+                self._perm = torch.multinomial(self._sample_weights, n, replacement=True, generator=g).to(self.device)
             self._perm_epoch = epoch
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 

@@ -22,6 +22,7 @@ class DeviceData:
             images, labels = dataset.part(split)
             self.x[split] = torch.from_numpy(np.ascontiguousarray(images)).to(device)
             self.y[split] = torch.from_numpy(labels).to(device)
+        self.num_classes = len(dataset.classes)
         channels = dataset.in_channels
         if imagenet_stats and channels == 3:
             mean, std = torch.tensor(IMAGENET_MEAN) * 255, torch.tensor(IMAGENET_STD) * 255
