@@ -4,6 +4,7 @@ weights loading, and the prunable layers in forward order."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -96,8 +97,13 @@ def build_model(model_spec, num_classes: int, in_channels: int, image_size: int)
     small = uses_small_stem(model_spec.stem, image_size)
     model = registry.lookup(registry.MODELS, model_spec.arch)(num_classes, in_channels, small, image_size)
     if model_spec.weights:
-        load_weights(model, Path(model_spec.weights))
+        load_weights(model, Path(model_spec.weights).expanduser())
     return model
+
+
+# torchvision's published DenseNet files name layers `norm.1`, `conv.2`, ...; its models say
+# `norm1`, `conv2` (torchvision renames them the same way when it loads the file itself).
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def load_weights(model: nn.Module, path: Path) -> list[str]:
@@ -112,6 +118,7 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
         raise UserError(f"model.weights: {path} is not a readable state_dict ({type(exc).__name__})") from None
     if not isinstance(state, dict):
         raise UserError(f"model.weights: {path} holds a {type(state).__name__}, not a state_dict")
+    state = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matched:

@@ -63,3 +63,73 @@ def digits_raw(**overrides) -> dict:
         section, _, leaf = key.partition("__")
         raw.setdefault(section, {})[leaf] = value
     return raw
+
+
+HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+
+def _encode_image(path: Path, image: np.ndarray) -> None:
+    """Write uint8 HWC as a JPEG or PNG (by suffix), with torchvision's encoders."""
+    import torch
+    from torchvision.io import encode_jpeg, encode_png
+
+    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    data = encode_png(chw) if path.suffix == ".png" else encode_jpeg(chw, quality=90)
+    path.write_bytes(bytes(data.numpy()))
+
+
+def _class_image(rng, label: int, classes: int, h: int, w: int) -> np.ndarray:
+    """An HWC image whose mean colour depends on its class, so a model can learn something."""
+    base = np.array([40 + 170 * label / max(1, classes - 1), 120, 210 - 170 * label / max(1, classes - 1)])
+    return np.clip(rng.normal(0, 25, (h, w, 3)) + base, 0, 255).astype(np.uint8)
+
+
+def write_ham10000(root: Path, lesions_per_class=(6, 8, 10, 3, 9, 40, 4), seed: int = 0,
+                   one_folder: bool = False, size=(45, 60)) -> Path:
+    """HAM10000 as published: HAM10000_metadata.csv and ISIC_*.jpg in HAM10000_images_part_1/
+    and _part_2/ (or one folder). Lesions have 1 to 3 images; `nv` dominates, as in the real set."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows, image_no = [], 24306
+    for label, n_lesions in enumerate(lesions_per_class):
+        for _ in range(n_lesions):
+            lesion = f"HAM_{len(rows) + 1000:07d}"
+            for _ in range(int(rng.integers(1, 4))):
+                rows.append((lesion, f"ISIC_{image_no:07d}", HAM_CLASSES[label]))
+                image_no += 1
+    rng.shuffle(rows)
+    lines = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
+    for i, (lesion, image, dx) in enumerate(rows):
+        lines.append(f"{lesion},{image},{dx},histo,{30 + i % 50}.0,{'male' if i % 2 else 'female'},back")
+        folder = root if one_folder else root / f"HAM10000_images_part_{1 + i % 2}"
+        folder.mkdir(exist_ok=True)
+        _encode_image(folder / f"{image}.jpg", _class_image(rng, HAM_CLASSES.index(dx), 7, *size))
+    (root / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_imagefolder(root: Path, counts: dict[str, dict[str, int]], seed: int = 0) -> Path:
+    """root/<split>/<class>/<n>.{jpg,png}: counts[split][class] images each."""
+    rng = np.random.default_rng(seed)
+    classes = sorted({c for per in counts.values() for c in per})
+    for split, per in counts.items():
+        for cls, n in per.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _encode_image(root / split / cls / f"{i}.{'png' if i % 2 else 'jpg'}",
+                              _class_image(rng, classes.index(cls), len(classes), 20, 24))
+    return root
+
+
+def write_medmnist(path: Path, n=(60, 12, 20), classes: int = 7, size: int = 28, channels: int = 3,
+                   seed: int = 0) -> Path:
+    """A MedMNIST .npz (as DermaMNIST): {train,val,test}_images [N, H, W(, 3)], *_labels [N, 1]."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for part, count in zip(("train", "val", "test"), n):
+        labels = rng.integers(0, classes, (count, 1))
+        shape = (count, size, size, 3) if channels == 3 else (count, size, size)
+        arrays[f"{part}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        arrays[f"{part}_labels"] = labels.astype(np.uint8)
+    np.savez_compressed(path, **arrays)
+    return path

@@ -61,6 +61,10 @@ def test_trial_is_tracked_in_mlflow(tmp_path):
     ("name: a\nschedule: {method: {choice: [oneshot, iterative]}}\n", [], "schedule.method"),
     ("name: a\nschedule: {layers: [nothing.*]}\n", [], "schedule.layers"),
     ("name: a\nmodel: {weights: missing.pth}\n", [], "missing.pth"),
+    ("name: a\ndata: {dataset: ham10000, root: nowhere}\n", [], "HAM10000_metadata.csv"),
+    ("name: a\ndata: {dataset: imagefolder, root: nowhere}\n", [], "train/<class>"),
+    ("name: a\ndata: {dataset: medmnist, root: nowhere.npz}\n", [], "train_images"),
+    ("name: a\ntrain: {class_balance: oversample}\n", [], "train.class_balance"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, text, sets, needle):
     p = write(tmp_path, text)

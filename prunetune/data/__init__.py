@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prunetune import registry
+from prunetune.errors import UserError
 
 
 @dataclass
@@ -64,15 +65,15 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int,
     want = {name: _largest_remainder(fraction * class_size, round(fraction * class_size.sum()), rng)
             for name, fraction in fractions.items()}
     for ci, c in enumerate(classes):
-        members = rng.permutation(np.flatnonzero(unit_label == c))
-        pos = 0
+        members = list(rng.permutation(np.flatnonzero(unit_label == c)))
         for name in fractions:
             got = 0
-            # whole units (samples, or groups) until the split holds its share of the class
-            while pos < len(members) and got + unit_size[members[pos]] <= want[name][ci]:
-                assignment[members[pos]] = name
-                got += unit_size[members[pos]]
-                pos += 1
+            # whole units (samples, or groups), in random order, while they fit the split's share
+            for m in list(members):
+                if got + unit_size[m] <= want[name][ci]:
+                    assignment[m] = name
+                    got += unit_size[m]
+                    members.remove(m)
     out[:] = assignment[unit_of]
     return out.astype(str)
 
@@ -104,6 +105,11 @@ def load_dataset(data_spec, seed: int) -> Dataset:
     else:
         split = stratified_split(src.labels, {"test": data_spec.test_fraction, "val": data_spec.val_fraction},
                                  seed, src.groups)
+    for part in ("train", "test"):
+        if not (split == part).any():
+            raise UserError(f"data: the {part} split of {data_spec.dataset} is empty ({len(split)} samples"
+                            + (", split by group" if src.groups is not None else "")
+                            + "); raise data.test_fraction or use more data")
     return Dataset(**vars(src), split=split)
 
 
