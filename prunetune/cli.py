@@ -246,6 +246,55 @@ def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str 
     click.echo(f"CKA run: {run_id} (CSV matrices and heatmaps under its artifacts, cka/)")
 
 
+@main.command()
+@click.argument("target", metavar="SPEC_OR_SWEEP", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for results.csv, summary.md and the figures (default: reports/<name>).")
+@uri_option
+@handle_errors
+def report(target: Path, out: Path | None, tracking_uri: str | None):
+    """The sweep's results table, its summary by method and sparsity, and figures."""
+    from prunetune import report as report_mod
+    from prunetune import tracking
+    from prunetune.sweep import PER_EPOCH, locate
+    from prunetune.sweep._tune import child_runs
+
+    spec, parent, uri = locate(target, tracking_uri)
+    if parent is None:
+        raise UserError(f"report: no sweep found for {spec.name!r}; run `prunetune sweep` first")
+    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
+    runs = [r for r in child_runs(tracker, spec.name, parent).values()
+            if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    if not runs:
+        raise UserError(f"report: the sweep {spec.name!r} has no trial yet")
+    df = report_mod.runs_frame(runs)
+    objectives = [(o.metric, o.mode) for o in spec.search.objectives]
+    done = report_mod.finished(df)
+    history, dense = None, None
+    first, mode = objectives[0]
+    if not done.empty and first in done.columns:
+        pruned = done[done["schedule.sparsity"].astype(float) > 0]
+        pool = pruned if not pruned.empty else done
+        best = pool.loc[pool[first].idxmax() if mode == "max" else pool[first].idxmin()]
+        history = _history(tracker, best["run_id"], PER_EPOCH)
+        dense = int(best.get("train.dense_epochs", 0)) or None
+    out = out or Path("reports") / spec.name
+    files = report_mod.write(df, objectives, out, spec.name, history, dense)
+    tracker.log_artifacts(parent, out, "report")
+    click.echo(files[1].read_text())
+    click.echo(f"wrote {', '.join(f.name for f in files)} to {out}/ (also logged to the sweep's run {parent}, "
+               "artifacts report/)")
+
+
+def _history(tracker, run_id: str, keys) -> list[dict]:
+    """A run's per-epoch metrics from MLflow, as a trial's history (one dict per epoch)."""
+    by_epoch: dict[int, dict] = {}
+    for key in keys:
+        for m in tracker.client.get_metric_history(run_id, key):
+            by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
 def _print_metrics(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table

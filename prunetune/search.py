@@ -71,6 +71,16 @@ def decode(loaded: LoadedSpec, config: dict) -> dict:
     return out
 
 
+REPLICATE = "__trial_index__"  # what Ray Tune's Repeater adds to a config: the replicate's index
+
+
+def spec_of(loaded: LoadedSpec, config: dict):
+    """The resolved spec of a sampled config; replicate r runs with seed `seed + r`."""
+    params = {k: v for k, v in config.items() if k != REPLICATE}
+    spec = loaded.resolve(decode(loaded, params))
+    return spec.model_copy(update={"seed": spec.seed + int(config.get(REPLICATE, 0))})
+
+
 def make_sampler(loaded: LoadedSpec, seed: int):
     import optuna
 
@@ -117,5 +127,4 @@ def check(loaded: LoadedSpec) -> None:
         if search.num_trials > points:
             raise UserError(f"search.num_trials: {search.num_trials} is more than the grid's {points} points "
                             f"({grid_size(loaded)} distinct configurations once unused keys are dropped)")
-    if search.replicates != 1:
-        raise UserError("search.replicates: only 1 is supported in this version (replicates arrive with reports)")
+

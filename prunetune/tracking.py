@@ -18,6 +18,7 @@ TAG_TRIAL_ID = "prunetune.trial_id"
 TAG_CONFIG_HASH = "prunetune.config_hash"
 TAG_KIND = "prunetune.kind"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_REPLICATE = "prunetune.replicate"  # index of the seed replicate (search.replicates)
 
 
 def store_uri(spec_uri: str, cli_uri: str | None = None) -> str:

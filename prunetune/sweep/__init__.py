@@ -72,7 +72,8 @@ class SweepResult:
 
 def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
     spec = loaded.fixed_spec()
-    lines = [f"sweep {spec.name}: {spec.search.num_trials} trials, sampler {spec.search.sampler}, "
+    replicates = f" × {spec.search.replicates} seeds" if spec.search.replicates > 1 else ""
+    lines = [f"sweep {spec.name}: {spec.search.num_trials} trials{replicates}, sampler {spec.search.sampler}, "
              f"objectives {', '.join(f'{o.metric} ({o.mode})' for o in spec.search.objectives)}",
              f"  model {spec.model.arch}, data {spec.data.dataset} ({spec.data.image_size} px)",
              f"  resources per trial: {spec.resources.cpus_per_trial:g} CPU, {spec.resources.gpus_per_trial:g} GPU; "
@@ -149,7 +150,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     objectives = [(o.metric, o.mode) for o in spec.search.objectives]
     logger_cb = MlflowLogger(uri, spec.tracking.artifacts, spec.name, parent, spec.name, loaded.raw)
-    progress = Progress(objectives[0][0], objectives[0][1], spec.search.num_trials, echo)
+    total = spec.search.num_trials * spec.search.replicates  # Tune trials: each configuration R times
+    progress = Progress(objectives[0][0], objectives[0][1], total, echo)
 
     if resume and tune.Tuner.can_restore(str(paths.dir)):
         tuner = tune.Tuner.restore(str(paths.dir), trainable=trainable, resume_unfinished=True,
@@ -163,14 +165,14 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
                 logger_cb = cb
         logger_cb.close_restored(tuner.get_results())
     else:
-        searcher = _optuna_searcher(loaded, objectives, spec.seed)
+        searcher = _optuna_searcher(loaded, objectives, spec.seed, spec.search.replicates)
         # ASHA compares trials on val_acc after the dense phase (which all trials share)
         scheduler = (ASHAScheduler(metric="val_acc", mode="max", time_attr="epoch", max_t=10_000,
                                    grace_period=spec.train.dense_epochs + 1)
                      if spec.search.early_stop == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.search.num_trials,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=total,
                                         max_concurrent_trials=res.max_concurrent,
                                         # one worker process runs trial after trial: torch and the
                                         # data are loaded once per worker, not once per trial
@@ -184,7 +186,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     trials = grid._experiment_analysis.trials
     drop_unrecorded_runs(tracker, spec.name, parent, trials, echo)
     rows = _rows(trials, tracker, spec.name, parent, objectives)
-    interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < spec.search.num_trials
+    interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < total
     tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
     if not interrupted:
         shutil.rmtree(paths.resume, ignore_errors=True)

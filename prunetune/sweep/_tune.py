@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import tempfile
@@ -15,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 from ray import tune
+from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
 
 from prunetune import search, tracking
@@ -42,7 +45,7 @@ def _trainable(config: dict, *, raw: dict, dense_dir: str, resume_dir: str, cpus
 
     torch.set_num_threads(max(1, int(cpus)))
     loaded = load(None, raw=raw)
-    spec = loaded.resolve(search.decode(loaded, config))
+    spec = search.spec_of(loaded, config)
     trial = Trial(spec)
     tid = tune.get_context().get_trial_id()
     resume = Path(resume_dir)
@@ -127,12 +130,13 @@ class MlflowLogger(tune.Callback):
 
     def _create(self, trial) -> str:
         loaded = load(None, raw=self.raw)
-        spec = loaded.resolve(search.decode(loaded, dict(trial.config)))
+        spec = search.spec_of(loaded, dict(trial.config))
         config_hash = spec.config_hash()
         return self.tracker.start_run(
             self.experiment, f"{spec.schedule.method}-{trial.trial_id}",
             {tracking.TAG_SWEEP: self.sweep, tracking.TAG_TRIAL_ID: trial.trial_id,
-             tracking.TAG_CONFIG_HASH: config_hash, tracking.TAG_KIND: "trial"},
+             tracking.TAG_CONFIG_HASH: config_hash, tracking.TAG_KIND: "trial",
+             tracking.TAG_REPLICATE: str(trial.config.get(search.REPLICATE, 0))},
             spec.flat(), parent_run_id=self.parent_run_id)
 
     def _reattach(self, tid: str, run) -> None:
@@ -304,11 +308,45 @@ class _OptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def _optuna_searcher(loaded: LoadedSpec, objectives: list[tuple[str, str]], seed: int) -> OptunaSearch:
+def _optuna_searcher(loaded: LoadedSpec, objectives: list[tuple[str, str]], seed: int, replicates: int = 1):
     # Objectives are always given as a list: OptunaSearch then reads them only from a trial's
     # last result (our final report), not from every per-epoch report.
-    return _OptunaSearch(space=search.DefineByRun(loaded), metric=[m for m, _ in objectives],
-                         mode=[d for _, d in objectives], sampler=search.make_sampler(loaded, seed))
+    optuna_search = _OptunaSearch(space=search.DefineByRun(loaded), metric=[m for m, _ in objectives],
+                                  mode=[d for _, d in objectives], sampler=search.make_sampler(loaded, seed))
+    return optuna_search if replicates == 1 else _Replicates(optuna_search, replicates)
+
+
+class _Replicates(Repeater):
+    """Each configuration Optuna samples runs as `repeat` Tune trials (config[REPLICATE] = 0..R-1,
+    seed + index); Optuna is told the mean of each objective once all of them have ended.
+    Ray's Repeater averages one metric and forgets its groups on restore: this one averages
+    every objective, treats a replicate without final metrics (failed, stopped early) as absent,
+    and saves its groups beside the searcher's state so a resumed sweep completes them."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False, **kwargs):
+        group = self._trial_id_to_group[trial_id]
+        done = getattr(group, "results", {})
+        done[trial_id] = result if result and result.get(FINAL_FLAG) else None
+        group.results = done
+        if len(done) < group.max_trials:
+            return
+        finals = [r for r in done.values() if r is not None]
+        if not finals:
+            self.searcher.on_trial_complete(group.primary_trial_id, None, error=error)
+            return
+        mean = {m: float(np.mean([r[m] for r in finals])) for m in self.searcher.metric}
+        self.searcher.on_trial_complete(group.primary_trial_id, {**mean, FINAL_FLAG: True})
+
+    def save(self, checkpoint_path: str):
+        self.searcher.save(checkpoint_path)
+        with open(checkpoint_path + ".replicates", "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str):
+        self.searcher.restore(checkpoint_path)
+        if os.path.exists(checkpoint_path + ".replicates"):
+            with open(checkpoint_path + ".replicates", "rb") as f:
+                self.set_state(pickle.load(f))
 
 
 def child_runs(tracker: tracking.Tracker, experiment: str, parent_run_id: str) -> dict[str, object]:

@@ -1,0 +1,213 @@
+"""Reports of a sweep: the results table, the study's summary (objectives by method × sparsity,
+mean ± std with n), and figures. Pure pandas + matplotlib on a DataFrame of trials; the CLI
+fetches the runs from MLflow (`runs_frame`) and logs the files to the sweep's parent run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+METHOD, SPARSITY, LAYERS, SEED = "schedule.method", "schedule.sparsity", "schedule.layers", "seed"
+LABELS = {  # axis labels, with units
+    "test_acc": "test accuracy (fraction)", "val_acc": "validation accuracy (fraction)",
+    "test_balanced_acc": "test balanced accuracy (fraction)", "test_macro_f1": "test macro F1",
+    "test_top5": "test top-5 accuracy (fraction)", "test_loss": "test cross-entropy loss",
+    "nonzero_params": "non-zero parameters (count)", "flops_sparse": "FLOPs per sample (sparse)",
+    "checkpoint_bytes": "compressed checkpoint (bytes)", "theoretical_speedup": "theoretical speedup (×)",
+    "compression_ratio": "compression ratio (×)", "trial_seconds": "trial time (s)",
+}
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric)
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+def runs_frame(runs) -> pd.DataFrame:
+    """One row per MLflow trial run: run_id, trial_id, state, the dotted params (numbers where they
+    parse) and the final metrics (last value)."""
+    rows = []
+    for r in runs:
+        state = r.data.tags.get("prunetune.state") or r.info.status
+        rows.append({"run_id": r.info.run_id, "trial_id": r.data.tags.get("prunetune.trial_id", ""),
+                     "state": state, "replicate": int(r.data.tags.get("prunetune.replicate", 0)),
+                     **{f"param:{k}": v for k, v in r.data.params.items()}, **r.data.metrics})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    params = [c for c in df.columns if c.startswith("param:")]
+    for c in params:
+        numeric = pd.to_numeric(df[c], errors="coerce")
+        if numeric.notna().sum() == df[c].notna().sum():  # every value parses: a number column
+            df[c] = numeric
+    df = df.rename(columns={c: c[len("param:"):] for c in params})
+    # params first (sorted), then metrics (sorted), after the identifiers
+    ids = ["run_id", "trial_id", "state", "replicate"]
+    param_cols = sorted(c[len("param:"):] for c in params)
+    metric_cols = sorted(c for c in df.columns if c not in ids and c not in param_cols)
+    return df[ids + param_cols + metric_cols].sort_values("trial_id", kind="stable").reset_index(drop=True)
+
+
+def finished(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["state"] == "FINISHED"] if not df.empty else df
+
+
+def summarize(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Mean, std and n of `metrics` over the finished trials, by method × sparsity (sparsity
+    rounded to 2 decimals, so a continuous search still groups). Replicates (seeds) of one
+    setting fall into one group."""
+    done = finished(df).copy()
+    if done.empty:
+        return pd.DataFrame()
+    done[SPARSITY] = done[SPARSITY].astype(float).round(2)
+    grouped = done.groupby([METHOD, SPARSITY])[metrics]
+    out = grouped.agg(["mean", "std", "count"])
+    return out
+
+
+def summary_markdown(summary: pd.DataFrame, metrics: list[str], title: str, df: pd.DataFrame) -> str:
+    lines = [f"# {title}", ""]
+    done = finished(df)
+    lines.append(f"{len(df)} trials: {len(done)} finished"
+                 + "".join(f", {n} {s.lower()}" for s, n in df["state"].value_counts().items() if s != "FINISHED")
+                 + ". Mean ± standard deviation over the finished trials of each method and sparsity "
+                   "(n: trials behind the cell; std needs n ≥ 2).")
+    lines.append("")
+    if summary.empty:
+        return "\n".join(lines + ["No finished trial."]) + "\n"
+    for metric in metrics:
+        table = summary[metric]
+        sparsities = sorted(table.index.get_level_values(1).unique())
+        methods = list(dict.fromkeys(table.index.get_level_values(0)))
+        lines += [f"## {metric}", "", "| sparsity | " + " | ".join(methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for s in sparsities:
+            cells = []
+            for m in methods:
+                if (m, s) not in table.index:
+                    cells.append("")
+                    continue
+                row = table.loc[(m, s)]
+                std = "" if pd.isna(row["std"]) else f" ± {row['std']:.4f}"
+                cells.append(f"{row['mean']:.4f}{std} (n={int(row['count'])})")
+            lines.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- Pareto -------------------------------------------------------------------------------------
+
+def pareto_mask(values: np.ndarray, modes: list[str]) -> np.ndarray:
+    """True for the non-dominated rows of `values` [n, k] (mode per column: "max" or "min")."""
+    v = np.asarray(values, dtype=float) * np.array([1.0 if m == "max" else -1.0 for m in modes])
+    keep = np.ones(len(v), dtype=bool)
+    for i in range(len(v)):
+        dominated = (v >= v[i]).all(axis=1) & (v > v[i]).any(axis=1)
+        keep[i] = not dominated.any()
+    return keep
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_vs_sparsity(df: pd.DataFrame, metric: str, path: Path, title: str) -> None:
+    """One line per method: mean of `metric` against target sparsity, std as error bars."""
+    done = finished(df).copy()
+    done["sparsity %"] = done[SPARSITY].astype(float).round(2) * 100
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, part in done.groupby(METHOD):
+        g = part.groupby("sparsity %")[metric].agg(["mean", "std"]).reset_index()
+        ax.errorbar(g["sparsity %"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=method)
+    ax.set_xlabel("target sparsity (%)")
+    ax.set_ylabel(label(metric))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="method")
+    _save(fig, path)
+
+
+def pareto(df: pd.DataFrame, objectives: list[tuple[str, str]], path: Path, title: str) -> None:
+    """The first two objectives of every finished trial; the non-dominated ones highlighted."""
+    (mx, dx), (my, dy) = objectives[:2]
+    done = finished(df).dropna(subset=[mx, my])
+    front = pareto_mask(done[[mx, my]].to_numpy(), [dx, dy])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, part in done.groupby(METHOD):
+        ax.scatter(part[mx], part[my], alpha=0.6, label=method)
+    best = done[front].sort_values(mx)
+    ax.plot(best[mx], best[my], "k-", lw=1)
+    ax.scatter(best[mx], best[my], s=120, facecolors="none", edgecolors="k", label="Pareto front")
+    ax.set_xlabel(f"{label(mx)} ({dx})")
+    ax.set_ylabel(f"{label(my)} ({dy})")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def layers_count(value) -> float:
+    """How many layers a `schedule.layers` value names: first:K / last:K → K, a list → its length."""
+    text = str(value)
+    if text.startswith(("first:", "last:")):
+        return float(text.split(":", 1)[1])
+    if text.startswith("["):
+        return float(len([p for p in text.strip("[]").split(",") if p.strip()]))
+    return float("nan")  # "all"
+
+
+def layers_pruned(df: pd.DataFrame, metric: str, path: Path, title: str) -> None:
+    done = finished(df).copy()
+    done["layers pruned"] = done[LAYERS].map(layers_count)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, part in done.dropna(subset=["layers pruned"]).groupby(METHOD):
+        g = part.groupby("layers pruned")[metric].agg(["mean", "std"]).reset_index()
+        ax.errorbar(g["layers pruned"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=method)
+    ax.set_xlabel("prunable layers pruned (count)")
+    ax.set_ylabel(label(metric))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title="method")
+    _save(fig, path)
+
+
+def write(df: pd.DataFrame, objectives: list[tuple[str, str]], out: Path, title: str,
+          best_history: list[dict] | None = None, dense_epochs: int | None = None) -> list[Path]:
+    """results.csv, summary.md and the figures into `out`; returns the files written."""
+    from prunetune import figures
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.csv", out / "summary.md"]
+    df.to_csv(written[0], index=False)
+    done = finished(df)
+    metrics = [m for m, _ in objectives if m in df.columns]
+    if "test_acc" in df.columns and "test_acc" not in metrics:
+        metrics.append("test_acc")
+    written[1].write_text(summary_markdown(summarize(df, metrics), metrics, title, df))
+    if done.empty:
+        return written
+    acc = "test_acc" if "test_acc" in done.columns else metrics[0]
+    accuracy_vs_sparsity(df, acc, out / "accuracy_vs_sparsity.png", f"{title}: {acc} by method")
+    written.append(out / "accuracy_vs_sparsity.png")
+    if len(objectives) >= 2 and all(m in done.columns for m, _ in objectives[:2]):
+        pareto(df, objectives, out / "pareto.png", f"{title}: trade-off of the objectives")
+        written.append(out / "pareto.png")
+    if best_history:
+        figures.curves(best_history, out / "curves.png", f"{title}: best pruned trial (dense phase first)",
+                       dense_epochs=dense_epochs)
+        written.append(out / "curves.png")
+    if LAYERS in done.columns and done[LAYERS].nunique() > 1:
+        layers_pruned(df, acc, out / "layers_pruned.png", f"{title}: {acc} against layers pruned")
+        written.append(out / "layers_pruned.png")
+    return written
