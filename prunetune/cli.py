@@ -292,7 +292,8 @@ def _history(tracker, run_id: str, keys) -> list[dict]:
     for key in keys:
         for m in tracker.client.get_metric_history(run_id, key):
             by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    # the final sparsity and val_acc are logged once more after the last epoch: not an epoch
+    return [by_epoch[e] for e in sorted(by_epoch) if "train_loss" in by_epoch[e]]
 
 
 def _print_metrics(metrics: dict) -> None:

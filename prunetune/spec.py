@@ -100,6 +100,10 @@ class ScheduleSpec(_Strict):
     step_epochs: float = Field(1.0, ge=0.0)
     rewind_epoch: int = Field(0, ge=0)
     layers: Union[str, list[str]] = "all"
+    start_epoch: float = Field(0.0, ge=0.0)  # gradual: the ramp, in epochs after the dense phase
+    end_epoch: float = Field(4.0, gt=0.0)
+    redense_lr_factor: float = Field(0.1, gt=0.0)  # dsd, ist: lr factor of the re-dense training
+    cycles: int = Field(2, ge=1)  # ist
 
     @field_validator("method")
     @classmethod
@@ -179,6 +183,9 @@ class Spec(_Strict):
             raise ValueError(
                 f"schedule.rewind_epoch ({s.rewind_epoch}) must not exceed train.dense_epochs "
                 f"({self.train.dense_epochs}) for method lottery")
+        if s.method == "gradual" and s.end_epoch <= s.start_epoch:
+            raise ValueError(f"schedule.end_epoch ({s.end_epoch:g}) must be after schedule.start_epoch "
+                             f"({s.start_epoch:g}) for method gradual")
         return self
 
     # -- derived views -------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def test_step_targets_monotone_exact_end_clipped(sparsity, step):
 
 
 def _spec(method, **kw):
-    s = dict(method=method, sparsity=0.8, step_size=0.3, step_epochs=1.5, rewind_epoch=1, scope="global")
+    s = dict(method=method, sparsity=0.8, step_size=0.3, step_epochs=1.5, rewind_epoch=1, scope="global",
+             start_epoch=1.0, end_epoch=7.0, redense_lr_factor=0.1, cycles=3)
     s.update(kw)
     return SimpleNamespace(**s), SimpleNamespace(finetune_epochs=2, dense_epochs=4)
 
@@ -62,6 +63,51 @@ def test_lottery_plan_rewinds_and_replays_dense_schedule():
     assert all(p.rewind and p.epochs == 3 and p.lr_offset == 1 and p.lr_horizon == 4 for p in phases)
 
 
+def sparsity_trajectory(phases):
+    """(epoch at which each phase starts, sparsity target in force during it); release → 0."""
+    out, t, current = [], 0.0, 0.0
+    for p in phases:
+        if p.prune:
+            current = p.prune.target
+        if p.release_masks:
+            current = 0.0
+        out.append((t, current))
+        t += p.epochs
+    return out, t
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.95])
+@pytest.mark.parametrize("start,end,step", [(0, 4, 1), (1, 7, 1.5), (2, 3, 0.25), (0, 1, 2)])
+def test_gradual_follows_the_cubic_ramp(sparsity, start, end, step):
+    s, train = _spec("gradual", sparsity=sparsity, start_epoch=start, end_epoch=end, step_epochs=step)
+    phases = plan(s, train, LAYERS)
+    trajectory, total = sparsity_trajectory(phases)
+    steps = max(1, round((end - start) / step))
+    assert trajectory[0] == (0.0, 0.0) and phases[0].epochs == pytest.approx(start + (end - start) / steps)
+    assert total == pytest.approx(end + train.finetune_epochs)
+    ramp = trajectory[1:]
+    assert len(ramp) == steps and ramp[-1][1] == sparsity and ramp[-1][0] == pytest.approx(end)
+    for t, target in ramp:  # Zhu & Gupta: s_t = s_f (1 − (1 − (t − t0)/(t_end − t0))³)
+        assert target == pytest.approx(sparsity * (1 - (1 - (t - start) / (end - start)) ** 3))
+    increments = [b[1] - a[1] for a, b in zip([(0, 0.0)] + ramp, ramp)]
+    assert all(x >= y - 1e-12 for x, y in zip(increments, increments[1:]))  # fast first, then slower
+
+
+def test_dsd_prunes_trains_sparse_then_ends_dense_at_lower_lr():
+    phases = plan(*_spec("dsd"), LAYERS)
+    assert [(p.name, p.epochs) for p in phases] == [("sparse1", 1.5), ("redense1", 2)]
+    assert phases[0].prune.target == 0.8 and not phases[0].release_masks
+    assert phases[1].release_masks and phases[1].prune is None and phases[1].lr_factor == 0.1
+    assert sparsity_trajectory(phases)[0][-1][1] == 0.0  # ends dense
+
+
+def test_ist_repeats_the_dsd_cycle():
+    phases = plan(*_spec("ist"), LAYERS)
+    assert [p.name for p in phases] == ["sparse1", "redense1", "sparse2", "redense2", "sparse3", "redense3"]
+    assert [t for _, t in sparsity_trajectory(phases)[0]] == [0.8, 0.0] * 3
+    assert phases[-1].lr_horizon == pytest.approx(3 * 3.5)  # one lr schedule over all cycles
+
+
 def test_every_method_ends_at_target_sparsity():
     for method in schedules.METHODS:
         phases = plan(*_spec(method), LAYERS)
@@ -73,6 +119,8 @@ def test_conditional_keys():
     assert not schedules.key_is_used("iterative", "rewind_epoch")
     assert schedules.key_is_used("oneshot", "sparsity")
     assert not schedules.key_is_used("oneshot", "step_size")
+    assert schedules.key_is_used("gradual", "end_epoch") and not schedules.key_is_used("dsd", "end_epoch")
+    assert schedules.key_is_used("ist", "cycles") and not schedules.key_is_used("dsd", "cycles")
 
 
 def test_select_layers():

@@ -79,10 +79,22 @@ def test_dense_phase_is_shared_and_replayed(tmp_path):
     assert sorted(p.name for p in entry.glob("epoch_*.pt")) == ["epoch_0.pt", "epoch_1.pt", "epoch_2.pt"]
 
 
-@pytest.mark.parametrize("method", ["oneshot", "iterative", "layerwise", "lottery"])
+@pytest.mark.parametrize("method", ["oneshot", "iterative", "layerwise", "lottery", "gradual", "dsd", "ist"])
 def test_every_method_reaches_its_target(tmp_path, method):
     overrides = dict(schedule__method=method, schedule__sparsity=0.7, schedule__step_size=0.3,
-                     schedule__step_epochs=0.5, train__dense_epochs=1, train__finetune_epochs=0.5)
+                     schedule__step_epochs=0.5, train__dense_epochs=1, train__finetune_epochs=0.5,
+                     schedule__end_epoch=1.5)
+    if method in ("dsd", "ist"):  # pruned to the target, then the masks released: ends dense
+        overrides.update(schedule__step_epochs=1, train__finetune_epochs=1)
+        reported = []
+        trial = Trial(spec.load(None, raw=digits_raw(**overrides)).trial_spec(),
+                      lambda m, e: reported.append(m["sparsity"]))
+        result = trial.run(tmp_path)
+        assert reported[1:] == pytest.approx([0.7, 0.0, 0.7, 0.0][:len(reported) - 1], abs=0.05)
+        assert reported[1] == pytest.approx(0.7, abs=1e-4)  # the sparse epoch, masks in force
+        assert all(bool(m.all()) for m in trial.masks.state_dict().values())  # released
+        assert result.metrics["sparsity"] < 0.05  # pruned weights trained again from zero
+        return
     result = run_trial(spec.load(None, raw=digits_raw(**overrides)).trial_spec(), tmp_path)
     assert result.metrics["sparsity"] == pytest.approx(0.7, abs=1e-4)
     rows = (tmp_path / "layer_sparsity.csv").read_text().splitlines()

@@ -91,6 +91,40 @@ def lottery(s, train, layers: Sequence[str]) -> list[Phase]:
     ]
 
 
+def gradual_targets(sparsity: float, steps: int) -> list[float]:
+    """Zhu & Gupta's cubic ramp from 0 to `sparsity` over `steps` pruning events:
+    s_k = sparsity · (1 − (1 − k/steps)³), k = 1 … steps (the last is `sparsity` exactly)."""
+    return [round(sparsity * (1 - (1 - k / steps) ** 3), 12) for k in range(1, steps + 1)]
+
+
+def gradual(s, train, layers: Sequence[str]) -> list[Phase]:
+    # Pruning events every step_epochs from start_epoch + step_epochs to end_epoch (epochs after
+    # the dense phase), each followed by step_epochs of training; the last by finetune_epochs.
+    span = s.end_epoch - s.start_epoch
+    steps = max(1, round(span / s.step_epochs)) if s.step_epochs > 0 else 1
+    interval = span / steps
+    targets = gradual_targets(s.sparsity, steps)
+    phases = [Phase("before", s.start_epoch + interval)]
+    phases += [Phase(f"ramp{k + 1}", interval if k + 1 < steps else train.finetune_epochs, Prune(t, scope=s.scope))
+               for k, t in enumerate(targets)]
+    return _one_lr_schedule(phases)
+
+
+def _dsd_cycle(s, train, index: int) -> list[Phase]:
+    return [Phase(f"sparse{index}", s.step_epochs, Prune(s.sparsity, scope=s.scope)),
+            Phase(f"redense{index}", train.finetune_epochs, release_masks=True, lr_factor=s.redense_lr_factor)]
+
+
+def dsd(s, train, layers: Sequence[str]) -> list[Phase]:
+    """Dense-sparse-dense (Han et al. 2017): prune, train sparse, release the masks, train dense."""
+    return _one_lr_schedule(_dsd_cycle(s, train, 1))
+
+
+def ist(s, train, layers: Sequence[str]) -> list[Phase]:
+    """Iterative sparse training: `cycles` dsd cycles, each pruning the re-densed weights afresh."""
+    return _one_lr_schedule([p for c in range(1, s.cycles + 1) for p in _dsd_cycle(s, train, c)])
+
+
 @dataclass(frozen=True)
 class Method:
     plan: Callable[..., list[Phase]]
@@ -98,13 +132,17 @@ class Method:
 
 
 # Schedule keys that only some methods read; every other schedule key applies to all methods.
-METHOD_SPECIFIC_KEYS = frozenset({"step_size", "step_epochs", "rewind_epoch"})
+METHOD_SPECIFIC_KEYS = frozenset({"step_size", "step_epochs", "rewind_epoch", "start_epoch", "end_epoch",
+                                  "redense_lr_factor", "cycles"})
 
 METHODS: dict[str, Method] = {
     "oneshot": Method(oneshot, frozenset()),
     "iterative": Method(iterative, frozenset({"step_size", "step_epochs"})),
     "layerwise": Method(layerwise, frozenset({"step_epochs"})),
     "lottery": Method(lottery, frozenset({"step_size", "rewind_epoch"})),
+    "gradual": Method(gradual, frozenset({"start_epoch", "end_epoch", "step_epochs"})),
+    "dsd": Method(dsd, frozenset({"step_epochs", "redense_lr_factor"})),
+    "ist": Method(ist, frozenset({"step_epochs", "redense_lr_factor", "cycles"})),
 }
 
 
