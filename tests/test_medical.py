@@ -11,9 +11,9 @@ import torch
 
 from prunetune import spec
 from prunetune.data import ham10000, load_dataset
-from prunetune.data.device import IMAGENET_MEAN, DeviceData
+from prunetune.data.device import IMAGENET_MEAN
 from prunetune.errors import UserError
-from prunetune.train import Trainer, classification_metrics
+from prunetune.train import classification_metrics
 from prunetune.trial import Trial, run_trial
 
 from conftest import HAM_CLASSES, write_ham10000, write_imagefolder, write_medmnist
