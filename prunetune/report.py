@@ -122,20 +122,24 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def accuracy_vs_sparsity(df: pd.DataFrame, metric: str, path: Path, title: str) -> None:
-    """One line per method: mean of `metric` against target sparsity, std as error bars."""
-    done = finished(df).copy()
-    done["sparsity %"] = done[SPARSITY].astype(float).round(2) * 100
+def _lines_by_method(done: pd.DataFrame, x: str, metric: str, xlabel: str, path: Path, title: str) -> None:
+    """One line per method: the mean of `metric` against column `x`, std as error bars."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method, part in done.groupby(METHOD):
-        g = part.groupby("sparsity %")[metric].agg(["mean", "std"]).reset_index()
-        ax.errorbar(g["sparsity %"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=method)
-    ax.set_xlabel("target sparsity (%)")
+    for method, part in done.dropna(subset=[x]).groupby(METHOD):
+        g = part.groupby(x)[metric].agg(["mean", "std"]).reset_index()
+        ax.errorbar(g[x], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=method)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(label(metric))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(title="method")
     _save(fig, path)
+
+
+def accuracy_vs_sparsity(df: pd.DataFrame, metric: str, path: Path, title: str) -> None:
+    done = finished(df).copy()
+    done["sparsity %"] = done[SPARSITY].astype(float).round(2) * 100
+    _lines_by_method(done, "sparsity %", metric, "target sparsity (%)", path, title)
 
 
 def pareto(df: pd.DataFrame, objectives: list[tuple[str, str]], path: Path, title: str) -> None:
@@ -170,16 +174,7 @@ def layers_count(value) -> float:
 def layers_pruned(df: pd.DataFrame, metric: str, path: Path, title: str) -> None:
     done = finished(df).copy()
     done["layers pruned"] = done[LAYERS].map(layers_count)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method, part in done.dropna(subset=["layers pruned"]).groupby(METHOD):
-        g = part.groupby("layers pruned")[metric].agg(["mean", "std"]).reset_index()
-        ax.errorbar(g["layers pruned"], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=method)
-    ax.set_xlabel("prunable layers pruned (count)")
-    ax.set_ylabel(label(metric))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(title="method")
-    _save(fig, path)
+    _lines_by_method(done, "layers pruned", metric, "prunable layers pruned (count)", path, title)
 
 
 def write(df: pd.DataFrame, objectives: list[tuple[str, str]], out: Path, title: str,
