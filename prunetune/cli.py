@@ -286,6 +286,38 @@ def report(target: Path, out: Path | None, tracking_uri: str | None):
                "artifacts report/)")
 
 
+@main.command()
+@spec_argument
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a spec key (repeatable).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for sensitivity.csv and sensitivity.png (default: reports/<name>/sensitivity).")
+@uri_option
+@handle_errors
+def sensitivity(spec_path: Path, sets: tuple[str, ...], out: Path | None, tracking_uri: str | None):
+    """Prune each prunable layer alone at 10%…90% from the dense checkpoint; evaluate without fine-tuning."""
+    from prunetune import tracking
+    from prunetune.analysis import sensitivity as sens
+    from prunetune.trial import DenseCache, Trial
+
+    loaded = spec_mod.load(spec_path, list(sets))
+    spec = loaded.fixed_spec()  # the dense phase does not depend on the schedule's searched keys
+    uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
+    tracking.check_store(uri)
+    trial = Trial(spec)
+    rows = sens.analyse(trial, DenseCache())
+    out = out or Path("reports") / spec.name / "sensitivity"
+    files = sens.write(rows, out, f"{spec.name}: {spec.model.arch}")
+    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
+    run_id = tracker.start_run(spec.name, "sensitivity", {tracking.TAG_KIND: "sensitivity", tracking.TAG_SWEEP: spec.name},
+                               spec.flat())
+    for f in files:
+        tracker.log_artifact(run_id, f, "sensitivity")
+    tracker.end_run(run_id)
+    worst = sorted((r for r in rows[1:] if r["sparsity"] == 0.9), key=lambda r: -r["acc_drop"])[:3]
+    click.echo("most sensitive layers at 90%: " + ", ".join(f"{r['layer']} (−{r['acc_drop']:.3f})" for r in worst))
+    click.echo(f"wrote {', '.join(f.name for f in files)} to {out}/; MLflow run {run_id} (prunetune.kind=sensitivity)")
+
+
 def _history(tracker, run_id: str, keys) -> list[dict]:
     """A run's per-epoch metrics from MLflow, as a trial's history (one dict per epoch)."""
     by_epoch: dict[int, dict] = {}
