@@ -257,13 +257,12 @@ def report(target: Path, out: Path | None, tracking_uri: str | None):
     from prunetune import report as report_mod
     from prunetune import tracking
     from prunetune.sweep import PER_EPOCH, locate
-    from prunetune.sweep._tune import child_runs
 
     spec, parent, uri = locate(target, tracking_uri)
     if parent is None:
         raise UserError(f"report: no sweep found for {spec.name!r}; run `prunetune sweep` first")
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
-    runs = [r for r in child_runs(tracker, spec.name, parent).values()
+    runs = [r for r in tracking.child_runs(tracker, spec.name, parent).values()
             if r.data.tags.get(tracking.TAG_KIND) == "trial"]
     if not runs:
         raise UserError(f"report: the sweep {spec.name!r} has no trial yet")

@@ -67,9 +67,7 @@ def summarize(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     if done.empty:
         return pd.DataFrame()
     done[SPARSITY] = done[SPARSITY].astype(float).round(2)
-    grouped = done.groupby([METHOD, SPARSITY])[metrics]
-    out = grouped.agg(["mean", "std", "count"])
-    return out
+    return done.groupby([METHOD, SPARSITY])[metrics].agg(["mean", "std", "count"])
 
 
 def summary_markdown(summary: pd.DataFrame, metrics: list[str], title: str, df: pd.DataFrame) -> str:

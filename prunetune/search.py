@@ -127,4 +127,3 @@ def check(loaded: LoadedSpec) -> None:
         if search.num_trials > points:
             raise UserError(f"search.num_trials: {search.num_trials} is more than the grid's {points} points "
                             f"({grid_size(loaded)} distinct configurations once unused keys are dropped)")
-

@@ -136,3 +136,11 @@ def select_runs(tracker: Tracker, spec, parent_run_id: str | None, run_ids: list
         filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_KIND}` = 'trial' "
                       "and attributes.status = 'FINISHED'",
         order_by=[f"metrics.{objective.metric} {order}"], max_results=max(top, 0))
+
+
+def child_runs(tracker: Tracker, experiment: str, parent_run_id: str) -> dict[str, object]:
+    """A sweep's child runs, by trial id."""
+    runs = tracker.client.search_runs([tracker.experiment_id(experiment)],
+                                      filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
+                                      max_results=50_000)
+    return {r.data.tags.get(TAG_TRIAL_ID): r for r in runs if TAG_TRIAL_ID in r.data.tags}

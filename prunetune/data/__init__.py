@@ -64,16 +64,19 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int,
     class_size = np.array([unit_size[unit_label == c].sum() for c in classes])
     want = {name: _largest_remainder(fraction * class_size, round(fraction * class_size.sum()), rng)
             for name, fraction in fractions.items()}
+    taken = np.zeros(len(units), dtype=bool)
     for ci, c in enumerate(classes):
-        members = list(rng.permutation(np.flatnonzero(unit_label == c)))
+        members = rng.permutation(np.flatnonzero(unit_label == c))
         for name in fractions:
             got = 0
             # whole units (samples, or groups), in random order, while they fit the split's share
-            for m in list(members):
-                if got + unit_size[m] <= want[name][ci]:
+            for m in members:
+                if not taken[m] and got + unit_size[m] <= want[name][ci]:
                     assignment[m] = name
                     got += unit_size[m]
-                    members.remove(m)
+                    taken[m] = True
+                    if got == want[name][ci]:
+                        break
     out[:] = assignment[unit_of]
     return out.astype(str)
 

@@ -9,6 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as TF
 
 from prunetune.errors import UserError
 
@@ -16,10 +19,6 @@ EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 def decode_one(path: Path, size: int) -> np.ndarray:
-    import torch
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms.v2 import functional as TF
-
     try:
         img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as exc:

@@ -193,7 +193,7 @@ class MlflowLogger(tune.Callback):
     def close_restored(self, results) -> None:
         """After a restore: close the runs of trials that finished while the driver was down
         (their results are in Tune's state; their MLflow runs may still say RUNNING)."""
-        runs = child_runs(self.tracker, self.experiment, self.parent_run_id)
+        runs = tracking.child_runs(self.tracker, self.experiment, self.parent_run_id)
         for result in results:
             metrics = result.metrics or {}
             run = runs.get(metrics.get("trial_id"))
@@ -323,11 +323,14 @@ class _Replicates(Repeater):
     every objective, treats a replicate without final metrics (failed, stopped early) as absent,
     and saves its groups beside the searcher's state so a resumed sweep completes them."""
 
+    def __init__(self, searcher, repeat: int):
+        super().__init__(searcher, repeat)
+        self._finals: dict[str, dict[str, dict | None]] = {}  # primary trial id → replicate → final result
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False, **kwargs):
         group = self._trial_id_to_group[trial_id]
-        done = getattr(group, "results", {})
+        done = self._finals.setdefault(group.primary_trial_id, {})
         done[trial_id] = result if result and result.get(FINAL_FLAG) else None
-        group.results = done
         if len(done) < group.max_trials:
             return
         finals = [r for r in done.values() if r is not None]
@@ -349,21 +352,13 @@ class _Replicates(Repeater):
                 self.set_state(pickle.load(f))
 
 
-def child_runs(tracker: tracking.Tracker, experiment: str, parent_run_id: str) -> dict[str, object]:
-    """The sweep's child runs, by trial id."""
-    runs = tracker.client.search_runs([tracker.experiment_id(experiment)],
-                                      filter_string=f"tags.`{tracking.TAG_PARENT}` = '{parent_run_id}'",
-                                      max_results=50_000)
-    return {r.data.tags.get(tracking.TAG_TRIAL_ID): r for r in runs if tracking.TAG_TRIAL_ID in r.data.tags}
-
-
 def drop_unrecorded_runs(tracker: tracking.Tracker, experiment: str, parent: str, trials,
                          echo: Callable[[str], None]) -> None:
     """Delete child runs of trials that Tune's saved state does not know: the driver made the run,
     then died before Tune recorded the trial (it snapshots every second), and the resumed sweep
     sampled another trial in its place. One child run per trial of the sweep remains."""
     known = {t.trial_id for t in trials}
-    for trial_id, run in child_runs(tracker, experiment, parent).items():
+    for trial_id, run in tracking.child_runs(tracker, experiment, parent).items():
         if trial_id not in known:
             tracker.client.delete_run(run.info.run_id)
             echo(f"dropped MLflow run {run.info.run_id} ({run.info.status.lower()}): its trial {trial_id} "
@@ -371,7 +366,7 @@ def drop_unrecorded_runs(tracker: tracking.Tracker, experiment: str, parent: str
 
 
 def _rows(trials, tracker: tracking.Tracker, experiment: str, parent: str, objectives) -> list[dict]:
-    runs = child_runs(tracker, experiment, parent)
+    runs = tracking.child_runs(tracker, experiment, parent)
     rows = []
     for t in trials:
         last = t.last_result or {}
