@@ -31,7 +31,11 @@ DATASETS: dict[str, str] = {
 CRITERIA: dict[str, str] = {
     "l1_unstructured": "prunetune.pruning.criteria:l1_unstructured",
     "random": "prunetune.pruning.criteria:random_scores",
+    "l1_filter": "prunetune.pruning.structured:l1_filter",
+    "l2_filter": "prunetune.pruning.structured:l2_filter",
 }
+# Criteria that prune whole channels (so schedule.remove and train.group_lasso apply).
+STRUCTURED_CRITERIA = frozenset({"l1_filter", "l2_filter"})
 
 
 def lookup(registry: dict[str, str], name: str) -> Any:

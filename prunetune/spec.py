@@ -27,6 +27,8 @@ FINAL_METRICS = (
     "test_acc", "test_top5", "test_loss", "test_balanced_acc", "test_macro_f1", "sparsity",
     "nonzero_params", "total_params", "compression_ratio", "flops_dense", "flops_sparse",
     "theoretical_speedup", "checkpoint_bytes", "train_epochs_total", "trial_seconds", "val_acc",
+    # structured criteria; the last four only with schedule.remove
+    "channel_sparsity", "compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup",
 )
 SEARCHABLE_SECTIONS = ("model", "data", "train", "schedule")
 SEARCH_KINDS = ("choice", "uniform", "loguniform", "int")
@@ -89,6 +91,8 @@ class TrainSpec(_Strict):
     # Imbalanced data: weight the loss by inverse class frequency, or draw training batches with
     # every class equally likely (with replacement; an epoch is still one pass's worth of samples).
     class_balance: Literal["none", "weighted_loss", "balanced_sampler"] = "none"
+    # Structured criteria: λ of the group-lasso penalty over the channel groups (0 = none).
+    group_lasso: float = Field(0.0, ge=0.0)
 
 
 class ScheduleSpec(_Strict):
@@ -104,6 +108,7 @@ class ScheduleSpec(_Strict):
     end_epoch: float = Field(4.0, gt=0.0)
     redense_lr_factor: float = Field(0.1, gt=0.0)  # dsd, ist: lr factor of the re-dense training
     cycles: int = Field(2, ge=1)  # ist
+    remove: bool = False  # structured criteria: physically remove the pruned channels after training
 
     @field_validator("method")
     @classmethod
@@ -508,6 +513,25 @@ def _check_space(raw: dict, space: dict[str, SearchEntry], unused_is_error: bool
                     raise UserError(f"{format_validation_error(exc)} [searched value {value!r} of {key}]") from None
 
 
+def _check_structured(raw: dict, space: dict[str, SearchEntry]) -> None:
+    """`schedule.remove` and `train.group_lasso` act on channel groups: with a fixed unstructured
+    criterion they would silently do nothing. (With a searched criterion they apply to the trials
+    that sample a structured one.)"""
+    if "schedule.criterion" in space:
+        return
+    criterion = raw.get("schedule", {}).get("criterion", ScheduleSpec().criterion)
+    if criterion in registry.STRUCTURED_CRITERIA:
+        return
+    structured = ", ".join(sorted(registry.STRUCTURED_CRITERIA))
+    if raw.get("schedule", {}).get("remove") is True:
+        raise UserError(f"spec key schedule.remove: needs a structured schedule.criterion ({structured}); "
+                        f"got {criterion!r}")
+    lasso = raw.get("train", {}).get("group_lasso", 0)
+    if "train.group_lasso" in space or (lasso and lasso != 0):
+        raise UserError(f"spec key train.group_lasso: needs a structured schedule.criterion ({structured}); "
+                        f"got {criterion!r}")
+
+
 def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = None,
          for_trial: bool = False) -> LoadedSpec:
     """Load a spec file (or a raw mapping), apply `base:` and `--set` overrides, and validate it.
@@ -529,6 +553,7 @@ def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = 
         set_dotted(raw, key, value)
     space = _extract_search(raw)
     _check_space(raw, space, unused_is_error=not for_trial)
+    _check_structured(raw, space)
     loaded = LoadedSpec(p, raw, space)
     loaded.fixed_spec()  # full validation with searched keys at a representative value
     return loaded

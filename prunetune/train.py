@@ -50,7 +50,7 @@ class Trainer:
     """Trains `model` on `data` (a DeviceData) while keeping `masks` applied."""
 
     def __init__(self, model: nn.Module, data, train_spec, masks, report: Report, seed: int,
-                 loss_fn: Callable | None = None):
+                 loss_fn: Callable | None = None, penalty: Callable[[], torch.Tensor] | None = None):
         self.model, self.data, self.spec, self.masks, self.report = model, data, train_spec, masks, report
         self.device = data.device
         self.batch_size = min(train_spec.batch_size, data.size("train"))
@@ -67,6 +67,7 @@ class Trainer:
         self.loss_fn = loss_fn or (functools.partial(F.cross_entropy, weight=inverse.float().to(self.device))
                                    if balance == "weighted_loss" else F.cross_entropy)
         self._sample_weights = inverse[data.y["train"].cpu()] if balance == "balanced_sampler" else None
+        self.penalty = penalty  # added to the loss that is minimised (not to the reported loss)
         self.on_epoch_end: Callable[[int], None] | None = None
         self._perm, self._perm_epoch = None, -1
         self._use_amp = train_spec.amp and self.device.type == "cuda"
@@ -132,7 +133,8 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at epoch {self.epoch}")
             self.optimizer.zero_grad(set_to_none=True)
-            self._scaler.scale(loss).backward()
+            objective = loss if self.penalty is None else loss + self.penalty()
+            self._scaler.scale(objective).backward()
             self.masks.mask_grads()
             self._scaler.step(self.optimizer)
             self._scaler.update()

@@ -5,6 +5,7 @@ the artifacts. No ray, no mlflow: per-epoch metrics go to a `report(metrics, epo
 
 from __future__ import annotations
 
+import copy
 import csv
 import fcntl
 import json
@@ -26,7 +27,7 @@ from prunetune.data.device import DeviceData
 from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
 from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
-from prunetune.pruning import schedules
+from prunetune.pruning import schedules, structured
 from prunetune.pruning.masks import Masks, layer_sparsity_rows
 from prunetune.spec import Spec
 from prunetune.train import Trainer, classification_metrics, lr_shape
@@ -111,13 +112,26 @@ class Trial:
             raise UserError(f"schedule.layers: {spec.schedule.layers!r} selects no prunable layer; "
                             f"the model's are: {', '.join(self.layers)}")
         self._freeze(spec.model.freeze)
-        self.masks = Masks(self.model, self.layers)
+        self.example = torch.zeros(1, self.dataset.in_channels, size, size, device=self.device)
+        self.score_fn = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+        groups = None
+        if isinstance(self.score_fn, structured.ChannelNorm):
+            # the last layer is the classifier head: its outputs are the classes
+            groups = structured.channel_groups(self.model, self.example, self.selected, exclude=self.layers[-1:])
+            if not groups:
+                raise UserError(f"schedule.layers: {spec.schedule.layers!r} selects no layer with prunable "
+                                f"channels (the classifier head {self.layers[-1]} keeps its outputs)")
+        self.masks = Masks(self.model, self.layers, groups)
         self.data = DeviceData(self.dataset, self.device, spec.data.augment,
                                imagenet_stats=bool(spec.model.weights))
+        penalty = None
+        if groups and spec.train.group_lasso > 0:
+            lasso, lam = structured.GroupLasso(groups, self.model), spec.train.group_lasso
+            penalty = lambda: lam * lasso()  # noqa: E731
         # through a lambda, so `trial.report` may be set after construction (once a run exists)
         self.trainer = Trainer(self.model, self.data, spec.train, self.masks,
-                               lambda metrics, epoch: self.report(metrics, epoch), spec.seed)
-        self.score_fn = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+                               lambda metrics, epoch: self.report(metrics, epoch), spec.seed, penalty=penalty)
+        self.compact: torch.nn.Module | None = None
         self.phase_index, self.phase_start_clock = -1, 0.0  # -1: the dense phase
 
     def _freeze(self, prefixes: list[str]) -> None:
@@ -188,13 +202,28 @@ class Trial:
             m["val_acc"] = self.trainer.evaluate("val")["acc"]
         m["sparsity"] = self.masks.sparsity()
         m.update(param_counts(self.model))
-        example = torch.zeros(1, self.dataset.in_channels, self.spec.data.image_size,
-                              self.spec.data.image_size, device=self.device)
-        m.update(flops(self.model, example, self.layers))
+        m.update(flops(self.model, self.example, self.layers))
         m["checkpoint_bytes"] = sparse_checkpoint_bytes(self.model.state_dict())
         m["train_epochs_total"] = self.trainer.global_step / self.trainer.steps_per_epoch
         self._test_logits, self._test_labels = logits, labels
+        if self.masks.groups:
+            m["channel_sparsity"] = self.masks.channel_sparsity()
+            if self.spec.schedule.remove:
+                m.update(self.remove_channels())
         return m
+
+    def remove_channels(self) -> dict:
+        """Remove the pruned channels for real (`self.compact`, on the CPU); its size and the CPU
+        latency at batch 1 of the masked and the compact model."""
+        self.compact = structured.remove_channels(self.model, self.masks.groups, self.masks.channels_kept,
+                                                  self.example)
+        example = self.example.cpu()
+        dense = copy.deepcopy(self.model).cpu().eval()
+        dense_ms = structured.latency_ms(dense, example)
+        compact_ms = structured.latency_ms(self.compact, example)
+        return {"compact_params": sum(p.numel() for p in self.compact.parameters()),
+                "latency_ms_dense": dense_ms, "latency_ms_compact": compact_ms,
+                "measured_speedup": dense_ms / compact_ms}
 
     def run(self, out_dir: str | Path, cache: DenseCache | None = None,
             resume_from: Path | None = None) -> TrialResult:
@@ -258,6 +287,11 @@ class Trial:
         (out_dir / "data").mkdir(exist_ok=True)
         (out_dir / "figures").mkdir(exist_ok=True)
         torch.save(_state_cpu(self.model), out_dir / "checkpoint" / "model.pt")
+        if self.compact is not None:
+            # any batch size (traced with two samples: a size-1 dimension would be specialised)
+            program = torch.export.export(self.compact, (self.example.cpu().expand(2, -1, -1, -1),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            torch.export.save(program, out_dir / "checkpoint" / "compact.pt2")
         (out_dir / "config.yaml").write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
         rows = layer_sparsity_rows(self.model, self.layers)
         _write_csv(out_dir / "layer_sparsity.csv", rows)

@@ -11,17 +11,46 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from prunetune.pruning.structured import ChannelNorm, Group, channel_scores
+
 ScoreFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
 class Masks:
-    """Masks for the named prunable layers of one model; True = weight kept."""
+    """Masks for the named prunable layers of one model; True = weight kept.
 
-    def __init__(self, model: nn.Module, layer_names: Sequence[str]):
+    With channel `groups` (structured pruning, see `structured.py`), a structured criterion prunes
+    whole group channels: every slice of the group is masked, biases and batch norms included
+    (those extra tensors are masked too, but only the layers' weights count in `sparsity`).
+    """
+
+    def __init__(self, model: nn.Module, layer_names: Sequence[str], groups: "list[Group] | None" = None):
         modules = dict(model.named_modules())
         self.weights: dict[str, torch.Tensor] = {n: modules[n].weight for n in layer_names}
         self.masks: dict[str, torch.Tensor] = {
             n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
+        self.groups = groups or []
+        self.channels_kept = [torch.ones(g.channels, dtype=torch.bool) for g in self.groups]
+        # group members other than the layers' weights: biases, batch-norm scales and shifts
+        params = dict(model.named_parameters())
+        weight_of = {f"{n}.weight": n for n in layer_names}
+        self._slot = {}  # member param -> key in self.masks or self.extra_masks
+        self.extra: dict[str, torch.Tensor] = {}
+        for g in self.groups:
+            for m in g.members:
+                if m.param in weight_of:
+                    self._slot[m.param] = weight_of[m.param]
+                else:
+                    self.extra[m.param] = params[m.param]
+                    self._slot[m.param] = m.param
+        self.extra_masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.extra.items()}
+
+    def _tensors(self):
+        """(tensor, mask) of everything masked."""
+        for n, w in self.weights.items():
+            yield w, self.masks[n]
+        for n, p in self.extra.items():
+            yield p, self.extra_masks[n]
 
     # -- pruning -------------------------------------------------------------------------------
     def prune(self, target: float, score_fn: ScoreFn, layers: Iterable[str] | None = None,
@@ -32,6 +61,10 @@ class Masks:
         Weights already pruned stay pruned (they count towards the target).
         """
         names = list(self.weights) if layers is None else list(layers)
+        if isinstance(score_fn, ChannelNorm):
+            self._prune_channels(target, score_fn.p, names, scope)
+            self.apply()
+            return
         scores = {n: score_fn(self.weights[n], generator) for n in names}
         groups = [names] if scope == "global" else [[n] for n in names]
         for group in groups:
@@ -55,33 +88,79 @@ class Masks:
             self.masks[n] &= keep[offset:offset + size].view_as(self.masks[n])
             offset += size
 
+    def _prune_channels(self, target: float, p: int, names: list[str], scope: str) -> None:
+        """Prune whole group channels of the groups owned by `names` until `target` of their
+        channels are pruned. scope "layer": each group alike; "global": one threshold over the
+        groups, each group's scores divided by their mean (norms of layers of different fan-in
+        are not comparable), and never a group's last channel."""
+        chosen = [i for i, g in enumerate(self.groups) if set(g.layers) & set(names)]
+        params = {**{f"{n}.weight": w for n, w in self.weights.items()}, **self.extra}
+        scores = {}
+        for i in chosen:
+            s = channel_scores(self.groups[i], params, p).cpu()
+            kept = self.channels_kept[i]
+            s = s / s[kept].mean().clamp_min(1e-12) if scope == "global" else s
+            s = s.masked_fill(~kept, float("-inf"))
+            s[s.argmax()] = float("inf")  # a group keeps at least one channel
+            scores[i] = s
+        batches = [chosen] if scope == "global" else [[i] for i in chosen]
+        for batch in batches:
+            flat = torch.cat([scores[i] for i in batch])
+            k = min(round(target * flat.numel()), flat.numel() - len(batch))
+            if k <= 0:
+                continue
+            keep = torch.ones_like(flat, dtype=torch.bool)
+            keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False
+            offset = 0
+            for i in batch:
+                self.channels_kept[i] &= keep[offset:offset + self.groups[i].channels]
+                offset += self.groups[i].channels
+        self._channel_masks()
+
+    def _channel_masks(self) -> None:
+        """Mask every member slice of the pruned group channels."""
+        for g, kept in zip(self.groups, self.channels_kept):
+            for m in g.members:
+                mask = self.masks.get(self._slot[m.param])
+                if mask is None:
+                    mask = self.extra_masks[m.param]
+                pruned = m.index[~kept[m.channel]].to(mask.device)
+                mask.index_fill_(m.dim, pruned, False)
+
+    def channel_sparsity(self) -> float:
+        """Fraction of the groups' channels pruned."""
+        total = sum(g.channels for g in self.groups)
+        return sum(int((~k).sum()) for k in self.channels_kept) / total if total else 0.0
+
     def release(self) -> None:
         """Make every weight trainable again (dense-sparse-dense); pruned ones restart at zero."""
-        for n in self.masks:
-            self.masks[n].fill_(True)
+        for _, mask in self._tensors():
+            mask.fill_(True)
+        for kept in self.channels_kept:
+            kept.fill_(True)
 
     # -- keeping zeros zero -----------------------------------------------------------------
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned weights."""
-        for n, w in self.weights.items():
-            w.mul_(self.masks[n])
+        for w, mask in self._tensors():
+            w.mul_(mask)
 
     @torch.no_grad()
     def mask_grads(self) -> None:
         """Zero the gradients of pruned weights, so optimiser state (momentum, Adam moments) for
         them stays zero and a later release (DSD) starts them from rest."""
-        for n, w in self.weights.items():
+        for w, mask in self._tensors():
             if w.grad is not None:
-                w.grad.mul_(self.masks[n])
+                w.grad.mul_(mask)
 
     @torch.no_grad()
     def mask_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero optimiser state (momentum buffers, Adam moments) of pruned weights."""
-        for n, w in self.weights.items():
+        for w, mask in self._tensors():
             for value in optimizer.state.get(w, {}).values():
                 if torch.is_tensor(value) and value.shape == w.shape:
-                    value.mul_(self.masks[n])
+                    value.mul_(mask)
 
     # -- counting ------------------------------------------------------------------------------
     def sparsity(self, layers: Iterable[str] | None = None) -> float:
@@ -92,11 +171,16 @@ class Masks:
         return zeros / total if total else 0.0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: m.clone().cpu() for n, m in self.masks.items()}
+        state = {n: m.clone().cpu() for n, m in {**self.masks, **self.extra_masks}.items()}
+        state.update({f"#channels{i}": k.clone() for i, k in enumerate(self.channels_kept)})
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for n, m in state.items():
-            self.masks[n].copy_(m)
+            if n.startswith("#channels"):
+                self.channels_kept[int(n.removeprefix("#channels"))].copy_(m)
+            else:
+                (self.masks if n in self.masks else self.extra_masks)[n].copy_(m)
         self.apply()
 
 
