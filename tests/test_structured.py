@@ -163,3 +163,14 @@ def test_structured_keys_need_a_structured_criterion():
 def test_head_only_layers_is_a_clear_error():
     with pytest.raises(UserError, match="selects no layer with prunable channels"):
         Trial(spec.load(None, raw=digits_raw(schedule__criterion="l1_filter", schedule__layers="last:1")).trial_spec())
+
+
+def test_vgg11_half_the_filters_removed_leaves_at_most_30_percent_of_conv_params():
+    """The issue's bar on size (its speed half is measured by benchmarks/structured_speedup.py)."""
+    model, layers, groups, masks, example = _setup("vgg11", size=32)
+    masks.prune(0.5, l1_filter, layers, "layer")
+    compact = remove_channels(model, groups, masks.channels_kept, example)
+    conv = lambda m: sum(c.weight.numel() for c in m.modules() if isinstance(c, nn.Conv2d))  # noqa: E731
+    assert conv(compact) <= 0.30 * conv(model)
+    assert [c.out_channels for c in compact.modules() if isinstance(c, nn.Conv2d)] == \
+        [32, 64, 128, 128, 256, 256, 256, 256]
