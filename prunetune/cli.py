@@ -87,7 +87,8 @@ def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None):
     loaded = spec_mod.load(spec_path, list(sets), for_trial=True)
     spec = loaded.trial_spec()
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
-    runner = Trial(spec)  # reads the data and builds the model: bad input fails here, before any write
+    teacher = tracking.teacher_dir(spec.distill.teacher, uri, spec.tracking.artifacts) if spec.distill else None
+    runner = Trial(spec, teacher_dir=teacher)  # reads the data, builds the model: bad input fails here, before any write
 
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
     config_hash = spec.config_hash()

@@ -29,8 +29,9 @@ FINAL_METRICS = (
     "theoretical_speedup", "checkpoint_bytes", "train_epochs_total", "trial_seconds", "val_acc",
     # structured criteria; the last four only with schedule.remove
     "channel_sparsity", "compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup",
+    "teacher_test_acc",  # with distill
 )
-SEARCHABLE_SECTIONS = ("model", "data", "train", "schedule")
+SEARCHABLE_SECTIONS = ("model", "data", "train", "schedule", "distill")
 SEARCH_KINDS = ("choice", "uniform", "loguniform", "int")
 
 
@@ -127,6 +128,22 @@ class ScheduleSpec(_Strict):
         return v
 
 
+class DistillSpec(_Strict):
+    """Knowledge distillation: `model.arch` is trained as the student of `teacher` (an MLflow run
+    id or a trial's checkpoint directory) with alpha · T² · KL(teacher ‖ student) + (1 − alpha) · CE."""
+
+    teacher: str = Field(min_length=1)
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _text(cls, v):
+        if not isinstance(v, str):
+            raise ValueError(f"must be a run id or a directory, as text (got {v!r}); quote a run id in YAML")
+        return v
+
+
 class Objective(_Strict):
     metric: str
     mode: Literal["max", "min"]
@@ -175,7 +192,7 @@ class Spec(_Strict):
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     schedule: ScheduleSpec = ScheduleSpec()
-    distill: None = None  # knowledge distillation is not built yet: only null is accepted
+    distill: Optional[DistillSpec] = None
     search: SearchSpec = SearchSpec()
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -207,7 +224,8 @@ class Spec(_Strict):
         """Content hash of what determines the dense phase: trials with equal hashes share it."""
         d = self.model_dump(mode="json")
         train = {k: v for k, v in d["train"].items() if k != "finetune_epochs"}
-        return _hash({"seed": d["seed"], "model": d["model"], "data": d["data"], "train": train})
+        return _hash({"seed": d["seed"], "model": d["model"], "data": d["data"], "train": train,
+                      **({"distill": d["distill"]} if d["distill"] else {})})  # the dense phase is distilled too
 
 
 def _hash(obj: Any) -> str:
@@ -376,11 +394,18 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return deep_merge(merged, data)
 
 
+# Keys whose --set value is always text: an MLflow run id such as 0123…, or 1e05…, must not
+# turn into a number.
+_TEXT_KEYS = frozenset({"name", "distill.teacher", "model.weights", "data.root"})
+
+
 def parse_set(item: str) -> tuple[str, Any]:
     """`a.b=value` → ('a.b', value parsed as a YAML scalar or flow collection)."""
     key, sep, text = item.partition("=")
     if not sep or not key or any(not p for p in key.split(".")):
         raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. schedule.sparsity=0.8")
+    if key in _TEXT_KEYS and text and not text.lstrip().startswith(("{", "[")):
+        return key, text
     try:
         value = yaml_load(text) if text else None
     except yaml.YAMLError:

@@ -144,3 +144,43 @@ def child_runs(tracker: Tracker, experiment: str, parent_run_id: str) -> dict[st
                                       filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
                                       max_results=50_000)
     return {r.data.tags.get(TAG_TRIAL_ID): r for r in runs if TAG_TRIAL_ID in r.data.tags}
+
+
+def teacher_dir(teacher: str, uri: str, artifacts: str) -> Path:
+    """The local checkpoint directory of a distillation teacher: `teacher` itself when it is a
+    directory, else the artifacts of MLflow run `teacher` (config.yaml, checkpoint/model.pt,
+    data/split.csv), downloaded once into the cache."""
+    from prunetune.data.cache import cache_root
+    from prunetune.distill import TEACHER_FILES
+
+    local = Path(teacher).expanduser()
+    if local.is_dir():
+        return local
+    if not (len(teacher) == 32 and all(c in "0123456789abcdef" for c in teacher)):
+        raise UserError(f"distill.teacher: {teacher!r} is neither a directory nor an MLflow run id "
+                        "(32 hex digits)")
+    entry = cache_root() / "teachers" / teacher
+    if all((entry / f).is_file() for f in TEACHER_FILES):
+        return entry
+    uri = absolute_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"distill.teacher: no run {teacher} (the tracking store {uri} does not exist)")
+    tracker = Tracker(uri, artifacts)
+    try:
+        tracker.client.get_run(teacher)
+    except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing run
+        raise UserError(f"distill.teacher: no run {teacher} in {uri}") from None
+    tmp = entry.parent / f"{teacher}.tmp-{os.getpid()}"
+    try:
+        for f in TEACHER_FILES:
+            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+            tracker.download(teacher, f, (tmp / f).parent)
+    except Exception:  # noqa: BLE001
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"distill.teacher: run {teacher} lacks the artifacts {', '.join(TEACHER_FILES)} "
+                        "(is it a prunetune trial that finished?)") from None
+    if not entry.is_dir():
+        tmp.rename(entry)
+    return entry

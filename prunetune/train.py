@@ -50,7 +50,8 @@ class Trainer:
     """Trains `model` on `data` (a DeviceData) while keeping `masks` applied."""
 
     def __init__(self, model: nn.Module, data, train_spec, masks, report: Report, seed: int,
-                 loss_fn: Callable | None = None, penalty: Callable[[], torch.Tensor] | None = None):
+                 loss_fn: Callable | None = None, penalty: Callable[[], torch.Tensor] | None = None,
+                 distiller=None):
         self.model, self.data, self.spec, self.masks, self.report = model, data, train_spec, masks, report
         self.device = data.device
         self.batch_size = min(train_spec.batch_size, data.size("train"))
@@ -68,6 +69,7 @@ class Trainer:
                                    if balance == "weighted_loss" else F.cross_entropy)
         self._sample_weights = inverse[data.y["train"].cpu()] if balance == "balanced_sampler" else None
         self.penalty = penalty  # added to the loss that is minimised (not to the reported loss)
+        self.distiller = distiller  # knowledge distillation: the loss mixes in the teacher's soft targets
         self.on_epoch_end: Callable[[int], None] | None = None
         self._perm, self._perm_epoch = None, -1
         self._use_amp = train_spec.amp and self.device.type == "cuda"
@@ -78,6 +80,7 @@ class Trainer:
     # -- helpers -------------------------------------------------------------------------------
     def _reset_epoch_stats(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._distill_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self._correct = torch.zeros((), device=self.device, dtype=torch.int64)
         self._seen = 0
         self._steps_in_epoch = 0
@@ -130,6 +133,10 @@ class Trainer:
             with self.autocast():
                 logits = self.model(x)
                 loss = self.loss_fn(logits, y)
+                if self.distiller is not None:
+                    soft = self.distiller.soft_loss(logits, x)
+                    loss = self.distiller.alpha * soft + (1 - self.distiller.alpha) * loss
+                    self._distill_sum += soft.detach().double() * len(y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at epoch {self.epoch}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -155,6 +162,8 @@ class Trainer:
             return
         epoch = (self.global_step - 1) // self.steps_per_epoch
         metrics = {"train_loss": float(self._loss_sum) / self._seen, "train_acc": int(self._correct) / self._seen}
+        if self.distiller is not None:  # the soft (teacher) part of train_loss, before the alpha mix
+            metrics["distill_loss"] = float(self._distill_sum) / self._seen
         if self.data.size("val"):
             val = self.evaluate("val")
             metrics.update(val_loss=val["loss"], val_acc=val["acc"])

@@ -95,7 +95,9 @@ def _load_state(model: torch.nn.Module, path: Path) -> None:
 class Trial:
     """The pieces of one trial, built from a resolved spec (see `run_trial`)."""
 
-    def __init__(self, spec: Spec, report: Report | None = None):
+    def __init__(self, spec: Spec, report: Report | None = None, teacher_dir: Path | None = None):
+        """`teacher_dir`: the distillation teacher's checkpoint directory, when `distill.teacher`
+        is a run id (resolved by the caller); by default `distill.teacher` itself."""
         self._start = time.perf_counter()
         self.spec = spec
         self.report = report or (lambda metrics, epoch: None)
@@ -124,13 +126,22 @@ class Trial:
         self.masks = Masks(self.model, self.layers, groups)
         self.data = DeviceData(self.dataset, self.device, spec.data.augment,
                                imagenet_stats=bool(spec.model.weights))
+        self.distiller = None
+        if spec.distill is not None:
+            from prunetune.distill import Distiller
+
+            directory = Path(teacher_dir or spec.distill.teacher).expanduser()
+            if not directory.is_dir():
+                raise UserError(f"distill.teacher: {spec.distill.teacher!r} is not a checkpoint directory "
+                                "(an MLflow run id is resolved by `prunetune trial` and `prunetune sweep`)")
+            self.distiller = Distiller(directory, spec, self.dataset, self.data)
         penalty = None
         if groups and spec.train.group_lasso > 0:
             lasso, lam = structured.GroupLasso(groups, self.model), spec.train.group_lasso
             penalty = lambda: lam * lasso()  # noqa: E731
         # through a lambda, so `trial.report` may be set after construction (once a run exists)
         self.trainer = Trainer(self.model, self.data, spec.train, self.masks,
-                               lambda metrics, epoch: self.report(metrics, epoch), spec.seed, penalty=penalty)
+                               lambda metrics, epoch: self.report(metrics, epoch), spec.seed, penalty=penalty, distiller=self.distiller)
         self.compact: torch.nn.Module | None = None
         self.phase_index, self.phase_start_clock = -1, 0.0  # -1: the dense phase
 
@@ -206,6 +217,10 @@ class Trial:
         m["checkpoint_bytes"] = sparse_checkpoint_bytes(self.model.state_dict())
         m["train_epochs_total"] = self.trainer.global_step / self.trainer.steps_per_epoch
         self._test_logits, self._test_labels = logits, labels
+        if self.distiller is not None:
+            from prunetune.distill import teacher_accuracy
+
+            m["teacher_test_acc"] = teacher_accuracy(self.distiller, self.data, 2 * self.trainer.batch_size)
         if self.masks.groups:
             m["channel_sparsity"] = self.masks.channel_sparsity()
             if self.spec.schedule.remove:

@@ -54,7 +54,10 @@ def error_of(tmp_path, text, sets=(), for_trial=False) -> str:
     ("name: a\nschedule: {layers: 'first:x'}\n", ["schedule.layers", "first:K"]),
     ("name: a\ndata: {val_fraction: 0.5, test_fraction: 0.5}\n", ["below 1"]),
     ("seed: 1\n", ["name", "required"]),
-    ("name: a\ndistill: {teacher: abc}\n", ["distill"]),
+    ("name: a\ndistill: {teacher: 1234}\n", ["distill.teacher", "quote a run id"]),
+    ("name: a\ndistill: {teacher: abc, alpha: 2}\n", ["distill.alpha"]),
+    ("name: a\ndistill: {temperature: 2}\n", ["distill.teacher", "required"]),
+    ("name: a\nschedule: {remove: true}\n", ["schedule.remove", "l1_filter"]),
 ])
 def test_bad_spec_is_one_clear_error(tmp_path, text, needles):
     message = error_of(tmp_path, text)

@@ -84,6 +84,14 @@ def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
     return "\n".join(lines)
 
 
+def teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
+    """Every distillation teacher the sweep may use → its local checkpoint directory."""
+    entry = loaded.space.get("distill.teacher")
+    spec = loaded.fixed_spec()
+    names = entry.probe_values() if entry else [spec.distill.teacher] if spec.distill else []
+    return {t: str(tracking.teacher_dir(t, uri, spec.tracking.artifacts)) for t in names}
+
+
 def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: str | None) -> tuple[SweepPaths, str]:
     """All checks that need no Ray and write nothing; returns the sweep paths and tracking URI."""
     from prunetune.data import load_dataset
@@ -94,6 +102,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: st
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
     load_dataset(spec.data, spec.seed)  # a missing or malformed data root fails here
+    teachers(loaded, uri)  # a missing distillation teacher fails here
     paths = SweepPaths.of(spec.name)
     exists = paths.meta.is_file()
     if exists and not (resume or restart):
@@ -146,6 +155,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
         # the driver's cache folder, passed on: workers of an attached cluster have other environments
         tune.with_parameters(_trainable, raw=loaded.raw, dense_dir=str(DenseCache().root),
                              resume_dir=str(paths.resume), cpus=res.cpus_per_trial,
+                             teachers=teachers(loaded, uri),
                              checkpoint_s=float(os.environ.get("PRUNETUNE_CHECKPOINT_S", "10"))),
         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     objectives = [(o.metric, o.mode) for o in spec.search.objectives]

@@ -33,7 +33,7 @@ from prunetune.sweep import FINAL_FLAG, PER_EPOCH
 # ---------------------------------------------------------------------------------------------
 
 def _trainable(config: dict, *, raw: dict, dense_dir: str, resume_dir: str, cpus: float,
-               checkpoint_s: float) -> None:
+               checkpoint_s: float, teachers: dict[str, str]) -> None:
     """One trial in a Ray worker. Its resume state is its own, not Tune's: Tune deletes a trial's
     older checkpoint when it records a newer one, so a driver killed between that and its next
     experiment snapshot would leave the snapshot naming a deleted checkpoint. Here the latest
@@ -46,7 +46,7 @@ def _trainable(config: dict, *, raw: dict, dense_dir: str, resume_dir: str, cpus
     torch.set_num_threads(max(1, int(cpus)))
     loaded = load(None, raw=raw)
     spec = search.spec_of(loaded, config)
-    trial = Trial(spec)
+    trial = Trial(spec, teacher_dir=Path(teachers[spec.distill.teacher]) if spec.distill else None)
     tid = tune.get_context().get_trial_id()
     resume = Path(resume_dir)
     resume.mkdir(parents=True, exist_ok=True)
