@@ -205,6 +205,12 @@ class Spec(_Strict):
             raise ValueError(
                 f"schedule.rewind_epoch ({s.rewind_epoch}) must not exceed train.dense_epochs "
                 f"({self.train.dense_epochs}) for method lottery")
+        if s.method in ("dsd", "ist") and s.criterion in registry.STRUCTURED_CRITERIA:
+            # A pruned channel has all of its group at zero (filters, batch norm, next layers'
+            # inputs): every gradient of it is zero, so it could never regrow after the release.
+            raise ValueError(f"schedule.method {s.method} re-grows pruned weights from zero, which a pruned "
+                             f"channel cannot (its whole group is zero, so are its gradients); use "
+                             f"l1_unstructured or random with {s.method}")
         if s.method == "gradual" and s.end_epoch <= s.start_epoch:
             raise ValueError(f"schedule.end_epoch ({s.end_epoch:g}) must be after schedule.start_epoch "
                              f"({s.start_epoch:g}) for method gradual")

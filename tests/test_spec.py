@@ -58,6 +58,7 @@ def error_of(tmp_path, text, sets=(), for_trial=False) -> str:
     ("name: a\ndistill: {teacher: abc, alpha: 2}\n", ["distill.alpha"]),
     ("name: a\ndistill: {temperature: 2}\n", ["distill.teacher", "required"]),
     ("name: a\nschedule: {remove: true}\n", ["schedule.remove", "l1_filter"]),
+    ("name: a\nschedule: {method: ist, criterion: l2_filter}\n", ["schedule.method ist", "cannot"]),
 ])
 def test_bad_spec_is_one_clear_error(tmp_path, text, needles):
     message = error_of(tmp_path, text)

@@ -362,3 +362,66 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_new_methods_structured_removal_and_distillation_in_a_sweep(tmp_path):
+    """gradual, dsd and ist with an unstructured criterion, and gradual and oneshot with a
+    structured one with removal, as Optuna's grid; every trial is a student of a teacher given by
+    its MLflow run id."""
+    teacher_spec = tmp_path / "teacher.yaml"
+    teacher_spec.write_text("name: teacher\ndata: {dataset: digits, image_size: 8}\n"
+                            "train: {batch_size: 128, lr: 0.05, dense_epochs: 1, finetune_epochs: 0}\n")
+    r = subprocess.run([sys.executable, "-m", "prunetune.cli", "trial", str(teacher_spec)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    teacher_id = r.stdout.split("run id: ")[1].split()[0]
+    teacher_acc = client(tmp_path).get_run(teacher_id).data.metrics["test_acc"]
+    spec = tmp_path / "methods.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: methods
+        data: {{dataset: digits, image_size: 8}}
+        train: {{batch_size: 128, lr: 0.05, dense_epochs: 1, finetune_epochs: 1}}
+        schedule:
+          method: {{choice: [gradual, dsd, ist, oneshot]}}
+          sparsity: 0.5
+          step_epochs: 1
+          end_epoch: 2.0
+        distill: {{teacher: "{teacher_id}"}}
+        search: {{sampler: grid, num_trials: 4}}
+        resources: {{cpus_per_trial: 1, max_concurrent: 2}}
+        """))
+    r = sweep([str(spec)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # dsd and ist with a structured criterion are refused (a zero channel group cannot regrow)
+    r = sweep([str(spec), "--set", "name=refused", "--set", "schedule.criterion=l1_filter"], tmp_path)
+    assert r.returncode == 2 and "cannot" in r.stderr and "Traceback" not in r.stderr
+    r = sweep([str(spec), "--set", "name=methods_filter", "--set", "schedule.method={choice: [gradual, oneshot]}",
+               "--set", "search.num_trials=2", "--set", "schedule.criterion=l1_filter",
+               "--set", "schedule.remove=true"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    children = runs_of(tmp_path, "methods")[1] + runs_of(tmp_path, "methods_filter")[1]
+    c = client(tmp_path)
+    combos = set()
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags.get("prunetune.error")
+        p, m = run.data.params, run.data.metrics
+        combos.add((p["schedule.method"], p["schedule.criterion"]))
+        assert p["distill.teacher"] == teacher_id
+        assert len(c.get_metric_history(run.info.run_id, "distill_loss")) >= 2
+        assert m["teacher_test_acc"] == pytest.approx(teacher_acc)
+        artifacts = {a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")}
+        if p["schedule.criterion"] == "l1_filter":
+            assert {"compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup"} <= set(m)
+            assert "checkpoint/compact.pt2" in artifacts
+        else:
+            assert "compact_params" not in m and "checkpoint/compact.pt2" not in artifacts
+        if p["schedule.method"] in ("gradual", "oneshot"):  # ends at its target
+            key = "channel_sparsity" if p["schedule.criterion"] == "l1_filter" else "sparsity"
+            assert m[key] == pytest.approx(0.5, abs=0.02)
+            if key == "channel_sparsity":
+                assert m["compact_params"] < m["total_params"]
+        else:  # dsd and ist end dense, and their sparsity history shows the sparse phase
+            assert m["sparsity"] < 0.05
+            assert max(x.value for x in c.get_metric_history(run.info.run_id, "sparsity")) > 0.4
+    assert combos == {("gradual", "l1_unstructured"), ("dsd", "l1_unstructured"), ("ist", "l1_unstructured"),
+                      ("oneshot", "l1_unstructured"), ("gradual", "l1_filter"), ("oneshot", "l1_filter")}

@@ -22,7 +22,8 @@ from prunetune import search, tracking
 from prunetune.errors import UserError
 from prunetune.spec import LoadedSpec, SearchEntry
 
-PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds")
+PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds",
+             "distill_loss")  # distill_loss: with distill only
 FINAL_FLAG = "prunetune_final"  # set in a trial's last report, which carries the final metrics
 
 
