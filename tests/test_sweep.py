@@ -365,7 +365,7 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
 
 
 def test_new_methods_structured_removal_and_distillation_in_a_sweep(tmp_path):
-    """gradual, dsd and ist with an unstructured criterion, and gradual and oneshot with a
+    """gradual, dsd, ist and layerwise with an unstructured criterion, and gradual and oneshot with a
     structured one with removal, as Optuna's grid; every trial is a student of a teacher given by
     its MLflow run id."""
     teacher_spec = tmp_path / "teacher.yaml"
@@ -382,7 +382,7 @@ def test_new_methods_structured_removal_and_distillation_in_a_sweep(tmp_path):
         data: {{dataset: digits, image_size: 8}}
         train: {{batch_size: 128, lr: 0.05, dense_epochs: 1, finetune_epochs: 1}}
         schedule:
-          method: {{choice: [gradual, dsd, ist, oneshot]}}
+          method: {{choice: [gradual, dsd, ist, layerwise]}}
           sparsity: 0.5
           step_epochs: 1
           end_epoch: 2.0
@@ -415,7 +415,7 @@ def test_new_methods_structured_removal_and_distillation_in_a_sweep(tmp_path):
             assert "checkpoint/compact.pt2" in artifacts
         else:
             assert "compact_params" not in m and "checkpoint/compact.pt2" not in artifacts
-        if p["schedule.method"] in ("gradual", "oneshot"):  # ends at its target
+        if p["schedule.method"] in ("gradual", "layerwise", "oneshot"):  # ends at its target
             key = "channel_sparsity" if p["schedule.criterion"] == "l1_filter" else "sparsity"
             assert m[key] == pytest.approx(0.5, abs=0.02)
             if key == "channel_sparsity":
@@ -424,4 +424,4 @@ def test_new_methods_structured_removal_and_distillation_in_a_sweep(tmp_path):
             assert m["sparsity"] < 0.05
             assert max(x.value for x in c.get_metric_history(run.info.run_id, "sparsity")) > 0.4
     assert combos == {("gradual", "l1_unstructured"), ("dsd", "l1_unstructured"), ("ist", "l1_unstructured"),
-                      ("oneshot", "l1_unstructured"), ("gradual", "l1_filter"), ("oneshot", "l1_filter")}
+                      ("layerwise", "l1_unstructured"), ("gradual", "l1_filter"), ("oneshot", "l1_filter")}

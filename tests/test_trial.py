@@ -141,12 +141,14 @@ def test_non_finite_loss_fails_the_trial(tmp_path):
         run_trial(spec.validate(digits_raw(train__lr=1e12, train__optimizer="sgd")), tmp_path)
 
 
-@pytest.mark.parametrize("method", ["iterative", "lottery"])
-def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, method):
+@pytest.mark.parametrize("method,criterion", [("iterative", "l1_unstructured"), ("lottery", "l1_unstructured"),
+                                              ("iterative", "l1_filter")])
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, method, criterion):
     """A trial checkpointed at an epoch boundary and resumed in a new process ends exactly as
-    one that ran through (CPU, same seed)."""
+    one that ran through (CPU, same seed); structured masks (channels, batch norms) included."""
     overrides = dict(schedule__method=method, schedule__sparsity=0.6, schedule__step_size=0.3,
-                     schedule__step_epochs=1.5, train__dense_epochs=2, train__finetune_epochs=1)
+                     schedule__step_epochs=1.5, train__dense_epochs=2, train__finetune_epochs=1,
+                     schedule__criterion=criterion)
     cache = DenseCache(tmp_path / "cache")
     full = run_trial(spec.validate(digits_raw(**overrides)), tmp_path / "full", cache=cache)
 
@@ -171,3 +173,5 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, method):
     assert [h["epoch"] for h in result.history] == [h["epoch"] for h in full.history]
     for key in ("test_acc", "test_loss", "sparsity", "nonzero_params"):
         assert result.metrics[key] == pytest.approx(full.metrics[key], rel=1e-5), key
+    if criterion == "l1_filter":
+        assert result.metrics["channel_sparsity"] == full.metrics["channel_sparsity"] > 0.5
