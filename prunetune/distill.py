@@ -56,7 +56,6 @@ class Distiller:
             raise UserError(f"distill.teacher: {directory / 'checkpoint/model.pt'} does not fit a "
                             f"{spec.model.arch} for {len(dataset.classes)} classes ({str(exc)[:200]})") from None
         self.model.to(data.device).eval().requires_grad_(False)
-        self.arch = spec.model.arch
         self.temperature, self.alpha = student.distill.temperature, student.distill.alpha
         # The student's batches are normalised with the student's statistics; give the teacher
         # its own (ImageNet statistics when it started from ImageNet weights).
@@ -92,11 +91,11 @@ class Distiller:
 
     def soft_loss(self, student_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """T² · KL(teacher ‖ student) at temperature T, averaged over the batch."""
-        t = self.temperature
-        return kd_soft_loss(student_logits, self.teacher_logits(x), t)
+        return kd_soft_loss(student_logits, self.teacher_logits(x), self.temperature)
 
 
 def kd_soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target loss: T² keeps its gradients on the scale of the hard loss's."""
     t = temperature
     return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
                     reduction="batchmean", log_target=True) * t * t

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,7 @@ def teacher_dir(teacher: str, uri: str, artifacts: str) -> Path:
         for f in TEACHER_FILES:
             (tmp / f).parent.mkdir(parents=True, exist_ok=True)
             tracker.download(teacher, f, (tmp / f).parent)
-    except Exception:  # noqa: BLE001
-        import shutil
-
+    except Exception:  # noqa: BLE001 - MLflow's own error types
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"distill.teacher: run {teacher} lacks the artifacts {', '.join(TEACHER_FILES)} "
                         "(is it a prunetune trial that finished?)") from None

@@ -34,16 +34,11 @@ class Masks:
         # group members other than the layers' weights: biases, batch-norm scales and shifts
         params = dict(model.named_parameters())
         weight_of = {f"{n}.weight": n for n in layer_names}
-        self._slot = {}  # member param -> key in self.masks or self.extra_masks
-        self.extra: dict[str, torch.Tensor] = {}
-        for g in self.groups:
-            for m in g.members:
-                if m.param in weight_of:
-                    self._slot[m.param] = weight_of[m.param]
-                else:
-                    self.extra[m.param] = params[m.param]
-                    self._slot[m.param] = m.param
+        self.extra: dict[str, torch.Tensor] = {
+            m.param: params[m.param] for g in self.groups for m in g.members if m.param not in weight_of}
         self.extra_masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.extra.items()}
+        # a member parameter's mask
+        self._mask_of = {**{p: self.masks[n] for p, n in weight_of.items()}, **self.extra_masks}
 
     def _tensors(self):
         """(tensor, mask) of everything masked."""
@@ -121,9 +116,7 @@ class Masks:
         """Mask every member slice of the pruned group channels."""
         for g, kept in zip(self.groups, self.channels_kept):
             for m in g.members:
-                mask = self.masks.get(self._slot[m.param])
-                if mask is None:
-                    mask = self.extra_masks[m.param]
+                mask = self._mask_of[m.param]
                 pruned = m.index[~kept[m.channel]].to(mask.device)
                 mask.index_fill_(m.dim, pruned, False)
 
