@@ -563,6 +563,20 @@ def _check_structured(raw: dict, space: dict[str, SearchEntry]) -> None:
                         f"got {criterion!r}")
 
 
+def _check_objectives(spec: Spec, space: dict[str, SearchEntry]) -> None:
+    """An objective must be a metric every trial reports."""
+    structured = spec.schedule.criterion in registry.STRUCTURED_CRITERIA and "schedule.criterion" not in space
+    removed = structured and spec.schedule.remove and "schedule.remove" not in space
+    needs = {"channel_sparsity": (structured, "a structured schedule.criterion (not searched)"),
+             "teacher_test_acc": (spec.distill is not None, "distill")}
+    for metric in ("compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup"):
+        needs[metric] = (removed, "a structured schedule.criterion with schedule.remove: true (neither searched)")
+    for o in spec.search.objectives:
+        ok, what = needs.get(o.metric, (True, ""))
+        if not ok:
+            raise UserError(f"search.objectives: {o.metric} is reported only with {what}")
+
+
 def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = None,
          for_trial: bool = False) -> LoadedSpec:
     """Load a spec file (or a raw mapping), apply `base:` and `--set` overrides, and validate it.
@@ -586,7 +600,7 @@ def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = 
     _check_space(raw, space, unused_is_error=not for_trial)
     _check_structured(raw, space)
     loaded = LoadedSpec(p, raw, space)
-    loaded.fixed_spec()  # full validation with searched keys at a representative value
+    _check_objectives(loaded.fixed_spec(), space)  # full validation with searched keys at a representative value
     return loaded
 
 

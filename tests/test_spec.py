@@ -59,6 +59,9 @@ def error_of(tmp_path, text, sets=(), for_trial=False) -> str:
     ("name: a\ndistill: {temperature: 2}\n", ["distill.teacher", "required"]),
     ("name: a\nschedule: {remove: true}\n", ["schedule.remove", "l1_filter"]),
     ("name: a\nschedule: {method: ist, criterion: l2_filter}\n", ["schedule.method ist", "cannot"]),
+    ("name: a\nschedule: {criterion: l1_filter}\nsearch: {objectives: [{metric: measured_speedup, mode: max}]}\n",
+     ["search.objectives", "measured_speedup", "schedule.remove"]),
+    ("name: a\nsearch: {objectives: [{metric: teacher_test_acc, mode: max}]}\n", ["teacher_test_acc", "distill"]),
 ])
 def test_bad_spec_is_one_clear_error(tmp_path, text, needles):
     message = error_of(tmp_path, text)
