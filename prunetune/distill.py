@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from prunetune.data.device import IMAGENET_MEAN, IMAGENET_STD
+from prunetune.data.device import normalisation
 from prunetune.errors import UserError
 from prunetune.models import build_model
 
@@ -57,17 +57,11 @@ class Distiller:
                             f"{spec.model.arch} for {len(dataset.classes)} classes ({str(exc)[:200]})") from None
         self.model.to(data.device).eval().requires_grad_(False)
         self.temperature, self.alpha = student.distill.temperature, student.distill.alpha
+        self.data = data
         # The student's batches are normalised with the student's statistics; give the teacher
         # its own (ImageNet statistics when it started from ImageNet weights).
-        if bool(spec.model.weights) != bool(student.model.weights) and dataset.in_channels == 3:
-            if spec.model.weights:
-                mean, std = torch.tensor(IMAGENET_MEAN) * 255, torch.tensor(IMAGENET_STD) * 255
-                self._teacher_stats = (mean.view(1, 3, 1, 1).to(data.device), std.view(1, 3, 1, 1).to(data.device))
-            else:  # the dataset's own statistics, from the student's training split
-                train = data.x["train"].float()
-                self._teacher_stats = (train.mean(dim=(0, 2, 3), keepdim=True),
-                                       train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1.0))
-            self._student_stats = (data.mean, data.std)
+        if bool(spec.model.weights) != bool(student.model.weights):
+            self._teacher_stats = normalisation(dataset.part("train")[0], bool(spec.model.weights), data.device)
         else:
             self._teacher_stats = None
 
@@ -84,7 +78,7 @@ class Distiller:
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self._teacher_stats is not None:
-            (ms, ss), (mt, st) = self._student_stats, self._teacher_stats
+            (ms, ss), (mt, st) = (self.data.mean, self.data.std), self._teacher_stats
             x = (x * ss + ms - mt) / st
         with torch.no_grad():
             return self.model(x)

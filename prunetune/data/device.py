@@ -12,6 +12,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalisation(train_images: np.ndarray, imagenet: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (shape 1×C×1×1, on `device`) that inputs are normalised with:
+    ImageNet's for 3-channel data when `imagenet` (a model from ImageNet weights), else those of
+    the training split's uint8 images."""
+    channels = train_images.shape[1]
+    if imagenet and channels == 3:
+        mean, std = torch.tensor(IMAGENET_MEAN) * 255, torch.tensor(IMAGENET_STD) * 255
+    else:
+        # Per-channel statistics of the training split, in float64 for a stable sum.
+        train = torch.from_numpy(train_images).double()
+        mean = train.mean(dim=(0, 2, 3))
+        std = train.std(dim=(0, 2, 3)).clamp_min(1.0)
+    return (mean.float().view(1, channels, 1, 1).to(device), std.float().view(1, channels, 1, 1).to(device))
+
+
 class DeviceData:
     def __init__(self, dataset, device: torch.device, augment: list[str] = (), imagenet_stats: bool = False):
         self.device = device
@@ -23,16 +38,7 @@ class DeviceData:
             self.x[split] = torch.from_numpy(np.ascontiguousarray(images)).to(device)
             self.y[split] = torch.from_numpy(labels).to(device)
         self.num_classes = len(dataset.classes)
-        channels = dataset.in_channels
-        if imagenet_stats and channels == 3:
-            mean, std = torch.tensor(IMAGENET_MEAN) * 255, torch.tensor(IMAGENET_STD) * 255
-        else:
-            # Per-channel statistics of the training split, in float64 for a stable sum.
-            train = torch.from_numpy(dataset.part("train")[0]).double()
-            mean = train.mean(dim=(0, 2, 3))
-            std = train.std(dim=(0, 2, 3)).clamp_min(1.0)
-        self.mean = mean.float().view(1, channels, 1, 1).to(device)
-        self.std = std.float().view(1, channels, 1, 1).to(device)
+        self.mean, self.std = normalisation(dataset.part("train")[0], imagenet_stats, device)
 
     def size(self, split: str) -> int:
         return len(self.y[split])
