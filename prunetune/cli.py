@@ -44,6 +44,9 @@ set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                           help="Override a spec key (dotted, repeatable), e.g. --set schedule.sparsity=0.8")
 uri_option = click.option("--tracking-uri", default=None, metavar="URI",
                           help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the spec's tracking.uri)")
+storage_option = click.option("--storage", default=None, metavar="URI",
+                              help="Where sweep state and shared work live (default: the spec's tracking.storage): "
+                                   "a path, a shared filesystem path, or s3://bucket/prefix")
 spec_argument = click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
 
 
@@ -78,17 +81,20 @@ def validate(spec_path: Path, sets: tuple[str, ...]):
 @spec_argument
 @set_option
 @uri_option
+@storage_option
 @handle_errors
-def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None):
+def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None, storage: str | None):
     """Run one trial in this process (no Ray); searched keys must be fixed by the spec or --set."""
     from prunetune import tracking
-    from prunetune.trial import Trial
+    from prunetune.storage import Storage
+    from prunetune.trial import DenseCache, Trial
 
     loaded = spec_mod.load(spec_path, list(sets), for_trial=True)
     spec = loaded.trial_spec()
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
     teacher = tracking.teacher_dir(spec.distill.teacher, uri, spec.tracking.artifacts) if spec.distill else None
     runner = Trial(spec, teacher_dir=teacher)  # reads the data, builds the model: bad input fails here, before any write
+    dense = DenseCache(Storage(storage or spec.tracking.storage).child("_dense"))
 
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
     config_hash = spec.config_hash()
@@ -98,7 +104,7 @@ def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None):
     click.echo(f"MLflow run {run_id} in experiment {spec.name!r} ({tracker.uri})", err=True)
     try:
         with tempfile.TemporaryDirectory(prefix="prunetune-trial-") as tmp:
-            result = runner.run(tmp)
+            result = runner.run(tmp, dense)
             tracker.log_metrics(run_id, result.metrics, result.final_step)
             tracker.log_artifacts(run_id, Path(tmp))
     except KeyboardInterrupt:
@@ -118,24 +124,28 @@ def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None):
 @click.option("--resume", is_flag=True, help="Continue the sweep of this spec after Ctrl-C, a crash or a kill.")
 @click.option("--restart", is_flag=True, help="Start this spec's sweep over (its old MLflow runs are kept).")
 @click.option("--address", default=None, metavar="ADDR",
-              help="Attach to a running Ray cluster (default: $RAY_ADDRESS, else a local Ray).")
+              help="Attach to a running Ray cluster: HOST:PORT, or auto for the one started on this machine "
+                   "(default: $RAY_ADDRESS, else a fresh local Ray).")
 @uri_option
+@storage_option
 @set_option
 @click.option("--dry-run", is_flag=True, help="Validate the spec and print the plan; run nothing.")
 @handle_errors
 def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tracking_uri: str | None,
-          sets: tuple[str, ...], dry_run: bool):
+          storage: str | None, sets: tuple[str, ...], dry_run: bool):
     """Run a sweep: Ray Tune trials, Optuna search, MLflow tracking."""
     from prunetune import sweep as sweep_mod
 
     loaded = spec_mod.load(spec_path, list(sets))
     if dry_run:
-        paths, uri = sweep_mod.prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri)
+        paths, uri = sweep_mod.prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri,
+                                       storage=storage)
         click.echo(sweep_mod.plan_text(loaded, paths, uri))
         return
     try:
         result = sweep_mod.run_sweep(loaded, spec_path, resume=resume, restart=restart, address=address,
-                                     tracking_uri=tracking_uri, echo=lambda line: click.echo(line, err=True))
+                                     tracking_uri=tracking_uri, storage=storage,
+                                     echo=lambda line: click.echo(line, err=True))
     except sweep_mod.SweepInterrupted:
         click.echo(f"sweep interrupted; its state is saved. Resume with:\n  prunetune sweep {spec_path} --resume",
                    err=True)
@@ -206,15 +216,16 @@ def ui(spec_path: Path, tracking_uri: str | None, port: int):
               "(default: analysis.cka.top).")
 @click.option("--runs", multiple=True, metavar="RUN_ID", help="Compare these MLflow runs instead (repeatable).")
 @uri_option
+@storage_option
 @handle_errors
-def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str | None):
+def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str | None, storage: str | None):
     """Layer-similarity (linear CKA) within and between the best checkpoints of a sweep."""
     from prunetune import tracking
     from prunetune.analysis import similarity
     from prunetune.sweep import locate
     from prunetune.trial import resolve_device
 
-    spec, parent, uri = locate(target, tracking_uri)
+    spec, parent, uri = locate(target, tracking_uri, storage)
     cfg = spec.analysis.cka
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
     selected = tracking.select_runs(tracker, spec, parent, list(runs), top if top is not None else cfg.top)
@@ -252,14 +263,15 @@ def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str 
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for results.csv, summary.md and the figures (default: reports/<name>).")
 @uri_option
+@storage_option
 @handle_errors
-def report(target: Path, out: Path | None, tracking_uri: str | None):
+def report(target: Path, out: Path | None, tracking_uri: str | None, storage: str | None):
     """The sweep's results table, its summary by method and sparsity, and figures."""
     from prunetune import report as report_mod
     from prunetune import tracking
     from prunetune.sweep import PER_EPOCH, locate
 
-    spec, parent, uri = locate(target, tracking_uri)
+    spec, parent, uri = locate(target, tracking_uri, storage)
     if parent is None:
         raise UserError(f"report: no sweep found for {spec.name!r}; run `prunetune sweep` first")
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
@@ -292,11 +304,14 @@ def report(target: Path, out: Path | None, tracking_uri: str | None):
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for sensitivity.csv and sensitivity.png (default: reports/<name>/sensitivity).")
 @uri_option
+@storage_option
 @handle_errors
-def sensitivity(spec_path: Path, sets: tuple[str, ...], out: Path | None, tracking_uri: str | None):
+def sensitivity(spec_path: Path, sets: tuple[str, ...], out: Path | None, tracking_uri: str | None,
+                storage: str | None):
     """Prune each prunable layer alone at 10%…90% from the dense checkpoint; evaluate without fine-tuning."""
     from prunetune import tracking
     from prunetune.analysis import sensitivity as sens
+    from prunetune.storage import Storage
     from prunetune.trial import DenseCache, Trial
 
     loaded = spec_mod.load(spec_path, list(sets))
@@ -304,7 +319,7 @@ def sensitivity(spec_path: Path, sets: tuple[str, ...], out: Path | None, tracki
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
     tracking.check_store(uri)
     trial = Trial(spec)
-    rows = sens.analyse(trial, DenseCache())
+    rows = sens.analyse(trial, DenseCache(Storage(storage or spec.tracking.storage).child("_dense")))
     out = out or Path("reports") / spec.name / "sensitivity"
     files = sens.write(rows, out, f"{spec.name}: {spec.model.arch}")
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)

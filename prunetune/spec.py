@@ -166,11 +166,17 @@ class ResourcesSpec(_Strict):
     cpus_per_trial: float = Field(1, gt=0)
     gpus_per_trial: float = Field(0, ge=0)
     max_concurrent: int = Field(2, ge=1)
+    # a trial whose worker or node dies restarts from its last saved state, this many times
+    # (not for its own errors: an exception in training or a non-finite loss fails it at once)
+    max_retries: int = Field(2, ge=0)
 
 
 class TrackingSpec(_Strict):
     uri: str = "sqlite:///mlruns/mlflow.db"
     artifacts: str = "mlruns/artifacts"
+    # the sweep's state and everything trials write for others (resume state, finished artifacts,
+    # the dense-phase cache): a path, a shared (NFS) path, or a URI such as s3://bucket/prefix
+    storage: str = Field("mlruns/tune", min_length=1)
 
 
 class CkaSpec(_Strict):
@@ -577,6 +583,18 @@ def _check_objectives(spec: Spec, space: dict[str, SearchEntry]) -> None:
             raise UserError(f"search.objectives: {o.metric} is reported only with {what}")
 
 
+# Files a trial reads, made absolute at load (relative to the working directory): Ray workers,
+# whose working directories differ, and the nodes of a cluster then read the same path.
+_PATH_KEYS = ("data.root", "model.weights")
+
+
+def _absolute_paths(raw: dict) -> None:
+    for key in _PATH_KEYS:
+        value = get_dotted(raw, key)
+        if isinstance(value, str) and value and "://" not in value:
+            set_dotted(raw, key, str(Path(value).expanduser().absolute()))
+
+
 def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = None,
          for_trial: bool = False) -> LoadedSpec:
     """Load a spec file (or a raw mapping), apply `base:` and `--set` overrides, and validate it.
@@ -596,6 +614,7 @@ def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = 
     for item in overrides:
         key, value = parse_set(item)
         set_dotted(raw, key, value)
+    _absolute_paths(raw)
     space = _extract_search(raw)
     _check_space(raw, space, unused_is_error=not for_trial)
     _check_structured(raw, space)

@@ -20,6 +20,9 @@ TAG_CONFIG_HASH = "prunetune.config_hash"
 TAG_KIND = "prunetune.kind"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_REPLICATE = "prunetune.replicate"  # index of the seed replicate (search.replicates)
+TAG_NODE = "prunetune.node"  # the IP of the node a trial ran on
+TAG_NODE_ID = "prunetune.node_id"  # its Ray node id (nodes of one machine share an IP)
+TAG_GPU_IDS = "prunetune.gpu_ids"  # the GPU ids Ray gave the trial ("" for none)
 
 
 def store_uri(spec_uri: str, cli_uri: str | None = None) -> str:
@@ -54,14 +57,18 @@ class Tracker:
         self.uri = absolute_uri(uri)
         if self.uri.startswith("sqlite:///"):
             Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        self.artifacts = artifacts_uri(artifacts)
+        # An MLflow server keeps artifacts where it is told to (`--serve-artifacts`): a local path
+        # here would name this machine's disk for every client. A URI given is used as is.
+        remote = self.uri.startswith(("http://", "https://"))
+        self.artifacts = None if remote and "://" not in artifacts else artifacts_uri(artifacts)
         self.client = MlflowClient(tracking_uri=self.uri)
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=f"{self.artifacts.rstrip('/')}/{name}")
+        location = f"{self.artifacts.rstrip('/')}/{name}" if self.artifacts else None
+        return self.client.create_experiment(name, artifact_location=location)
 
     def start_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any] | None = None,
                   parent_run_id: str | None = None) -> str:
@@ -101,6 +108,10 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (a resumed sweep's parent run)."""
+        self.client.update_run(run_id, status="RUNNING")
 
     def download(self, run_id: str, path: str, dst: Path) -> Path:
         return Path(self.client.download_artifacts(run_id, path, str(dst)))

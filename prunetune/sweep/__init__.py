@@ -3,16 +3,17 @@ driver-side callback is the one writer to MLflow: trials report to Tune, the dri
 report, keyed by trial id. This package is the only place that imports ray (in `_tune`, imported
 only once a sweep runs: Ray reads some settings from the environment at import).
 
-Sweep state lives under `mlruns/tune/<name>` (Tune's experiment plus `sweep.json`: the parent run
-and the search-space fingerprint), so `--resume` continues the same sweep after Ctrl-C, a crash or
-SIGKILL of the driver.
+Sweep state lives in `tracking.storage` (default `mlruns/tune`) under `<name>/`: Tune's experiment,
+`sweep.json` (the parent run and the search-space fingerprint) and `resume/` (each trial's own
+resume state and finished artifacts), so `--resume` continues the same sweep after Ctrl-C, a crash
+or SIGKILL of the driver. On a cluster the storage is one that every node reaches (a shared path,
+`s3://...`): trials write there, the driver reads from there; nothing assumes one filesystem.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ from typing import Callable
 from prunetune import search, tracking
 from prunetune.errors import UserError
 from prunetune.spec import LoadedSpec, SearchEntry
+from prunetune.storage import Storage
 
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds",
              "distill_loss")  # distill_loss: with distill only
 FINAL_FLAG = "prunetune_final"  # set in a trial's last report, which carries the final metrics
+ERROR_KEY = "prunetune_error"  # in the last report of a trial that failed by its own error
 
 
 class SweepInterrupted(Exception):
@@ -37,26 +40,34 @@ def space_fingerprint(space: dict[str, SearchEntry]) -> dict:
 
 @dataclass
 class SweepPaths:
-    tune_root: Path  # Tune's storage_path
+    """Where a sweep's state lives: `<storage>/<name>/`."""
+
+    storage: Storage  # tracking.storage (Tune's storage_path)
     name: str
 
     @classmethod
-    def of(cls, name: str) -> "SweepPaths":
-        """A sweep's state: mlruns/tune/<name>, from the working directory."""
-        return cls(Path("mlruns/tune").resolve(), name)
+    def of(cls, storage: str, name: str) -> "SweepPaths":
+        return cls(Storage(storage), name)
 
     @property
-    def dir(self) -> Path:
-        return self.tune_root / self.name
+    def dir(self) -> Storage:
+        return self.storage.child(self.name)
 
-    @property
-    def meta(self) -> Path:
-        return self.dir / "sweep.json"
+    META = "sweep.json"
+    RESUME = "resume"  # trials' own resume state and finished artifacts; removed when the sweep completes
 
-    @property
-    def resume(self) -> Path:
-        """Trials' own resume state (see `_tune._trainable`); removed when the sweep completes."""
-        return self.dir / "resume"
+    def read_meta(self) -> dict | None:
+        try:
+            return self.dir.read_json(self.META)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise UserError(f"tracking.storage: cannot read {self.dir.uri} ({str(exc).splitlines()[0]})") from None
+
+
+def storage_of(spec, storage: str | None) -> str:
+    """--storage, else the spec's tracking.storage."""
+    return storage or spec.tracking.storage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,22 +89,47 @@ def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
              f"objectives {', '.join(f'{o.metric} ({o.mode})' for o in spec.search.objectives)}",
              f"  model {spec.model.arch}, data {spec.data.dataset} ({spec.data.image_size} px)",
              f"  resources per trial: {spec.resources.cpus_per_trial:g} CPU, {spec.resources.gpus_per_trial:g} GPU; "
-             f"at most {spec.resources.max_concurrent} at once; early stop: {spec.search.early_stop}",
-             f"  state: {paths.dir}", f"  tracking: {uri}", "  search space:"]
+             f"at most {spec.resources.max_concurrent} at once; early stop: {spec.search.early_stop}; "
+             f"retries after a worker or node dies: {spec.resources.max_retries}",
+             f"  state: {paths.dir.uri}", f"  tracking: {uri}", "  search space:"]
     for key, entry in loaded.space.items():
         lines.append(f"    {key}: {entry.kind} {list(entry.args)}" + (f" step {entry.step}" if entry.step else ""))
     return "\n".join(lines)
 
 
-def teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
-    """Every distillation teacher the sweep may use → its local checkpoint directory."""
+def teacher_names(loaded: LoadedSpec) -> list[str]:
+    """Every distillation teacher the sweep may use (run ids or directories)."""
     entry = loaded.space.get("distill.teacher")
     spec = loaded.fixed_spec()
-    names = entry.probe_values() if entry else [spec.distill.teacher] if spec.distill else []
-    return {t: str(tracking.teacher_dir(t, uri, spec.tracking.artifacts)) for t in names}
+    return list(entry.probe_values()) if entry else [spec.distill.teacher] if spec.distill else []
 
 
-def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: str | None) -> tuple[SweepPaths, str]:
+def teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
+    """Every distillation teacher → its local checkpoint directory on the driver."""
+    artifacts = loaded.fixed_spec().tracking.artifacts
+    return {t: str(tracking.teacher_dir(t, uri, artifacts)) for t in teacher_names(loaded)}
+
+
+def publish_teachers(local: dict[str, str], paths: SweepPaths) -> dict[str, str]:
+    """Copy each teacher's files into the sweep's storage, where every node reads them; returns
+    teacher → its folder there (relative to the sweep's state)."""
+    import hashlib
+
+    published = {}
+    for teacher, directory in local.items():
+        rel = f"teachers/{hashlib.sha256(teacher.encode()).hexdigest()[:16]}"
+        if not paths.dir.exists(f"{rel}/complete"):
+            from prunetune.distill import TEACHER_FILES
+
+            for f in TEACHER_FILES:
+                paths.dir.put_file(Path(directory) / f, f"{rel}/{f}")
+            paths.dir.write_text(f"{rel}/complete", "ok\n")
+        published[teacher] = rel
+    return published
+
+
+def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: str | None,
+            storage: str | None = None) -> tuple[SweepPaths, str]:
     """All checks that need no Ray and write nothing; returns the sweep paths and tracking URI."""
     from prunetune.data import load_dataset
 
@@ -104,15 +140,14 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: st
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
     load_dataset(spec.data, spec.seed)  # a missing or malformed data root fails here
     teachers(loaded, uri)  # a missing distillation teacher fails here
-    paths = SweepPaths.of(spec.name)
-    exists = paths.meta.is_file()
-    if exists and not (resume or restart):
-        raise UserError(f"sweep {spec.name!r} already exists at {paths.dir}; "
+    paths = SweepPaths.of(storage_of(spec, storage), spec.name)
+    meta = paths.read_meta()
+    if meta is not None and not (resume or restart):
+        raise UserError(f"sweep {spec.name!r} already exists at {paths.dir.uri}; "
                         "use --resume to continue it or --restart to start it over")
     if resume:
-        if not exists:
-            raise UserError(f"--resume: there is no sweep {spec.name!r} at {paths.dir} to resume")
-        meta = json.loads(paths.meta.read_text())
+        if meta is None:
+            raise UserError(f"--resume: there is no sweep {spec.name!r} at {paths.dir.uri} to resume")
         if meta["space"] != space_fingerprint(loaded.space):
             raise UserError(f"--resume: the search space of {spec.name!r} changed since the sweep started; "
                             "use --restart to start over (or restore the spec)")
@@ -120,53 +155,57 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: st
 
 
 def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = False, restart: bool = False,
-              address: str | None = None, tracking_uri: str | None = None,
+              address: str | None = None, tracking_uri: str | None = None, storage: str | None = None,
               echo: Callable[[str], None] = print) -> SweepResult:
     """Run (or resume) the sweep of a loaded spec. Raises UserError on bad input before writing."""
-    paths, uri = prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri)
+    paths, uri = prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri, storage=storage)
     spec = loaded.fixed_spec()
     res = spec.resources
+    address = address or os.environ.get("RAY_ADDRESS") or None
     _ray_environment(address)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from prunetune.sweep._tune import (MlflowLogger, Progress, _graceful_ctrl_c, _optuna_searcher, _rows,
-                                       _trainable, check_resources, drop_unrecorded_runs, ray_init)
-    from prunetune.trial import DenseCache
+                                       _trainable, check_nodes, check_resources, drop_unrecorded_runs,
+                                       quiet_ray_logs, ray_init)
 
     ray_init(address)
     check_resources(res.cpus_per_trial, res.gpus_per_trial)
+    check_nodes(paths.storage, loaded, res.cpus_per_trial, res.gpus_per_trial, local=address is None)
+    quiet_ray_logs(paths)
 
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
     if restart:
-        shutil.rmtree(paths.dir, ignore_errors=True)
+        paths.dir.delete()
     if resume:
-        parent = json.loads(paths.meta.read_text())["parent_run_id"]
-        tracker.client.update_run(parent, status="RUNNING")
+        parent = paths.read_meta()["parent_run_id"]
+        tracker.reopen_run(parent)
     else:
         parent = tracker.start_run(spec.name, f"sweep-{spec.name}",
                                    {tracking.TAG_SWEEP: spec.name, tracking.TAG_KIND: "sweep"})
         if spec_file is not None:
             tracker.log_artifact(parent, spec_file)
-        paths.dir.mkdir(parents=True, exist_ok=True)
-        paths.meta.write_text(json.dumps({"parent_run_id": parent, "space": space_fingerprint(loaded.space),
-                                          "tracking_uri": uri, "spec": loaded.raw}, indent=1))
+        paths.dir.write_json(SweepPaths.META, {"parent_run_id": parent, "space": space_fingerprint(loaded.space),
+                                               "tracking_uri": uri, "storage": paths.storage.uri,
+                                               "spec": loaded.raw})
 
     trainable = tune.with_resources(
-        # the driver's cache folder, passed on: workers of an attached cluster have other environments
-        tune.with_parameters(_trainable, raw=loaded.raw, dense_dir=str(DenseCache().root),
-                             resume_dir=str(paths.resume), cpus=res.cpus_per_trial,
-                             teachers=teachers(loaded, uri),
+        tune.with_parameters(_trainable, raw=loaded.raw, storage=paths.storage.uri, sweep=spec.name,
+                             teachers=publish_teachers(teachers(loaded, uri), paths), cpus=res.cpus_per_trial,
                              checkpoint_s=float(os.environ.get("PRUNETUNE_CHECKPOINT_S", "10"))),
         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     objectives = [(o.metric, o.mode) for o in spec.search.objectives]
-    logger_cb = MlflowLogger(uri, spec.tracking.artifacts, spec.name, parent, spec.name, loaded.raw)
+    logger_cb = MlflowLogger(uri, spec.tracking.artifacts, spec.name, parent, spec.name, loaded.raw,
+                             paths.storage.uri)
     total = spec.search.num_trials * spec.search.replicates  # Tune trials: each configuration R times
-    progress = Progress(objectives[0][0], objectives[0][1], total, echo)
+    progress = Progress(objectives[0][0], objectives[0][1], total, res.max_retries, echo)
 
-    if resume and tune.Tuner.can_restore(str(paths.dir)):
-        tuner = tune.Tuner.restore(str(paths.dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+    experiment = paths.dir.path
+    if resume and tune.Tuner.can_restore(experiment, storage_filesystem=paths.storage.fs):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False,
+                                   storage_filesystem=paths.storage.fs)
         # Tune restores the callbacks it pickled; give them this process's output and store.
         callbacks = tuner._local_tuner.get_run_config().callbacks
         for cb in callbacks:
@@ -189,9 +228,11 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
                                         # data are loaded once per worker, not once per trial
                                         reuse_actors=True),
             run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(paths.tune_root), callbacks=[logger_cb, progress], verbose=0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
+                name=spec.name, storage_path=paths.storage.path, storage_filesystem=paths.storage.fs,
+                callbacks=[logger_cb, progress], verbose=0,
+                # a trial whose worker or node died restarts (from its own saved state); its own
+                # errors never reach Tune as errors (see _trainable), so they are not retried
+                failure_config=tune.FailureConfig(max_failures=res.max_retries, fail_fast=False)))
     with _graceful_ctrl_c(echo) as stopped:
         grid = tuner.fit()
     trials = grid._experiment_analysis.trials
@@ -200,7 +241,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < total
     tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
     if not interrupted:
-        shutil.rmtree(paths.resume, ignore_errors=True)
+        paths.dir.delete(SweepPaths.RESUME)
     result = SweepResult(spec.name, parent, rows, objectives)
     if interrupted:
         raise SweepInterrupted(result)
@@ -209,7 +250,6 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
 
 def _ray_environment(address: str | None) -> None:
     """Settings Ray reads from the environment when it is imported."""
-    address = address or os.environ.get("RAY_ADDRESS")
     if address and "RAY_AUTH_MODE" not in os.environ:
         # Clusters started with `ray start` use token authentication by default (Ray 2.5x); a
         # driver that attaches sends the local token only when asked to.
@@ -219,30 +259,27 @@ def _ray_environment(address: str | None) -> None:
     # Per-epoch reports carry no objective (it exists only after the final evaluation); Tune's
     # strict check would reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Keeping one checkpoint per trial forces an experiment snapshot after each final report;
-    # silence Tune's warning about it.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune snapshots its experiment state at most this often: a trial that finished is durable
     # (kept by --resume after a SIGKILL) within about a second.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # prunetune prints its own progress; Tune's newer console output ignores verbose=0 with ASHA
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-def locate(target: Path, tracking_uri: str | None = None):
+def locate(target: Path, tracking_uri: str | None = None, storage: str | None = None):
     """SPEC_OR_SWEEP → (the spec with search entries at a representative value, the sweep's
     parent run id or None, the tracking URI)."""
     from prunetune.spec import load
 
     if target.is_dir():
-        meta = target / "sweep.json"
+        meta = target / SweepPaths.META
         if not meta.is_file():
-            raise UserError(f"{target}: not a sweep directory (no sweep.json)")
+            raise UserError(f"{target}: not a sweep directory (no {SweepPaths.META})")
         info = json.loads(meta.read_text())
         spec = load(None, raw=info["spec"]).fixed_spec()
         return spec, info["parent_run_id"], tracking_uri or info["tracking_uri"]
     spec = load(target).fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
-    meta = SweepPaths.of(spec.name).meta
-    parent = json.loads(meta.read_text())["parent_run_id"] if meta.is_file() else None
-    return spec, parent, uri
+    meta = SweepPaths.of(storage_of(spec, storage), spec.name).read_meta()
+    return spec, (meta or {}).get("parent_run_id"), uri

@@ -10,79 +10,117 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import ray
 from ray import tune
 from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
 
-from prunetune import search, tracking
+from prunetune import nodecheck, search, tracking
 from prunetune.errors import UserError
 from prunetune.spec import LoadedSpec, load
-from prunetune.sweep import FINAL_FLAG, PER_EPOCH
+from prunetune.storage import Storage
+from prunetune.sweep import ERROR_KEY, FINAL_FLAG, PER_EPOCH, SweepPaths
 
+# Where a trial ran, in each of its reports (the driver tags its run with them).
+NODE_KEY, NODE_ID_KEY, GPUS_KEY = "prunetune_node", "prunetune_node_id", "prunetune_gpu_ids"
 
 
 # ---------------------------------------------------------------------------------------------
-# The trainable (runs in a Ray worker)
+# The trainable (runs in a Ray worker, on any node)
 # ---------------------------------------------------------------------------------------------
 
-def _trainable(config: dict, *, raw: dict, dense_dir: str, resume_dir: str, cpus: float,
-               checkpoint_s: float, teachers: dict[str, str]) -> None:
-    """One trial in a Ray worker. Its resume state is its own, not Tune's: Tune deletes a trial's
-    older checkpoint when it records a newer one, so a driver killed between that and its next
-    experiment snapshot would leave the snapshot naming a deleted checkpoint. Here the latest
-    state is one file replaced atomically (`<trial_id>.pt`), and a finished trial's artifacts
-    stay in `<trial_id>.final/` until the sweep ends; Tune only ever holds the final checkpoint."""
+def _where() -> dict:
+    ctx = ray.get_runtime_context()
+    return {NODE_KEY: ray.util.get_node_ip_address(), NODE_ID_KEY: ctx.get_node_id(),
+            GPUS_KEY: ",".join(str(g) for g in ray.get_gpu_ids())}
+
+
+def _trainable(config: dict, *, raw: dict, storage: str, sweep: str, teachers: dict[str, str], cpus: float,
+               checkpoint_s: float) -> None:
+    """One trial in a Ray worker. Everything it leaves for others goes to the sweep's storage
+    (`<storage>/<sweep>/resume/`), which every node reaches: its latest resume state
+    (`<trial_id>.pt`, replaced whole) and, once done, its artifacts (`<trial_id>.final/`, read by
+    the driver and kept until the sweep ends). Tune holds no checkpoint of it: a trial restarted by
+    Tune (a resume, or a retry after its worker or node died) continues from that state.
+
+    The trial's own failure (an exception, a non-finite loss) is reported as its final result
+    with `ERROR_KEY`, not raised: Tune retries what it sees raised, which is then only the death
+    of a worker or a node."""
     import torch
 
     from prunetune.trial import DenseCache, Trial, final_step
 
     torch.set_num_threads(max(1, int(cpus)))
-    loaded = load(None, raw=raw)
-    spec = search.spec_of(loaded, config)
-    trial = Trial(spec, teacher_dir=Path(teachers[spec.distill.teacher]) if spec.distill else None)
+    store = Storage(storage)
+    state = store.child(sweep).child(SweepPaths.RESUME)
     tid = tune.get_context().get_trial_id()
-    resume = Path(resume_dir)
-    resume.mkdir(parents=True, exist_ok=True)
-    state_file, final = resume / f"{tid}.pt", resume / f"{tid}.final"
-    work = Path(tempfile.mkdtemp(prefix=f".{tid}-", dir=resume))  # same filesystem: renames are atomic
+    where = _where()
+    state_rel, final_rel = f"{tid}.pt", f"{tid}.final"
 
-    def report_final(folder: Path, metrics: dict, epoch: int) -> None:
-        tune.report({**metrics, FINAL_FLAG: True, "epoch": epoch}, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+    def report_final(metrics: dict, epoch: int) -> None:
+        tune.report({**metrics, **where, FINAL_FLAG: True, "epoch": epoch})
 
-    # Saving the state costs time: save at an epoch end when `checkpoint_s` seconds have passed
-    # since the last save (0: every epoch).
-    # The state is saved before the epoch is reported; a resumed trial reports its history again.
-    last_save, saved_epoch = time.monotonic(), -1
-
-    def report(metrics: dict, epoch: int) -> None:
-        nonlocal last_save, saved_epoch
-        if trial.can_checkpoint and epoch > saved_epoch and time.monotonic() - last_save >= checkpoint_s:
-            trial.save_checkpoint(work / "trial.pt")
-            os.replace(work / "trial.pt", state_file)
-            last_save, saved_epoch = time.monotonic(), epoch
-        tune.report({**metrics, "epoch": epoch})
-
-    trial.report = report
+    if state.exists(f"{final_rel}/complete"):
+        # The trial had finished when the driver died, before Tune recorded it: report again.
+        history = state.read_json(f"{final_rel}/artifacts/history.json")
+        report_final(state.read_json(f"{final_rel}/artifacts/metrics.json"), final_step(history))
+        return
+    work = Path(tempfile.mkdtemp(prefix=f"prunetune-{tid}-"))
+    trial = None
     try:
-        if (final / "artifacts" / "metrics.json").is_file():
-            # The trial had finished when the driver died, before Tune recorded it: report again.
-            history = json.loads((final / "artifacts" / "history.json").read_text())
-            report_final(final, json.loads((final / "artifacts" / "metrics.json").read_text()), final_step(history))
+        try:
+            loaded = load(None, raw=raw)
+            spec = search.spec_of(loaded, config)
+            teacher = None
+            if spec.distill is not None:
+                teacher = store.child(sweep).child(teachers[spec.distill.teacher])
+                teacher = teacher.local_path() if teacher.is_local else teacher.get_dir("", work / "teacher")
+            trial = Trial(spec, teacher_dir=teacher)
+            # Saving the state costs time: save at an epoch end when `checkpoint_s` seconds have
+            # passed since the last save (0: every epoch). The state is saved before the epoch is
+            # reported; a resumed trial reports its history again (the driver skips what it has).
+            last_save, saved_epoch = time.monotonic(), -1
+
+            def report(metrics: dict, epoch: int) -> None:
+                nonlocal last_save, saved_epoch
+                if trial.can_checkpoint and epoch > saved_epoch and time.monotonic() - last_save >= checkpoint_s:
+                    trial.save_checkpoint(work / "trial.pt")
+                    state.put_file(work / "trial.pt", state_rel)
+                    last_save, saved_epoch = time.monotonic(), epoch
+                tune.report({**metrics, **where, "epoch": epoch})
+
+            trial.report = report
+            resume_from = state.get_file(state_rel, work / "resume.pt") if state.exists(state_rel) else None
+            result = trial.run(work / "final" / "artifacts", DenseCache(store.child("_dense")),
+                               resume_from=resume_from)
+        except Exception as exc:  # noqa: BLE001 - the trial's own failure: reported, not retried
+            epoch = trial.trainer.epoch if trial is not None else 0
+            tune.report({**where, FINAL_FLAG: True, ERROR_KEY: f"{type(exc).__name__}: {exc}"[:5000], "epoch": epoch})
             return
-        result = trial.run(work / "final" / "artifacts", DenseCache(Path(dense_dir)),
-                           resume_from=state_file if state_file.is_file() else None)
-        os.replace(work / "final", final)
-        state_file.unlink(missing_ok=True)
-        report_final(final, result.metrics, result.final_step)
+        state.put_dir(work / "final", final_rel)
+        state.write_text(f"{final_rel}/complete", "ok\n")  # last: the artifacts are all there
+        state.delete(state_rel)
+        report_final(result.metrics, result.final_step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def failed(result: dict | None) -> bool:
+    return bool(result) and ERROR_KEY in result
+
+
+def succeeded(result: dict | None) -> bool:
+    """A final report with metrics (not a trial's own failure, not a trial stopped early)."""
+    return bool(result) and bool(result.get(FINAL_FLAG)) and ERROR_KEY not in result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,17 +132,19 @@ class MlflowLogger(tune.Callback):
     its `prunetune.trial_id` tag after a resume, and skips epochs it has already logged, so a
     resumed sweep gains no duplicate runs and no duplicate metric steps."""
 
-    def __init__(self, uri: str, artifacts: str, experiment: str, parent_run_id: str, sweep: str, raw: dict):
+    def __init__(self, uri: str, artifacts: str, experiment: str, parent_run_id: str, sweep: str, raw: dict,
+                 storage: str):
         self.uri, self.artifacts, self.experiment = uri, artifacts, experiment
-        self.parent_run_id, self.sweep, self.raw = parent_run_id, sweep, raw
+        self.parent_run_id, self.sweep, self.raw, self.storage = parent_run_id, sweep, raw, storage
         self._tracker = None
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
         self._final_logged: set[str] = set()
+        self._where: dict[str, tuple] = {}
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; clients stay out
         state = dict(self.__dict__)
-        state.update(_tracker=None, _runs={}, _last_step={}, _final_logged=set())
+        state.update(_tracker=None, _runs={}, _last_step={}, _final_logged=set(), _where={})
         return state
 
     @property
@@ -150,17 +190,36 @@ class MlflowLogger(tune.Callback):
             self.tracker.client.update_run(run_id, status="RUNNING")
         self._runs[tid] = run_id
 
+    def _tag_where(self, tid: str, result: dict) -> None:
+        """Tag the run with the node (and GPUs) its trial runs on; again if a retry moved it."""
+        where = (result.get(NODE_KEY), result.get(NODE_ID_KEY), result.get(GPUS_KEY))
+        if where[0] is not None and self._where.get(tid) != where:
+            self.tracker.set_tags(self._runs[tid], {tracking.TAG_NODE: where[0], tracking.TAG_NODE_ID: where[1],
+                                                    tracking.TAG_GPU_IDS: where[2]})
+            self._where[tid] = where
+
     def _log_final(self, tid: str, result: dict) -> None:
         if tid not in self._final_logged:  # once, also when a resumed trial reports it again
             final = {k: v for k, v in result.items() if k != "epoch" and _is_metric_name(k)}
             self.tracker.log_metrics(self._runs[tid], final, result.get("epoch", 0))
             self._final_logged.add(tid)
 
-    def _close_finished(self, run_id: str, checkpoint_path: str | None) -> None:
-        artifacts = Path(checkpoint_path) / "artifacts" if checkpoint_path else None
-        if artifacts is not None and artifacts.is_dir() and not self.tracker.client.list_artifacts(run_id):
-            self.tracker.log_artifacts(run_id, artifacts)
+    def _close_finished(self, run_id: str, trial_id: str) -> None:
+        """Log the trial's artifacts, which it left in the sweep's storage, and end its run."""
+        if not self.tracker.client.list_artifacts(run_id):
+            final = Storage(self.storage).child(self.sweep).child(SweepPaths.RESUME).child(f"{trial_id}.final")
+            if final.is_local:
+                if final.exists("artifacts"):
+                    self.tracker.log_artifacts(run_id, final.local_path("artifacts"))
+            else:
+                with tempfile.TemporaryDirectory(prefix="prunetune-artifacts-") as tmp:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.tracker.log_artifacts(run_id, final.get_dir("artifacts", Path(tmp)))
         self.tracker.end_run(run_id, "FINISHED")
+
+    def _close_failed(self, run_id: str, error: str) -> None:
+        self.tracker.set_tags(run_id, {"prunetune.error": error[:5000]})
+        self.tracker.end_run(run_id, "FAILED")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.run_for(trial)
@@ -168,8 +227,10 @@ class MlflowLogger(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_for(trial)
         tid = trial.trial_id
+        self._tag_where(tid, result)
         if result.get(FINAL_FLAG):
-            self._log_final(tid, result)
+            if not failed(result):
+                self._log_final(tid, result)
             return
         epoch = result.get("epoch")
         if epoch is None or epoch <= self._last_step.get(tid, -1):
@@ -179,16 +240,18 @@ class MlflowLogger(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_for(trial)
-        if (trial.last_result or {}).get(FINAL_FLAG) and trial.checkpoint is not None:
-            self._close_finished(run_id, trial.checkpoint.path)
+        last = trial.last_result or {}
+        if failed(last):
+            self._close_failed(run_id, last[ERROR_KEY])
+        elif last.get(FINAL_FLAG):
+            self._close_finished(run_id, trial.trial_id)
         else:  # stopped early by ASHA, before its final evaluation
             self.tracker.set_tags(run_id, {"prunetune.state": "stopped_early"})
             self.tracker.end_run(run_id, "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.run_for(trial)
-        self.tracker.set_tags(run_id, {"prunetune.error": _error_text(trial)})
-        self.tracker.end_run(run_id, "FAILED")
+        # Tune saw an error: the trial's worker or node died, after every retry.
+        self._close_failed(self.run_for(trial), _error_text(trial))
 
     def close_restored(self, results) -> None:
         """After a restore: close the runs of trials that finished while the driver was down
@@ -199,30 +262,45 @@ class MlflowLogger(tune.Callback):
             run = runs.get(metrics.get("trial_id"))
             if metrics.get(FINAL_FLAG) and run is not None and run.info.status == "RUNNING":
                 self._reattach(metrics["trial_id"], run)
-                self._log_final(metrics["trial_id"], metrics)
-                self._close_finished(run.info.run_id, result.checkpoint.path if result.checkpoint else None)
+                if failed(metrics):
+                    self._close_failed(run.info.run_id, metrics[ERROR_KEY])
+                else:
+                    self._log_final(metrics["trial_id"], metrics)
+                    self._close_finished(run.info.run_id, metrics["trial_id"])
 
 
 def _is_metric_name(key: str) -> bool:
     return not key.startswith(("config", "trial_id", "date", "hostname", "node_ip", "pid", "time_", "timestamp",
                                "training_iteration", "iterations_since_restore", "done", "checkpoint_dir_name",
-                               "should_checkpoint", "experiment_tag", FINAL_FLAG))
+                               "should_checkpoint", "experiment_tag", "prunetune_"))
 
 
 def _error_text(trial) -> str:
+    """What Tune recorded of a trial's failure, in one line."""
     path = getattr(trial, "error_file", None)
-    text = ""
-    if path and Path(path).is_file():
-        lines = [l for l in Path(path).read_text().splitlines() if l.strip()]
-        text = lines[-1] if lines else ""
-    return (text or "trial failed")[:5000]
+    text = Path(path).read_text() if path and Path(path).is_file() else ""
+    return (_death_reason(text) or "trial failed")[:5000]
+
+
+def _death_reason(text: str) -> str:
+    """One line for Ray's long account of a dead worker or node."""
+    if "NodeDiedError" in text or "node" in text.lower() and "died" in text.lower() and "ActorDiedError" not in text:
+        return "its node died"
+    if "ActorDiedError" in text or "actor died" in text.lower() or "worker" in text.lower() and "died" in text.lower():
+        if "memory" in text.lower():
+            return "its worker process died (out of memory)"
+        return "its worker process died (killed, or out of memory)"
+    lines = [l.strip() for l in text.splitlines() if l.strip() and not l.startswith("Failure #")]
+    return lines[-1] if lines else ""
 
 
 class Progress(tune.Callback):
-    """One line whenever a trial ends: done / running / failed, the best so far, elapsed."""
+    """One line whenever a trial ends: done / running / failed, the best so far, elapsed; and one
+    line when a trial is retried after its worker or node died."""
 
-    def __init__(self, objective: str, mode: str, total: int, echo: Callable[[str], None]):
+    def __init__(self, objective: str, mode: str, total: int, max_retries: int, echo: Callable[[str], None]):
         self.objective, self.mode, self.total, self.echo = objective, mode, total, echo
+        self.max_retries = max_retries
         self.start = time.monotonic()
         self._seen: set = set()
 
@@ -231,13 +309,19 @@ class Progress(tune.Callback):
         state["echo"] = None
         return state
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if self.echo is not None:
+            tries = trial.run_metadata.num_failures
+            self.echo(f"trial {trial.trial_id} retried ({tries}/{self.max_retries}) from its last saved state: "
+                      f"{_error_text(trial)}")
+
     def on_step_end(self, iteration, trials, **info):
         ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         if ended == self._seen or self.echo is None:
             return
         self._seen = ended
-        done = sum(t.status == "TERMINATED" for t in trials)
-        failed = sum(t.status == "ERROR" for t in trials)
+        n_failed = sum(t.status == "ERROR" or failed(t.last_result) for t in trials)
+        done = sum(t.status == "TERMINATED" for t in trials) - sum(failed(t.last_result) for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
         scores = [(t.last_result or {}).get(self.objective) for t in trials if t.status == "TERMINATED"]
         scores = [s for s in scores if s is not None]
@@ -245,35 +329,148 @@ class Progress(tune.Callback):
         elapsed = time.monotonic() - self.start
         best_text = f"best {self.objective} {best:.4f}" if best is not None else "no result yet"
         self.echo(f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {done}/{self.total} done, "
-                  f"{running} running, {failed} failed; {best_text}")
+                  f"{running} running, {n_failed} failed; {best_text}")
+
+
+def _address_host_port(address: str) -> tuple[str, int] | None:
+    """The GCS host and port an address names ("auto": the cluster `ray start` recorded here)."""
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except (ConnectionError, ValueError) as exc:
+            raise UserError(f"--address auto: no Ray cluster was started on this machine ({exc}); "
+                            "start one with `ray start --head` or give HOST:PORT") from None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
 
 
 def ray_init(address: str | None) -> None:
-    import ray
-
+    """Attach to the cluster at `address` (--address or $RAY_ADDRESS; "auto" is Ray's meaning: the
+    one started on this machine), or start a fresh local Ray, whatever other clusters or stale
+    records of them this machine holds."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False)
     if address:
+        host_port = _address_host_port(address)
+        if host_port is None:
+            raise UserError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+        try:  # Ray itself waits minutes for a head that does not answer
+            socket.create_connection(host_port, timeout=10).close()
+        except OSError as exc:
+            raise UserError(f"--address {address}: no Ray cluster answers at {host_port[0]}:{host_port[1]} "
+                            f"({exc.strerror or exc}); check the address and that the head node runs "
+                            "(`ray status` on it)") from None
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"--address: cannot attach to a Ray cluster at {address} ({exc})") from None
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+
+
+def _fits(node: dict, cpus: float, gpus: float) -> bool:
+    return node["Resources"].get("CPU", 0) >= cpus and node["Resources"].get("GPU", 0) >= gpus
 
 
 def check_resources(cpus: float, gpus: float) -> None:
     """A request no node can meet is bad input (exit 2), not a sweep that waits forever."""
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fits = any(n["Resources"].get("CPU", 0) >= cpus and n["Resources"].get("GPU", 0) >= gpus for n in nodes)
-    if not fits:
+    if not any(_fits(n, cpus, gpus) for n in nodes):
         have = ", ".join(f"{n['Resources'].get('CPU', 0):g} CPU / {n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
         raise UserError(f"resources: no Ray node can give a trial {cpus:g} CPU and {gpus:g} GPU "
                         f"(nodes: {have or 'none'}); lower resources.cpus_per_trial / gpus_per_trial")
+
+
+@ray.remote(num_cpus=0)
+def _node_problems(storage: str, probe: str, node: str, expected: dict) -> list[str]:
+    return nodecheck.problems(storage, probe, node, expected)
+
+
+def _trial_paths(loaded: LoadedSpec) -> dict[str, str]:
+    """The files trials read from the nodes' own disks: data.root and model.weights (each value
+    a searched key may take)."""
+    paths = {}
+    for key in ("data.root", "model.weights"):
+        entry = loaded.space.get(key)
+        values = entry.probe_values() if entry else [getattr(getattr(loaded.fixed_spec(), key.split(".")[0]),
+                                                             key.split(".")[1])]
+        for i, value in enumerate(v for v in values if v):
+            paths[key if i == 0 else f"{key}[{i}]"] = str(value)
+    return paths
+
+
+def check_nodes(storage: Storage, loaded: LoadedSpec, cpus: float, gpus: float, local: bool,
+                timeout_s: float = 120) -> None:
+    """Before any trial trains: on every alive node that can take a trial, a task checks that the
+    node reaches the storage (reads what the driver wrote there; the driver reads what it wrote),
+    sees the same data files and runs the same prunetune. A fresh local Ray is this machine only:
+    the driver checks the storage itself. Raises UserError naming the node and the key."""
+    probe = f"_probe-{uuid.uuid4().hex[:12]}"
+    created = _missing_top(storage)
+    try:
+        storage.write_text(f"{probe}/driver", probe)
+    except OSError as exc:
+        raise UserError(f"tracking.storage: cannot write to {storage.uri} ({str(exc).splitlines()[0]})") from None
+    try:
+        if local:
+            return
+        expected = nodecheck.expectations(_trial_paths(loaded))
+        nodes = [n for n in ray.nodes() if n.get("Alive") and _fits(n, cpus, gpus)]
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        refs = {n["NodeID"]: _node_problems.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(storage.uri, probe, n["NodeID"], expected) for n in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        for node in nodes:
+            name = f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+            ref = refs[node["NodeID"]]
+            if ref not in ready:
+                raise UserError(f"{name} did not answer a check in {timeout_s:.0f} s; is it overloaded, "
+                                "or prunetune not installed there?")
+            try:
+                problems = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - the task could not even run there
+                raise UserError(f"{name} cannot run prunetune ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[-1][:200]}); install the same prunetune "
+                                "on every node") from None
+            if not problems and not storage.exists(f"{probe}/{node['NodeID']}"):
+                problems = [f"wrote to {storage.uri}, but the driver does not see it (tracking.storage: use "
+                            "storage every node and the driver share)"]
+            if problems:
+                raise UserError(f"{name} {problems[0]}")
+    finally:
+        storage.delete(probe)
+        if created is not None and not storage.listdir():
+            shutil.rmtree(created, ignore_errors=True)  # leave no trace of a check
+
+
+def _missing_top(storage: Storage) -> Path | None:
+    """The outermost local folder of the storage path that does not exist yet (None: it exists)."""
+    if not storage.is_local or storage.exists():
+        return None
+    top = storage.local_path()
+    while not top.parent.exists():
+        top = top.parent
+    return top
+
+
+def quiet_ray_logs(paths: SweepPaths) -> Path:
+    """Ray's and Tune's own log lines (a dead worker's long report, notices) go to a log file,
+    not to the user's terminal: prunetune prints its own one-line account."""
+    folder = paths.dir.local_path() if paths.dir.is_local else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    log_file = folder / ("ray.log" if paths.dir.is_local else f"prunetune-{paths.name}-ray.log")
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("ray", "ray.tune", "ray.train"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+    return log_file
 
 
 @contextlib.contextmanager
@@ -302,8 +499,10 @@ def _graceful_ctrl_c(echo: Callable[[str], None]):
 
 class _OptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id, result=None, error=False):
-        # A trial stopped early (ASHA) has no final metrics: it is PRUNED in Optuna.
-        if result and not result.get(FINAL_FLAG):
+        # A trial stopped early (ASHA) has no final metrics: it is PRUNED in Optuna; one that
+        # failed by its own error is FAIL.
+        error = error or failed(result)
+        if not succeeded(result):
             result = None
         super().on_trial_complete(trial_id, result, error)
 
@@ -326,16 +525,19 @@ class _Replicates(Repeater):
     def __init__(self, searcher, repeat: int):
         super().__init__(searcher, repeat)
         self._finals: dict[str, dict[str, dict | None]] = {}  # primary trial id → replicate → final result
+        self._errors: set[str] = set()  # replicates that failed
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False, **kwargs):
         group = self._trial_id_to_group[trial_id]
         done = self._finals.setdefault(group.primary_trial_id, {})
-        done[trial_id] = result if result and result.get(FINAL_FLAG) else None
+        done[trial_id] = result if succeeded(result) else None
+        if error or failed(result):
+            self._errors.add(trial_id)
         if len(done) < group.max_trials:
             return
         finals = [r for r in done.values() if r is not None]
         if not finals:
-            self.searcher.on_trial_complete(group.primary_trial_id, None, error=error)
+            self.searcher.on_trial_complete(group.primary_trial_id, None, error=bool(set(done) & self._errors))
             return
         mean = {m: float(np.mean([r[m] for r in finals])) for m in self.searcher.metric}
         self.searcher.on_trial_complete(group.primary_trial_id, {**mean, FINAL_FLAG: True})
@@ -371,9 +573,9 @@ def _rows(trials, tracker: tracking.Tracker, experiment: str, parent: str, objec
     for t in trials:
         last = t.last_result or {}
         run = runs.get(t.trial_id)
-        row = {"trial_id": t.trial_id, "run_id": run.info.run_id if run else None, "state": t.status,
-               **dict(t.config)}
+        row = {"trial_id": t.trial_id, "run_id": run.info.run_id if run else None,
+               "state": "ERROR" if failed(last) else t.status, **dict(t.config)}
         for metric, _ in objectives:
-            row[metric] = last.get(metric) if last.get(FINAL_FLAG) else None
+            row[metric] = last.get(metric) if succeeded(last) else None
         rows.append(row)
     return rows

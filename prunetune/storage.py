@@ -1,0 +1,311 @@
+"""Storage every node of a cluster reaches: `tracking.storage` (a local path, a shared NFS path,
+or a URI such as `s3://bucket/prefix?endpoint_override=host:9000&scheme=http`).
+
+It is resolved by `pyarrow.fs.FileSystem.from_uri`, the resolver Ray Tune uses for its own
+`storage_path`, so whatever Ray accepts prunetune accepts, and both name the same place. What a
+trial writes for other processes (its resume state, its finished artifacts, the dense-phase cache,
+a distillation teacher) goes through this class, never through a local path.
+
+Writes are whole-object: a local file is written aside and renamed; an object store's PUT is
+atomic by itself. No torch, ray or mlflow here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from prunetune.errors import UserError
+
+
+def _pafs():
+    import pyarrow.fs  # imported on first use: `prunetune validate` never needs it
+
+    return pyarrow.fs
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (relative to the working directory, `~` expanded); URIs as given."""
+    if "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def _atomic_local_fs():
+    """A local filesystem whose every write is whole: written to a temporary file beside the
+    target and renamed over it on close. A process killed mid-write (a SIGKILLed driver while
+    Ray Tune syncs its experiment state) leaves the old file, never a truncated one; an object
+    store's PUT behaves the same way by itself."""
+    pafs = _pafs()
+
+    class _WholeFile:
+        def __init__(self, path: str):
+            self.path = path
+            fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+            self.file = os.fdopen(fd, "wb")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def close(self) -> None:
+            if not self.file.closed:
+                self.file.close()
+                os.replace(self.tmp, self.path)
+
+    class WholeWritesLocalHandler(pafs.FileSystemHandler):
+        def __init__(self):
+            self.local = pafs.LocalFileSystem()
+
+        def __reduce__(self):
+            return (_atomic_local_handler, ())
+
+        def get_type_name(self):
+            return "local"
+
+        def equals(self, other):
+            return type(other).__name__ == "WholeWritesLocalHandler"
+
+        def normalize_path(self, path):
+            return self.local.normalize_path(path)
+
+        def get_file_info(self, paths):
+            return self.local.get_file_info(paths)
+
+        def get_file_info_selector(self, selector):
+            return self.local.get_file_info(selector)
+
+        def create_dir(self, path, recursive):
+            self.local.create_dir(path, recursive=recursive)
+
+        def delete_dir(self, path):
+            self.local.delete_dir(path)
+
+        def delete_dir_contents(self, path, missing_dir_ok=False):
+            self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self):
+            raise OSError("refusing to delete the contents of the root folder")
+
+        def delete_file(self, path):
+            self.local.delete_file(path)
+
+        def move(self, src, dest):
+            self.local.move(src, dest)
+
+        def copy_file(self, src, dest):
+            with self.local.open_input_stream(src) as fin, self.open_output_stream(dest, None) as fout:
+                while chunk := fin.read(1 << 22):
+                    fout.write(chunk)
+
+        def open_input_stream(self, path):
+            return self.local.open_input_stream(path)
+
+        def open_input_file(self, path):
+            return self.local.open_input_file(path)
+
+        def open_output_stream(self, path, metadata):
+            import pyarrow
+
+            return pyarrow.PythonFile(_WholeFile(path), mode="w")
+
+        def open_append_stream(self, path, metadata):
+            return self.local.open_append_stream(path)
+
+    return pafs.PyFileSystem(WholeWritesLocalHandler())
+
+
+def _atomic_local_handler():  # unpickling (a Ray worker receives Tune's storage filesystem)
+    return _atomic_local_fs().handler
+
+
+class Storage:
+    """A folder in a filesystem that pyarrow knows (local, NFS, S3, GCS, ...)."""
+
+    def __init__(self, uri: str, _fs=None, _path: str | None = None):
+        self.uri = absolute_uri(uri)
+        if _fs is not None:
+            self.fs, self.path = _fs, _path
+            return
+        try:
+            fs, path = _pafs().FileSystem.from_uri(self.uri)
+        except (ValueError, OSError) as exc:  # pyarrow.lib.ArrowInvalid is a ValueError
+            raise UserError(f"tracking.storage: cannot use {uri!r} ({str(exc).splitlines()[0]}); give a "
+                            "path, a shared filesystem path, or a URI such as s3://bucket/prefix") from None
+        self.fs = _atomic_local_fs() if isinstance(fs, _pafs().LocalFileSystem) else fs
+        self.path = path.rstrip("/") or "/"
+
+    def __reduce__(self):  # pickled by its URI: a worker resolves it with its own credentials
+        return (Storage, (self.uri,))
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    @property
+    def is_local(self) -> bool:
+        return self.fs.type_name == "py::local"
+
+    def child(self, rel: str) -> "Storage":
+        """The sub-folder `rel` (same filesystem)."""
+        base, query = (self.uri.split("?", 1) + [""])[:2]
+        uri = f"{base.rstrip('/')}/{rel}" + (f"?{query}" if query else "")
+        return Storage(uri, self.fs, self._join(rel))
+
+    def local_path(self, rel: str = "") -> Path:
+        """The local path of `rel` (local storage only)."""
+        assert self.is_local, "local_path() of a remote storage"
+        return Path(self._join(rel))
+
+    def _join(self, rel: str) -> str:
+        return f"{self.path.rstrip('/')}/{rel}".rstrip("/") if rel else self.path
+
+    def _parent(self, rel: str) -> None:
+        self.fs.create_dir(self._join(rel).rsplit("/", 1)[0], recursive=True)
+
+    # -- files: every write is whole (see _atomic_local_fs) ----------------------------------------
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.get_file_info(self._join(rel)).type != _pafs().FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The file's content; FileNotFoundError when it is absent."""
+        if not self.exists(rel):
+            raise FileNotFoundError(self._join(rel))
+        with self.fs.open_input_stream(self._join(rel)) as f:
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def read_json(self, rel: str):
+        return json.loads(self.read_bytes(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole file: readers see the old content or the new one, never a part."""
+        self._parent(rel)
+        with self.fs.open_output_stream(self._join(rel)) as f:
+            f.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1).encode())
+
+    def put_file(self, local: Path, rel: str) -> None:
+        """Upload a local file as `rel`."""
+        self._parent(rel)
+        _pafs().copy_files(str(local), self._join(rel), source_filesystem=_pafs().LocalFileSystem(),
+                           destination_filesystem=self.fs)
+
+    def get_file(self, rel: str, local: Path) -> Path:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        _pafs().copy_files(self._join(rel), str(local), source_filesystem=self.fs,
+                           destination_filesystem=_pafs().LocalFileSystem())
+        return local
+
+    def put_dir(self, local: Path, rel: str) -> None:
+        """Upload the files under `local` into `rel`."""
+        self.fs.create_dir(self._join(rel), recursive=True)
+        _pafs().copy_files(str(local), self._join(rel), source_filesystem=_pafs().LocalFileSystem(),
+                           destination_filesystem=self.fs)
+
+    def get_dir(self, rel: str, local: Path) -> Path:
+        """Download the files under `rel` into `local`; FileNotFoundError when `rel` is absent."""
+        if not self.exists(rel):
+            raise FileNotFoundError(self._join(rel))
+        local.mkdir(parents=True, exist_ok=True)
+        _pafs().copy_files(self._join(rel), str(local), source_filesystem=self.fs,
+                           destination_filesystem=_pafs().LocalFileSystem())
+        return local
+
+    def delete(self, rel: str = "") -> None:
+        """Remove a file or a folder and what it holds; nothing when absent."""
+        path = self._join(rel)
+        kind = self.fs.get_file_info(path).type
+        if kind == _pafs().FileType.Directory:
+            self.fs.delete_dir(path)
+        elif kind != _pafs().FileType.NotFound:
+            self.fs.delete_file(path)
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names directly under `rel` (empty when absent)."""
+        selector = _pafs().FileSelector(self._join(rel), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+
+# ---------------------------------------------------------------------------------------------
+# A lease: one holder at a time across processes and nodes, through the storage itself
+# ---------------------------------------------------------------------------------------------
+
+LEASE_BEAT_S = 5.0  # the holder renews its lease this often
+LEASE_TIMEOUT_S = float(os.environ.get("PRUNETUNE_LEASE_TIMEOUT_S", "60"))  # unrenewed this long: stale
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Lease:
+    """A lease file `rel` in storage: `{owner, beat}`. The holder renews it every LEASE_BEAT_S;
+    another process takes it over once it has seen the same `beat` for LEASE_TIMEOUT_S on its own
+    clock (so clocks of different nodes need not agree). Claiming writes the lease, waits for
+    concurrent writers to settle and reads it back: the last writer holds it. Losing that race
+    costs at worst duplicate work, never wrong results (see `DenseCache`)."""
+
+    def __init__(self, storage: Storage, rel: str, owner: str | None = None):
+        self.storage, self.rel = storage, rel
+        self.owner = owner or owner_id()
+        self._seen: tuple | None = None  # (owner, beat) last read, and when it last changed
+        self._seen_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            return self.storage.read_json(self.rel)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _stale(self, lease: dict) -> bool:
+        now = time.monotonic()
+        key = (lease.get("owner"), lease.get("beat"))
+        if key != self._seen:
+            self._seen, self._seen_at = key, now
+            return False
+        return now - self._seen_at >= LEASE_TIMEOUT_S
+
+    def try_claim(self) -> bool:
+        """Take the lease if it is free or stale; True when this process holds it."""
+        lease = self._read()
+        if lease is not None and lease.get("owner") != self.owner and not self._stale(lease):
+            return False
+        self.storage.write_json(self.rel, {"owner": self.owner, "beat": 0})
+        time.sleep(0.2 if self.storage.is_local else 1.0)  # concurrent claimers' writes settle
+        lease = self._read()
+        if lease is None or lease.get("owner") != self.owner:
+            return False
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="prunetune-lease")
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        beat = 0
+        while not self._stop.wait(LEASE_BEAT_S):
+            beat += 1
+            try:
+                self.storage.write_json(self.rel, {"owner": self.owner, "beat": beat})
+            except OSError:
+                pass  # storage hiccup: the next beat tries again
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        lease = self._read()
+        if lease is not None and lease.get("owner") == self.owner:
+            self.storage.delete(self.rel)
