@@ -253,9 +253,10 @@ def owner_id() -> str:
 class Lease:
     """A lease file `rel` in storage: `{owner, beat}`. The holder renews it every LEASE_BEAT_S;
     another process takes it over once it has seen the same `beat` for LEASE_TIMEOUT_S on its own
-    clock (so clocks of different nodes need not agree). Claiming writes the lease, waits for
-    concurrent writers to settle and reads it back: the last writer holds it. Losing that race
-    costs at worst duplicate work, never wrong results (see `DenseCache`)."""
+    clock (so clocks of different nodes need not agree). On a local or NFS folder claims take
+    turns under an advisory lock; on an object store a claim writes the lease, waits for
+    concurrent writers to settle and reads it back (the last writer holds it; a lost race costs
+    at worst duplicate work, never wrong results: see `DenseCache`)."""
 
     def __init__(self, storage: Storage, rel: str, owner: str | None = None):
         self.storage, self.rel = storage, rel
@@ -281,21 +282,40 @@ class Lease:
 
     def try_claim(self) -> bool:
         """Take the lease if it is free or stale; True when this process holds it."""
-        lease = self._read()
-        if lease is not None and lease.get("owner") != self.owner and not self._stale(lease):
-            return False
-        self.storage.write_json(self.rel, {"owner": self.owner, "beat": 0})
-        time.sleep(0.2 if self.storage.is_local else 1.0)  # concurrent claimers' writes settle
-        lease = self._read()
-        if lease is None or lease.get("owner") != self.owner:
-            return False
+        if self.storage.is_local:
+            # A local or NFS folder: claimers take turns under an advisory lock (held for the
+            # check only; Linux carries flock over NFS as a POSIX lock). The lock file stays:
+            # removing it would let a waiter on the old file and a newcomer both go ahead.
+            import fcntl
+
+            lock_path = self.storage.local_path(self.rel + ".lock")
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock_path, "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not self._free():
+                    return False
+                self.storage.write_json(self.rel, {"owner": self.owner, "beat": 0})
+        else:
+            # An object store has no lock: write, let concurrent claimers' writes settle, read
+            # back; the last writer holds it.
+            if not self._free():
+                return False
+            self.storage.write_json(self.rel, {"owner": self.owner, "beat": 0})
+            time.sleep(1.0)
+            lease = self._read()
+            if lease is None or lease.get("owner") != self.owner:
+                return False
         self._thread = threading.Thread(target=self._renew, daemon=True, name="prunetune-lease")
         self._thread.start()
         return True
 
+    def _free(self) -> bool:
+        lease = self._read()
+        return lease is None or lease.get("owner") == self.owner or self._stale(lease)
+
     def _renew(self) -> None:
         beat = 0
-        while not self._stop.wait(LEASE_BEAT_S):
+        while not self._stop.wait(min(LEASE_BEAT_S, LEASE_TIMEOUT_S / 4)):
             beat += 1
             try:
                 self.storage.write_json(self.rel, {"owner": self.owner, "beat": beat})
@@ -309,3 +329,4 @@ class Lease:
         lease = self._read()
         if lease is not None and lease.get("owner") == self.owner:
             self.storage.delete(self.rel)
+

@@ -23,6 +23,7 @@ TAG_REPLICATE = "prunetune.replicate"  # index of the seed replicate (search.rep
 TAG_NODE = "prunetune.node"  # the IP of the node a trial ran on
 TAG_NODE_ID = "prunetune.node_id"  # its Ray node id (nodes of one machine share an IP)
 TAG_GPU_IDS = "prunetune.gpu_ids"  # the GPU ids Ray gave the trial ("" for none)
+TAG_RESUMED = "prunetune.resumed_from_epoch"  # a trial that continued its saved state (resume, retry)
 
 
 def store_uri(spec_uri: str, cli_uri: str | None = None) -> str:

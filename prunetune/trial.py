@@ -202,6 +202,7 @@ class Trial:
                                lambda metrics, epoch: self.report(metrics, epoch), spec.seed, penalty=penalty, distiller=self.distiller)
         self.compact: torch.nn.Module | None = None
         self.phase_index, self.phase_start_clock = -1, 0.0  # -1: the dense phase
+        self.resumed_from_epoch: int | None = None  # set when `run` continues a saved state
 
     def _freeze(self, prefixes: list[str]) -> None:
         for prefix in prefixes:
@@ -307,6 +308,7 @@ class Trial:
         first = 0
         if resume_from:
             first = self.load_checkpoint(resume_from)
+            self.resumed_from_epoch = self.trainer.epoch
             self._replay(self.trainer.history)  # reports the process that saved it may not have delivered
         for index, phase in enumerate(schedules.plan(self.spec.schedule, self.spec.train, self.selected)):
             if index >= first:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+
+import procs
 
 pytestmark = pytest.mark.slow
 
@@ -142,6 +144,7 @@ def test_failing_trial_does_not_stop_the_sweep(tmp_path):
     r = sweep([str(spec)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 failed" in r.stderr
+    assert "retried" not in r.stderr  # its own error: not retried (only dead workers and nodes are)
     parents, children = runs_of(tmp_path, "failing")
     states = sorted(run.info.status for run in children)
     assert states == ["FAILED", "FINISHED"]
@@ -240,67 +243,104 @@ def test_ctrl_c_exits_130_and_resumes(tmp_path):
     _check_resumed(tmp_path, "interrupted", 4, before)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_pids(sid: int) -> list[int]:
-    """PIDs of the processes in session `sid` (the cluster we started with start_new_session)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session ...
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def test_sweep_on_an_existing_cluster(tmp_path):
-    import shutil
     import tempfile
 
-    port = _free_port()
-    ray_bin = Path(sys.executable).parent / "ray"
+    port = procs.free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}",
-                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
-                             f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    head = procs.ray_head(port, ray_tmp, num_cpus=2, log=tmp_path / "head.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-            time.sleep(0.5)
         spec = write_spec(tmp_path, name="cluster", trials=2)
         r = sweep([str(spec), "--address", f"127.0.0.1:{port}"], tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         parents, children = runs_of(tmp_path, "cluster")
         assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)
+        assert all(run.data.tags["prunetune.gpu_ids"] == "" for run in children)  # no GPU asked for
         # a request this cluster cannot meet is refused at once
         r = sweep([str(spec), "--restart", "--address", f"127.0.0.1:{port}", "--set", "resources.gpus_per_trial=1"],
                   tmp_path, timeout=120)
         assert r.returncode == 2 and "GPU" in r.stderr and "Traceback" not in r.stderr
     finally:
-        # stop the cluster by its own PIDs (never `ray stop`, which would stop every Ray here);
-        # SIGKILL, since a SIGTERMed head drains for 30 s
-        for pid in _session_pids(head.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        head.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _session_pids(head.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not _session_pids(head.pid)
+        procs.kill_session(head)
+        assert not procs.session_pids(head.pid)
+        import shutil
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_no_address_is_a_fresh_local_ray_and_a_dead_address_is_refused_at_once(tmp_path):
+    """A stale record of a `ray start --head` that was killed (Ray's ray_current_cluster file)
+    does not make a plain sweep try to attach; an address where no cluster answers is an exit-2
+    error within seconds, naming the address, with nothing written."""
+    dead = f"127.0.0.1:{procs.free_port()}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead + "\n")
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}  # Ray looks for the record in $RAY_TMPDIR/ray
+    try:
+        spec = write_spec(tmp_path, name="fresh", trials=1)
+        for address in (["--address", dead], ["--address", "auto"]):
+            started = time.monotonic()
+            r = sweep([str(spec), *address], tmp_path, timeout=120, env=env)
+            assert r.returncode == 2, r.stderr[-3000:]
+            # the address named (auto: the recorded one, which Ray resolves to this machine's IP)
+            assert dead.split(":")[1] in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+            assert time.monotonic() - started < 20
+            assert not (tmp_path / "mlruns").exists()
+        r = sweep([str(spec)], tmp_path, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(runs_of(tmp_path, "fresh")[1]) == 1
+    finally:
+        import shutil
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _trial_workers(sid: int) -> list[int]:
+    """PIDs of the Ray worker processes running trials in session `sid`."""
+    pids = []
+    for pid in procs.session_pids(sid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::ImplicitFunc"):
+            pids.append(pid)
+    return pids
+
+
+def test_a_killed_worker_is_retried_from_its_saved_state(tmp_path):
+    """SIGKILL of a trial's Ray worker (as the OOM killer does): the trial restarts from its last
+    saved state, up to resources.max_retries times; the output says so in one line, no Ray dump."""
+    spec = tmp_path / "retry.yaml"
+    spec.write_text(textwrap.dedent("""
+        name: retry
+        data: {dataset: digits, image_size: 16}
+        train: {batch_size: 32, lr: 0.05, dense_epochs: 1, finetune_epochs: 8}
+        schedule: {method: {choice: [oneshot, iterative]}, sparsity: 0.6, step_size: 0.3, step_epochs: 0.5}
+        search: {sampler: grid, num_trials: 2}
+        resources: {cpus_per_trial: 1, max_concurrent: 2}
+        """))
+    env = {**os.environ, "PRUNETUNE_CHECKPOINT_S": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", str(spec)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    resume = tmp_path / "mlruns" / "tune" / "retry" / "resume"
+    deadline = time.monotonic() + 300
+    while not list(resume.glob("*.pt")):  # a trial has saved its state after the dense phase
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.kill(_trial_workers(proc.pid)[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    retried = [line for line in err.splitlines() if "retried" in line]
+    assert len(retried) == 1 and "(1/2)" in retried[0] and "worker process died" in retried[0], err[-3000:]
+    assert "The actor died" not in err and "Traceback" not in err
+    parents, children = runs_of(tmp_path, "retry")
+    assert len(children) == 2
+    c = client(tmp_path)
+    for run in children:
+        assert_complete_child(c, run, parents[0].info.run_id)  # every epoch once, final metrics, artifacts
+    resumed = [run for run in children if "prunetune.resumed_from_epoch" in run.data.tags]
+    assert len(resumed) == 1 and int(resumed[0].data.tags["prunetune.resumed_from_epoch"]) >= 1
 
 
 def test_dry_run_and_bad_resources_write_nothing(tmp_path):
@@ -346,7 +386,7 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
     (tmp_path / "mlruns").mkdir()
     from mlflow.tracking import MlflowClient
     MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").search_experiments()  # creates the store
-    port = _free_port()
+    port = procs.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "ui", str(spec), "--port", str(port)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -75,7 +75,7 @@ def test_dense_phase_is_shared_and_replayed(tmp_path):
     trial = Trial(spec.validate(digits_raw(schedule__sparsity=0.7)), lambda m, e: second.append((e, m)))
     entry = trial.dense_phase(cache)
     (key,) = [p.name for p in (tmp_path / "cache").iterdir()]  # one entry, trained once
-    assert {p.name for p in (tmp_path / "cache" / key).iterdir()} == {"done", entry.name}  # lease released
+    assert {p.name for p in (tmp_path / "cache" / key).iterdir()} == {"done", entry.name, "lease.json.lock"}
     assert second == first[:2]  # the dense epochs are replayed, not retrained
     assert sorted(p.name for p in entry.glob("epoch_*.pt")) == ["epoch_0.pt", "epoch_1.pt", "epoch_2.pt"]
 

@@ -32,6 +32,7 @@ from prunetune.sweep import ERROR_KEY, FINAL_FLAG, PER_EPOCH, SweepPaths
 
 # Where a trial ran, in each of its reports (the driver tags its run with them).
 NODE_KEY, NODE_ID_KEY, GPUS_KEY = "prunetune_node", "prunetune_node_id", "prunetune_gpu_ids"
+RESUMED_KEY = "prunetune_resumed_from_epoch"  # in the reports of a trial that continued a saved state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +97,8 @@ def _trainable(config: dict, *, raw: dict, storage: str, sweep: str, teachers: d
                     trial.save_checkpoint(work / "trial.pt")
                     state.put_file(work / "trial.pt", state_rel)
                     last_save, saved_epoch = time.monotonic(), epoch
-                tune.report({**metrics, **where, "epoch": epoch})
+                resumed = {} if trial.resumed_from_epoch is None else {RESUMED_KEY: trial.resumed_from_epoch}
+                tune.report({**metrics, **where, **resumed, "epoch": epoch})
 
             trial.report = report
             resume_from = state.get_file(state_rel, work / "resume.pt") if state.exists(state_rel) else None
@@ -140,7 +142,7 @@ class MlflowLogger(tune.Callback):
         self._runs: dict[str, str] = {}
         self._last_step: dict[str, int] = {}
         self._final_logged: set[str] = set()
-        self._where: dict[str, tuple] = {}
+        self._where: dict[str, dict] = {}  # trial id → the where-tags last set
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; clients stay out
         state = dict(self.__dict__)
@@ -191,12 +193,14 @@ class MlflowLogger(tune.Callback):
         self._runs[tid] = run_id
 
     def _tag_where(self, tid: str, result: dict) -> None:
-        """Tag the run with the node (and GPUs) its trial runs on; again if a retry moved it."""
-        where = (result.get(NODE_KEY), result.get(NODE_ID_KEY), result.get(GPUS_KEY))
-        if where[0] is not None and self._where.get(tid) != where:
-            self.tracker.set_tags(self._runs[tid], {tracking.TAG_NODE: where[0], tracking.TAG_NODE_ID: where[1],
-                                                    tracking.TAG_GPU_IDS: where[2]})
-            self._where[tid] = where
+        """Tag the run with the node (and GPUs) its trial runs on, again if a retry moved it, and
+        the epoch it resumed from when it continued a saved state."""
+        tags = {tracking.TAG_NODE: result.get(NODE_KEY), tracking.TAG_NODE_ID: result.get(NODE_ID_KEY),
+                tracking.TAG_GPU_IDS: result.get(GPUS_KEY), tracking.TAG_RESUMED: result.get(RESUMED_KEY)}
+        tags = {k: v for k, v in tags.items() if v is not None}
+        if tags and self._where.get(tid) != tags:
+            self.tracker.set_tags(self._runs[tid], tags)
+            self._where[tid] = tags
 
     def _log_final(self, tid: str, result: dict) -> None:
         if tid not in self._final_logged:  # once, also when a resumed trial reports it again
@@ -284,11 +288,11 @@ def _error_text(trial) -> str:
 
 def _death_reason(text: str) -> str:
     """One line for Ray's long account of a dead worker or node."""
-    if "NodeDiedError" in text or "node" in text.lower() and "died" in text.lower() and "ActorDiedError" not in text:
+    if "NodeDiedError" in text or "its node has died" in text or "node it was running on" in text:
         return "its node died"
-    if "ActorDiedError" in text or "actor died" in text.lower() or "worker" in text.lower() and "died" in text.lower():
-        if "memory" in text.lower():
-            return "its worker process died (out of memory)"
+    if "OutOfMemoryError" in text or "running low on memory" in text:
+        return "its worker was killed: the node ran low on memory"
+    if "worker process has died" in text or "ActorDiedError" in text or "actor died" in text:
         return "its worker process died (killed, or out of memory)"
     lines = [l.strip() for l in text.splitlines() if l.strip() and not l.startswith("Failure #")]
     return lines[-1] if lines else ""

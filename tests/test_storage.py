@@ -1,0 +1,149 @@
+"""prunetune.storage: whole writes, the lease that works across processes (and nodes, through the
+storage itself), and the dense-phase cache built on them. No Ray here."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from prunetune.errors import UserError
+from prunetune.storage import Lease, Storage
+from prunetune.trial import DenseCache
+
+
+def test_local_storage_round_trips_and_pickles_by_uri(tmp_path):
+    s = Storage(str(tmp_path / "store"))
+    assert s.is_local and not s.exists()
+    s.write_json("a/b.json", {"x": 1})
+    assert s.read_json("a/b.json") == {"x": 1} and s.listdir("a") == ["b.json"]
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "f.bin").write_bytes(b"\0" * 10)
+    s.put_dir(tmp_path / "src", "dir")
+    assert s.get_dir("dir", tmp_path / "out") == tmp_path / "out"
+    assert (tmp_path / "out" / "sub" / "f.bin").read_bytes() == b"\0" * 10
+    copy = pickle.loads(pickle.dumps(s.child("a")))
+    assert copy.read_json("b.json") == {"x": 1} and copy.uri == s.uri + "/a"
+    with pytest.raises(FileNotFoundError):
+        s.read_bytes("missing")
+    s.delete("dir")
+    assert s.listdir() == ["a"]
+    assert not [p for p in (tmp_path / "store").rglob(".tmp-*")]  # no temporary file left behind
+
+
+def test_relative_paths_are_absolute_and_bad_uris_are_user_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Storage("mlruns/tune").uri == str(tmp_path / "mlruns" / "tune")
+    with pytest.raises(UserError, match="tracking.storage"):
+        Storage("nosuchscheme://bucket/x")
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
+    """What Ray Tune's sync of the experiment state relies on after a SIGKILL of the driver."""
+    s = Storage(str(tmp_path))
+    s.write_bytes("state.pkl", b"old")
+    code = textwrap.dedent(f"""
+        import os, signal
+        from prunetune.storage import Storage
+        s = Storage({str(tmp_path)!r})
+        with s.fs.open_output_stream(s._join("state.pkl")) as f:
+            f.write(b"new, but never finished")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)
+    r = subprocess.run([sys.executable, "-c", code])
+    assert r.returncode == -signal.SIGKILL
+    assert s.read_bytes("state.pkl") == b"old"
+
+
+LEASE_HOLDER = """
+import sys, time
+from prunetune.storage import Lease, Storage
+lease = Lease(Storage(sys.argv[1]), "lease.json", owner=sys.argv[2])
+assert lease.try_claim()
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lease_is_held_while_renewed_and_taken_over_once_its_holder_died(tmp_path, monkeypatch):
+    monkeypatch.setattr("prunetune.storage.LEASE_TIMEOUT_S", 3.0)
+    env = {**os.environ, "PRUNETUNE_LEASE_TIMEOUT_S": "3"}
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(tmp_path), "holder"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        waiter = Lease(Storage(str(tmp_path)), "lease.json", owner="waiter")
+        deadline = time.monotonic() + 8  # longer than the timeout: the holder keeps renewing
+        while time.monotonic() < deadline:
+            assert not waiter.try_claim()
+            time.sleep(0.5)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        started = time.monotonic()
+        while not waiter.try_claim():  # its beat stops: stale after the timeout, then taken over
+            assert time.monotonic() - started < 20
+            time.sleep(0.5)
+        assert time.monotonic() - started >= 2.5
+        waiter.release()
+        assert not Storage(str(tmp_path)).exists("lease.json")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+DENSE_WORKER = """
+import sys, time
+from pathlib import Path
+from prunetune.trial import DenseCache
+def train(folder):
+    (Path(sys.argv[2]) / f"trained-by-{sys.argv[3]}").write_text("")
+    time.sleep(2)
+    (folder / "epoch_0.pt").write_text(sys.argv[3])
+entry, hit = DenseCache(sys.argv[1]).get("key", train)
+print(hit, (entry / "epoch_0.pt").read_text(), flush=True)
+"""
+
+
+def test_two_processes_asking_for_one_dense_phase_train_it_once(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", DENSE_WORKER, str(tmp_path / "dense"), str(marks), str(i)],
+                              stdout=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert len(list(marks.iterdir())) == 1  # trained once
+    trainer = next(iter(marks.iterdir())).name.removeprefix("trained-by-")
+    assert sorted(o[0] for o in outs) == ["False", "True", "True"]  # one trained, two waited and read it
+    assert {o[1] for o in outs} == {trainer}
+
+
+def test_dense_cache_on_remote_storage_keeps_a_node_local_copy(tmp_path, monkeypatch):
+    """An object store (pyarrow's in-memory mock filesystem here): the trainer publishes the entry,
+    a reader downloads it once into this node's cache."""
+    import pyarrow.fs
+
+    monkeypatch.setenv("PRUNETUNE_CACHE", str(tmp_path / "node"))
+    remote = Storage("mock://store", _fs=pyarrow.fs._MockFileSystem(), _path="store")
+    assert not remote.is_local
+    calls = []
+
+    def train(folder: Path) -> None:
+        calls.append(folder)
+        (folder / "epoch_0.pt").write_text("weights")
+
+    cache = DenseCache(remote)
+    first, hit = cache.get("k", train)
+    assert not hit and (first / "epoch_0.pt").read_text() == "weights"
+    assert remote.read_text("k/done") in remote.listdir("k")  # done names the trainer's folder
+    (first / "epoch_0.pt").unlink()  # the node's copy is gone: it is downloaded again
+    import shutil
+    shutil.rmtree(first)
+    second, hit = cache.get("k", train)
+    assert hit and len(calls) == 1 and (second / "epoch_0.pt").read_text() == "weights"
