@@ -201,6 +201,8 @@ def ui(spec_path: Path, tracking_uri: str | None, port: int):
 
     spec = spec_mod.load(spec_path).fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        raise UserError(f"tracking.uri: {uri} is an MLflow server, which serves its own UI: open it in a browser")
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"tracking.uri: {uri} does not exist yet; run a trial or a sweep first")
     click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)", err=True)
