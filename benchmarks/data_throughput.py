@@ -83,7 +83,7 @@ def time_prunetune(root: Path, size: int, epochs: int, batch: int, device: torch
     t0 = time.perf_counter()
     # epoch 1 pays for reading and decoding (an empty cache); later trials read the cache
     data = DeviceData(load_dataset(spec.DataSpec(dataset="ham10000", root=str(root), image_size=size,
-                                                 val_fraction=0.1, test_fraction=0.15), 0),
+                                                 val_fraction=0.1, test_fraction=0.15)),
                       device, augment=["flip", "crop"])
     n = data.size("train")
     for epoch in range(epochs):

@@ -66,7 +66,7 @@ def validate(spec_path: Path, sets: tuple[str, ...]):
 
     loaded = spec_mod.load(spec_path, list(sets))
     fixed = loaded.fixed_spec()
-    dataset = load_dataset(fixed.data, fixed.seed)
+    dataset = load_dataset(fixed.data)
     resolved = fixed.model_dump(mode="json")
     for key in loaded.space:
         spec_mod.set_dotted(resolved, key, spec_mod.get_dotted(loaded.raw, key))

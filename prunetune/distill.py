@@ -73,7 +73,7 @@ class Distiller:
         leaked = sum(str(i) in teacher_train for i, s in zip(dataset.ids, dataset.split) if s == "test")
         if leaked:
             raise UserError(f"distill.teacher: {leaked} of the student's test samples were in the teacher's "
-                            "training split; train the teacher with the same seed and data fractions "
+                            "training split; train the teacher with the same data.split_seed and data fractions "
                             "(or use data with a published test split)")
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:

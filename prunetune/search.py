@@ -1,7 +1,8 @@
 """The spec's search entries → an Optuna define-by-run space, conditional on the method.
 
-`schedule.method` is sampled first; a method-specific key (step_size, step_epochs, rewind_epoch) is
-sampled only when the sampled method uses it. Imports optuna lazily (only the sweep needs it).
+`schedule.method` is sampled first, then `schedule.retrain` where the method uses it; a
+method-specific key (step_size, step_epochs, rewind_epoch, ...) is sampled only when the sampled
+method (and retraining) uses it. Imports optuna lazily (only the sweep needs it).
 """
 
 from __future__ import annotations
@@ -35,15 +36,27 @@ def suggest(trial, key: str, entry: SearchEntry) -> Any:
     return trial.suggest_float(key, lo, hi, step=entry.step)
 
 
-def active_keys(loaded: LoadedSpec, method: str) -> list[str]:
-    """The searched keys that matter for `method` (in spec order)."""
+def active_keys(loaded: LoadedSpec, method: str, retrain: str = "finetune") -> list[str]:
+    """The searched keys that matter for `method` and `retrain` (in spec order)."""
     return [k for k in loaded.space
             if k == "schedule.method" or not k.startswith("schedule.")
-            or schedules.key_is_used(method, k.split(".", 1)[1])]
+            or schedules.key_is_used(method, k.split(".", 1)[1], retrain)]
 
 
 def fixed_method(loaded: LoadedSpec) -> str:
     return loaded.raw.get("schedule", {}).get("method", ScheduleSpec().method)
+
+
+def fixed_retrain(loaded: LoadedSpec) -> str:
+    return loaded.raw.get("schedule", {}).get("retrain", ScheduleSpec().retrain)
+
+
+def retrains(loaded: LoadedSpec, method: str) -> list[str]:
+    """The values of schedule.retrain that `method` may run with."""
+    if not schedules.key_is_used(method, "retrain"):
+        return ["finetune"]
+    entry = loaded.space.get("schedule.retrain")
+    return list(entry.args) if entry is not None else [fixed_retrain(loaded)]
 
 
 class DefineByRun:
@@ -57,8 +70,11 @@ class DefineByRun:
         space = self.loaded.space
         method = (suggest(trial, "schedule.method", space["schedule.method"])
                   if "schedule.method" in space else fixed_method(self.loaded))
-        for key in active_keys(self.loaded, method):
-            if key != "schedule.method":
+        retrain = fixed_retrain(self.loaded)
+        if "schedule.retrain" in space and schedules.key_is_used(method, "retrain"):
+            retrain = suggest(trial, "schedule.retrain", space["schedule.retrain"])
+        for key in active_keys(self.loaded, method, retrain):
+            if key not in ("schedule.method", "schedule.retrain"):
                 suggest(trial, key, space[key])
 
 
@@ -111,11 +127,12 @@ def grid_size(loaded: LoadedSpec) -> int:
     methods = list(space["schedule.method"].args) if "schedule.method" in space else [fixed_method(loaded)]
     total = 0
     for method in methods:
-        n = 1
-        for key in active_keys(loaded, method):
-            if key != "schedule.method":
-                n *= len(space[key].args)
-        total += n
+        for retrain in retrains(loaded, method):
+            n = 1
+            for key in active_keys(loaded, method, retrain):
+                if key not in ("schedule.method", "schedule.retrain"):
+                    n *= len(space[key].args)
+            total += n
     return total
 
 

@@ -27,11 +27,15 @@ FINAL_METRICS = (
     "test_acc", "test_top5", "test_loss", "test_balanced_acc", "test_macro_f1", "sparsity",
     "nonzero_params", "total_params", "compression_ratio", "flops_dense", "flops_sparse",
     "theoretical_speedup", "checkpoint_bytes", "train_epochs_total", "trial_seconds", "val_acc",
+    "model_sparsity", "dense_test_acc", "test_acc_drop",
     # structured criteria; the last four only with schedule.remove
     "channel_sparsity", "compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup",
     "teacher_test_acc",  # with distill
 )
 SEARCHABLE_SECTIONS = ("model", "data", "train", "schedule", "distill")
+# Bumped when what a dense phase computes changes (2: every step's randomness seeded by its step,
+# so a fractional rewind can replay it), so old cache entries are not reused.
+DENSE_FORMAT = 2
 SEARCH_KINDS = ("choice", "uniform", "loguniform", "int")
 
 
@@ -64,6 +68,8 @@ class DataSpec(_Strict):
     image_size: int = Field(32, ge=4, le=1024)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    # draws the split of data without a published one; `seed` (and replicates) never change it
+    split_seed: int = 0
     augment: list[Literal["flip", "crop"]] = []
 
     @field_validator("dataset")
@@ -103,8 +109,16 @@ class ScheduleSpec(_Strict):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     step_size: float = Field(0.2, gt=0.0, lt=1.0)
     step_epochs: float = Field(1.0, ge=0.0)
-    rewind_epoch: int = Field(0, ge=0)
+    # lottery, and oneshot/iterative retraining other than finetune: the point of the dense phase
+    # whose learning rate (and weights, for weight_rewind) retraining replays; fractional = a step
+    rewind_epoch: float = Field(0.0, ge=0.0)
     layers: Union[str, list[str]] = "all"
+    step_rule: Literal["fixed", "geometric"] = "fixed"  # iterative, lottery: targets k·p or 1 − (1 − p)^k
+    # oneshot, iterative: after each prune, finetune (train on), or retrain dense_epochs − rewind_epoch
+    # epochs on the dense learning-rate schedule replayed from rewind_epoch, starting from the
+    # trained weights (lr_rewind), the weights at rewind_epoch (weight_rewind: the lottery ticket)
+    # or a fresh initialisation (reinit: the ticket's control). lottery is iterative + weight_rewind.
+    retrain: Literal["finetune", "lr_rewind", "weight_rewind", "reinit"] = "finetune"
     start_epoch: float = Field(0.0, ge=0.0)  # gradual: the ramp, in epochs after the dense phase
     end_epoch: float = Field(4.0, gt=0.0)
     redense_lr_factor: float = Field(0.1, gt=0.0)  # dsd, ist: lr factor of the re-dense training
@@ -207,10 +221,16 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _method_values(self):
         s = self.schedule
-        if s.method == "lottery" and s.rewind_epoch > self.train.dense_epochs:
+        if s.method == "lottery" and s.retrain not in ("finetune", "weight_rewind"):
+            raise ValueError(f"schedule.retrain {s.retrain} does not apply to method lottery, which always "
+                             "rewinds weights; use method iterative (or oneshot) with retrain "
+                             f"{s.retrain} for that control")
+        rewinds = s.method == "lottery" or (s.method in ("oneshot", "iterative") and s.retrain != "finetune")
+        if rewinds and s.rewind_epoch > self.train.dense_epochs:
+            what = "method lottery" if s.method == "lottery" else f"schedule.retrain {s.retrain}"
             raise ValueError(
-                f"schedule.rewind_epoch ({s.rewind_epoch}) must not exceed train.dense_epochs "
-                f"({self.train.dense_epochs}) for method lottery")
+                f"schedule.rewind_epoch ({s.rewind_epoch:g}) must not exceed train.dense_epochs "
+                f"({self.train.dense_epochs}) for {what}")
         if s.method in ("dsd", "ist") and s.criterion in registry.STRUCTURED_CRITERIA:
             # A pruned channel has all of its group at zero (filters, batch norm, next layers'
             # inputs): every gradient of it is zero, so it could never regrow after the release.
@@ -236,8 +256,15 @@ class Spec(_Strict):
         """Content hash of what determines the dense phase: trials with equal hashes share it."""
         d = self.model_dump(mode="json")
         train = {k: v for k, v in d["train"].items() if k != "finetune_epochs"}
-        return _hash({"seed": d["seed"], "model": d["model"], "data": d["data"], "train": train,
-                      **({"distill": d["distill"]} if d["distill"] else {})})  # the dense phase is distilled too
+        extra = {}
+        if d["distill"]:
+            extra["distill"] = d["distill"]  # the dense phase is distilled too
+        if self.train.group_lasso > 0 and self.schedule.criterion in registry.STRUCTURED_CRITERIA:
+            # the penalty acts from the first step on the channel groups of the selected layers
+            # (the same groups for every structured criterion; none for an unstructured one)
+            extra["penalty"] = {"groups": "channels", "layers": self.schedule.layers}
+        return _hash({"format": DENSE_FORMAT, "seed": d["seed"], "model": d["model"], "data": d["data"],
+                      "train": train, **extra})
 
 
 def _hash(obj: Any) -> str:
@@ -408,7 +435,7 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 # Keys whose --set value is always text: an MLflow run id such as 0123…, or 1e05…, must not
 # turn into a number.
-_TEXT_KEYS = frozenset({"name", "distill.teacher", "model.weights", "data.root"})
+_TEXT_KEYS = frozenset({"name", "distill.teacher", "model.weights", "data.root", "tracking.storage"})
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -450,11 +477,13 @@ class LoadedSpec:
     def trial_spec(self) -> Spec:
         """The one spec a `prunetune trial` runs: every searched key that matters must be fixed."""
         method = self.raw.get("schedule", {}).get("method", ScheduleSpec().method)
-        if "schedule.method" in self.space:
+        retrain = self.raw.get("schedule", {}).get("retrain", ScheduleSpec().retrain)
+        if "schedule.method" in self.space or ("schedule.retrain" in self.space
+                                               and schedules.key_is_used(method, "retrain")):
             missing = list(self.space)
         else:
-            missing = [k for k in self.space
-                       if not k.startswith("schedule.") or schedules.key_is_used(method, k.split(".", 1)[1])]
+            missing = [k for k in self.space if not k.startswith("schedule.")
+                       or schedules.key_is_used(method, k.split(".", 1)[1], retrain)]
         if missing:
             raise UserError("prunetune trial needs fixed values for the searched keys "
                             f"{', '.join(missing)}; give them with --set KEY=VALUE")
@@ -524,30 +553,43 @@ def _check_space(raw: dict, space: dict[str, SearchEntry], unused_is_error: bool
         methods = list(method_entry.probe_values())
     else:
         methods = [raw.get("schedule", {}).get("method", ScheduleSpec().method)]
+        if methods[0] not in schedules.METHODS:
+            return  # validating the spec names the key and the valid methods
 
+    retrain_entry = space.get("schedule.retrain")
+    retrains = (list(retrain_entry.probe_values()) if retrain_entry is not None
+                else [raw.get("schedule", {}).get("retrain", ScheduleSpec().retrain)])
     for key in space:
         section, _, leaf = key.partition(".")
         if section == "schedule" and leaf in schedules.METHOD_SPECIFIC_KEYS:
-            if unused_is_error and not any(schedules.key_is_used(m, leaf) for m in methods):
+            if unused_is_error and not any(schedules.key_is_used(m, leaf, r) for m in methods for r in retrains):
                 raise UserError(f"spec key {key}: searched, but schedule.method "
-                                f"({', '.join(map(str, methods))}) never uses it")
+                                f"({', '.join(map(str, methods))}) never uses it"
+                                + (f" with schedule.retrain {', '.join(retrains)}" if leaf == "rewind_epoch" else ""))
 
-    base_params = {k: e.probe_values()[0] for k, e in space.items()}
+    # Each method (and retraining) with the searched keys it uses, as a trial would get them.
     for method in methods:
-        for key, entry in space.items():
-            if key == "schedule.method":
-                continue
-            for value in entry.probe_values():
-                params = dict(base_params, **{key: value})
-                if method_entry is not None:
-                    params["schedule.method"] = method
+        uses_retrain = schedules.key_is_used(method, "retrain")
+        for retrain in (retrains if uses_retrain else ["finetune"]):
+            used = {k: e for k, e in space.items() if k not in ("schedule.method", "schedule.retrain")
+                    and (not k.startswith("schedule.") or schedules.key_is_used(method, k.split(".", 1)[1], retrain))}
+            base = {k: e.probe_values()[0] for k, e in used.items()}
+            if method_entry is not None:
+                base["schedule.method"] = method
+            if retrain_entry is not None and uses_retrain:
+                base["schedule.retrain"] = retrain
+            for key, value in [(None, None)] + [(k, v) for k, e in used.items() for v in e.probe_values()]:
+                params = base if key is None else dict(base, **{key: value})
                 raw_try = copy.deepcopy(raw)
+                for k in space:
+                    _del_dotted(raw_try, k)
                 for k, v in params.items():
                     set_dotted(raw_try, k, v)
                 try:
                     Spec.model_validate(raw_try)
                 except ValidationError as exc:
-                    raise UserError(f"{format_validation_error(exc)} [searched value {value!r} of {key}]") from None
+                    what = f" [searched value {value!r} of {key}]" if key else f" [schedule.method {method}]"
+                    raise UserError(f"{format_validation_error(exc)}{what}") from None
 
 
 def _check_structured(raw: dict, space: dict[str, SearchEntry]) -> None:

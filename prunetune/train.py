@@ -38,6 +38,11 @@ def lr_shape(kind: str, t: float, horizon: float) -> float:
     raise ValueError(kind)
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The random seed of optimiser step `step` of a trial seeded `seed`."""
+    return int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0])
+
+
 def make_optimizer(params, train_spec, lr_factor: float = 1.0) -> torch.optim.Optimizer:
     lr = train_spec.lr * lr_factor
     if train_spec.optimizer == "sgd":
@@ -129,6 +134,9 @@ class Trainer:
             lr = lr_at((self.global_step - phase_start) / self.steps_per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            # Every step's randomness (augmentation, dropout) depends only on (seed, step), as the
+            # batch order does: a resumed trial, or a replayed dense phase, retraces it.
+            torch.manual_seed(step_seed(self.seed, self.global_step))
             x, y = self.data.train_batch(self._batch_index(self.global_step))
             with self.autocast():
                 logits = self.model(x)

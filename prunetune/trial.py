@@ -162,7 +162,7 @@ class Trial:
         torch.manual_seed(spec.seed)
         np.random.seed(spec.seed % 2**32)
         self.device = resolve_device(spec.train.device)
-        self.dataset: Dataset = load_dataset(spec.data, spec.seed)
+        self.dataset: Dataset = load_dataset(spec.data)
         self.num_classes = len(self.dataset.classes)
         size = spec.data.image_size
         self.model = build_model(spec.model, self.num_classes, self.dataset.in_channels, size).to(self.device)
@@ -181,7 +181,7 @@ class Trial:
             if not groups:
                 raise UserError(f"schedule.layers: {spec.schedule.layers!r} selects no layer with prunable "
                                 f"channels (the classifier head {self.layers[-1]} keeps its outputs)")
-        self.masks = Masks(self.model, self.layers, groups)
+        self.masks = Masks(self.model, self.layers, groups, selected=self.selected)
         self.data = DeviceData(self.dataset, self.device, spec.data.augment,
                                imagenet_stats=bool(spec.model.weights))
         self.distiller = None
@@ -193,16 +193,21 @@ class Trial:
                 raise UserError(f"distill.teacher: {spec.distill.teacher!r} is not a checkpoint directory "
                                 "(an MLflow run id is resolved by `prunetune trial` and `prunetune sweep`)")
             self.distiller = Distiller(directory, spec, self.dataset, self.data)
-        penalty = None
-        if groups and spec.train.group_lasso > 0:
-            lasso, lam = structured.GroupLasso(groups, self.model), spec.train.group_lasso
-            penalty = lambda: lam * lasso()  # noqa: E731
         # through a lambda, so `trial.report` may be set after construction (once a run exists)
-        self.trainer = Trainer(self.model, self.data, spec.train, self.masks,
-                               lambda metrics, epoch: self.report(metrics, epoch), spec.seed, penalty=penalty, distiller=self.distiller)
+        self.trainer = self._trainer(self.model, self.masks, lambda metrics, epoch: self.report(metrics, epoch))
         self.compact: torch.nn.Module | None = None
         self.phase_index, self.phase_start_clock = -1, 0.0  # -1: the dense phase
         self.resumed_from_epoch: int | None = None  # set when `run` continues a saved state
+        self.dense_test_acc: float | None = None  # the dense phase's checkpoint on the test split
+
+    def _trainer(self, model: torch.nn.Module, masks: Masks, report: Report) -> Trainer:
+        """A Trainer of `model` with this trial's recipe (and group-lasso penalty, and teacher)."""
+        penalty = None
+        if masks.groups and self.spec.train.group_lasso > 0:
+            lasso, lam = structured.GroupLasso(masks.groups, model), self.spec.train.group_lasso
+            penalty = lambda: lam * lasso()  # noqa: E731
+        return Trainer(model, self.data, self.spec.train, masks, report, self.spec.seed, penalty=penalty,
+                       distiller=self.distiller)
 
     def _freeze(self, prefixes: list[str]) -> None:
         for prefix in prefixes:
@@ -222,9 +227,11 @@ class Trial:
         def run(folder: Path) -> None:
             torch.save(_state_cpu(self.model), folder / "epoch_0.pt")
             self.trainer.on_epoch_end = lambda e: torch.save(_state_cpu(self.model), folder / f"epoch_{e}.pt")
-            self.trainer.run(train.dense_epochs, lambda t: train.lr * lr_shape(train.lr_schedule, t, train.dense_epochs))
+            self.trainer.run(train.dense_epochs, self._dense_lr)
             self.trainer.on_epoch_end = None
             (folder / "history.json").write_text(json.dumps(self.trainer.history))
+            # the unpruned reference, evaluated once per dense phase and shared like it
+            (folder / "dense.json").write_text(json.dumps({"test_acc": self.trainer.evaluate("test")["acc"]}))
 
         entry, hit = cache.get(self.spec.dense_hash(), run)
         if hit and replay:
@@ -234,9 +241,60 @@ class Trial:
             self.trainer.clock = float(train.dense_epochs)
         _load_state(self.model, entry / f"epoch_{train.dense_epochs}.pt")
         self.trainer.optimizer = None  # training after the dense phase starts a fresh optimiser
+        if (entry / "dense.json").is_file():
+            self.dense_test_acc = json.loads((entry / "dense.json").read_text())["test_acc"]
+        else:  # an entry from before dense.json was kept
+            self.dense_test_acc = self.trainer.evaluate("test")["acc"]
         return entry
 
+    def _dense_lr(self, t: float) -> float:
+        train = self.spec.train
+        return train.lr * lr_shape(train.lr_schedule, t, train.dense_epochs)
+
+    def rewind_state(self, entry: Path) -> dict[str, torch.Tensor]:
+        """The dense phase's weights at `schedule.rewind_epoch`, counted in optimiser steps: a
+        saved epoch, or (a fractional epoch) the dense phase replayed from its initialisation for
+        that many steps; every step's batch, augmentation and dropout are seeded by (seed, step),
+        so the replay retraces it. The replayed state is kept in the entry for other trials."""
+        spe = self.trainer.steps_per_epoch
+        step = round(self.spec.schedule.rewind_epoch * spe)
+        if step % spe == 0:
+            return torch.load(entry / f"epoch_{step // spe}.pt", map_location="cpu", weights_only=True)
+        path = entry / f"step_{step}.pt"
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        state = self.replay_dense(entry, step)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return state
+
+    def replay_dense(self, entry: Path, step: int) -> dict[str, torch.Tensor]:
+        """The dense phase's weights after `step` optimiser steps, retrained from its
+        initialisation (`epoch_0.pt`) on a copy of the model."""
+        model = copy.deepcopy(self.model)
+        _load_state(model, entry / "epoch_0.pt")
+        trainer = self._trainer(model, Masks(model, self.layers, self.masks.groups), lambda m, e: None)
+        trainer.run(step / trainer.steps_per_epoch, self._dense_lr)
+        return _state_cpu(model)
+
+    def reinitialise(self, index: int) -> None:
+        """A fresh random initialisation of every trained weight (survivors stay masked): the
+        control of the lottery-ticket papers. Frozen modules keep their weights."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.spec.seed * 7919 + 104_729 + index)  # not the original draw
+            fresh = build_model(self.spec.model.model_copy(update={"weights": None}), self.num_classes,
+                                self.dataset.in_channels, self.spec.data.image_size)
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        state = {k: v for k, v in fresh.state_dict().items() if k not in frozen}
+        self.model.load_state_dict(state, strict=False)
+        self.masks.apply()
+
     # -- the schedule --------------------------------------------------------------------------
+    def plan(self) -> list[schedules.Phase]:
+        """The phases after the dense phase."""
+        return schedules.plan(self.spec.schedule, self.spec.train, self.selected)
+
     def run_phase(self, index: int, phase: schedules.Phase, dense_entry: Path, resumed: bool = False) -> None:
         """Carry out one phase; `resumed`: its start (prune, rewind) was done before a checkpoint."""
         train, t = self.spec.train, self.trainer
@@ -257,11 +315,13 @@ class Trial:
             if t.optimizer is not None:
                 self.masks.mask_optimizer_state(t.optimizer)
         if phase.rewind:
-            _load_state(self.model, dense_entry / f"epoch_{self.spec.schedule.rewind_epoch}.pt")
+            self.model.load_state_dict(self.rewind_state(dense_entry))
             self.masks.apply()
+        if phase.reinit:
+            self.reinitialise(index)
         if phase.release_masks:
             self.masks.release()
-        if phase.rewind or phase.release_masks or phase.lr_factor != 1.0:
+        if phase.rewind or phase.reinit or phase.release_masks or phase.restart or phase.lr_factor != 1.0:
             t.optimizer = None  # a fresh optimiser (and its lr factor) from here
 
     # -- the end -------------------------------------------------------------------------------
@@ -270,7 +330,10 @@ class Trial:
         m = classification_metrics(logits, labels, self.num_classes)
         if self.data.size("val"):
             m["val_acc"] = self.trainer.evaluate("val")["acc"]
-        m["sparsity"] = self.masks.sparsity()
+        m["sparsity"] = self.masks.sparsity()  # over the selected layers: the target's denominator
+        m["model_sparsity"] = self.masks.model_sparsity()
+        m["dense_test_acc"] = self.dense_test_acc
+        m["test_acc_drop"] = self.dense_test_acc - m["test_acc"]
         m.update(param_counts(self.model))
         m.update(flops(self.model, self.example, self.layers))
         m["checkpoint_bytes"] = sparse_checkpoint_bytes(self.model.state_dict())
@@ -310,7 +373,7 @@ class Trial:
             first = self.load_checkpoint(resume_from)
             self.resumed_from_epoch = self.trainer.epoch
             self._replay(self.trainer.history)  # reports the process that saved it may not have delivered
-        for index, phase in enumerate(schedules.plan(self.spec.schedule, self.spec.train, self.selected)):
+        for index, phase in enumerate(self.plan()):
             if index >= first:
                 self.run_phase(index, phase, entry, resumed=resume_from is not None and index == first)
         self.trainer.end_epoch()  # report a last, partial epoch if there is one

@@ -17,9 +17,9 @@ def data_spec(**kw):
 
 
 def test_digits_split_is_seeded_and_stratified():
-    a = load_dataset(data_spec(dataset="digits", image_size=8), seed=0)
-    b = load_dataset(data_spec(dataset="digits", image_size=8), seed=0)
-    c = load_dataset(data_spec(dataset="digits", image_size=8), seed=1)
+    a = load_dataset(data_spec(dataset="digits", image_size=8))
+    b = load_dataset(data_spec(dataset="digits", image_size=8))
+    c = load_dataset(data_spec(dataset="digits", image_size=8, split_seed=1))
     assert a.images.shape == (1797, 1, 8, 8) and a.images.dtype == np.uint8
     assert (a.split == b.split).all() and (a.split != c.split).any()
     for c_ in range(10):
@@ -40,27 +40,27 @@ def test_stratified_split_keeps_groups_whole():
 @pytest.mark.parametrize("writer,name,classes", [(write_cifar10, "cifar10", 10), (write_cifar100, "cifar100", 100)])
 def test_cifar_pickle_layout(tmp_path, writer, name, classes):
     root = writer(tmp_path)
-    ds = load_dataset(data_spec(dataset=name, root=str(root), image_size=16), seed=0)
+    ds = load_dataset(data_spec(dataset=name, root=str(root), image_size=16))
     assert len(ds.classes) == classes and ds.images.shape[1:] == (3, 16, 16)
     assert (ds.split == "test").sum() > 0 and (ds.split == "val").sum() > 0
     # the folder itself works as root too
     inner = next(root.iterdir())
-    assert len(load_dataset(data_spec(dataset=name, root=str(inner)), seed=0).labels) == len(ds.labels)
+    assert len(load_dataset(data_spec(dataset=name, root=str(inner))).labels) == len(ds.labels)
 
 
 def test_cifar_missing_root_names_expected_files(tmp_path):
     with pytest.raises(UserError) as exc:
-        load_dataset(data_spec(dataset="cifar100", root=str(tmp_path / "nowhere")), seed=0)
+        load_dataset(data_spec(dataset="cifar100", root=str(tmp_path / "nowhere")))
     assert "cifar-100-python" in str(exc.value) and "train" in str(exc.value) and "meta" in str(exc.value)
     with pytest.raises(UserError, match="data.root"):
-        load_dataset(data_spec(dataset="cifar10"), seed=0)
+        load_dataset(data_spec(dataset="cifar10"))
 
 
 def test_cifar_malformed_file(tmp_path):
     root = write_cifar100(tmp_path)
     (root / "cifar-100-python" / "train").write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="train"):
-        load_dataset(data_spec(dataset="cifar100", root=str(root)), seed=0)
+        load_dataset(data_spec(dataset="cifar100", root=str(root)))
 
 
 def test_cifar_refuses_code_in_pickles(tmp_path):
@@ -72,11 +72,11 @@ def test_cifar_refuses_code_in_pickles(tmp_path):
             return (os.system, ("echo pwned",))
     (root / "cifar-100-python" / "meta").write_bytes(pickle.dumps({b"fine_label_names": Evil()}))
     with pytest.raises(UserError, match="refusing"):
-        load_dataset(data_spec(dataset="cifar100", root=str(root)), seed=0)
+        load_dataset(data_spec(dataset="cifar100", root=str(root)))
 
 
 def test_device_batches_normalised_and_augmented_on_device():
-    ds = load_dataset(data_spec(dataset="digits", image_size=8), seed=0)
+    ds = load_dataset(data_spec(dataset="digits", image_size=8))
     data = DeviceData(ds, torch.device("cpu"), augment=["flip", "crop"])
     x, y = data.train_batch(torch.arange(256))
     assert x.dtype == torch.float32 and x.shape == (256, 1, 8, 8)

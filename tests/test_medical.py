@@ -25,7 +25,7 @@ def ham_spec(root, **kw):
 
 def test_ham10000_layout_classes_and_lesion_grouped_split(tmp_path):
     root = write_ham10000(tmp_path / "HAM10000")
-    ds = load_dataset(ham_spec(root, val_fraction=0.1, test_fraction=0.2), seed=0)
+    ds = load_dataset(ham_spec(root, val_fraction=0.1, test_fraction=0.2))
     meta = list(csv.DictReader(open(root / "HAM10000_metadata.csv")))
     assert ds.classes == list(HAM_CLASSES) and ds.id_name == "image_id"
     assert ds.ids == [r["image_id"] for r in meta]
@@ -46,8 +46,8 @@ def test_ham10000_layout_classes_and_lesion_grouped_split(tmp_path):
 
 
 def test_ham10000_one_folder_gives_the_same_data(tmp_path):
-    parts = load_dataset(ham_spec(write_ham10000(tmp_path / "a")), seed=0)
-    one = load_dataset(ham_spec(write_ham10000(tmp_path / "b", one_folder=True)), seed=0)
+    parts = load_dataset(ham_spec(write_ham10000(tmp_path / "a")))
+    one = load_dataset(ham_spec(write_ham10000(tmp_path / "b", one_folder=True)))
     assert (parts.images == one.images).all() and parts.ids == one.ids and (parts.split == one.split).all()
 
 
@@ -72,7 +72,7 @@ def test_ham10000_bad_layouts_say_what_is_expected(tmp_path, damage, needle):
     elif damage == "no_column":
         csv_path.write_text(csv_path.read_text().replace("lesion_id,", "lesion,", 1))
     with pytest.raises(UserError) as exc:
-        load_dataset(ham_spec(root), seed=0)
+        load_dataset(ham_spec(root))
     assert str(exc.value).startswith("data.root") and needle in str(exc.value)
 
 
@@ -81,38 +81,38 @@ def test_decode_cache_is_hit_on_the_second_run(tmp_path, monkeypatch):
     calls = []
     real = ham10000.decode_all
     monkeypatch.setattr(ham10000, "decode_all", lambda paths, size: calls.append(len(paths)) or real(paths, size))
-    first = load_dataset(ham_spec(root, image_size=12), seed=0)
-    second = load_dataset(ham_spec(root, image_size=12), seed=1)
+    first = load_dataset(ham_spec(root, image_size=12))
+    second = load_dataset(ham_spec(root, image_size=12, split_seed=1))
     assert len(calls) == 1  # decoded once, read from the cache the second time
     assert (first.images == second.images).all() and first.ids == second.ids
     assert (first.groups == second.groups).all() and first.classes == second.classes
-    load_dataset(ham_spec(root, image_size=10), seed=0)  # another size: another entry
+    load_dataset(ham_spec(root, image_size=10))  # another size: another entry
     assert len(calls) == 2
     img = next(root.glob("*/ISIC_*.jpg"))
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))  # a changed file
-    load_dataset(ham_spec(root, image_size=12), seed=0)
+    load_dataset(ham_spec(root, image_size=12))
     assert len(calls) == 3
 
 
 def test_imagefolder_with_and_without_published_splits(tmp_path):
     root = write_imagefolder(tmp_path / "full", {"train": {"b": 6, "a": 8}, "val": {"a": 2, "b": 2},
                                                  "test": {"a": 3, "b": 1}})
-    ds = load_dataset(spec.DataSpec(dataset="imagefolder", root=str(root), image_size=8), seed=0)
+    ds = load_dataset(spec.DataSpec(dataset="imagefolder", root=str(root), image_size=8))
     assert ds.classes == ["a", "b"] and ds.images.shape == (22, 3, 8, 8)
     assert [(ds.split == s).sum() for s in ("train", "val", "test")] == [14, 4, 4]
     assert "test/b/0.jpg" in ds.ids and "train/a/1.png" in ds.ids
     only_train = write_imagefolder(tmp_path / "train_only", {"train": {"a": 20, "b": 20}})
     ds = load_dataset(spec.DataSpec(dataset="imagefolder", root=str(only_train), image_size=8,
-                                    val_fraction=0.1, test_fraction=0.2), seed=0)
+                                    val_fraction=0.1, test_fraction=0.2))
     assert [(ds.split == s).sum() for s in ("train", "val", "test")] == [28, 4, 8]
     with pytest.raises(UserError, match="train/"):
-        load_dataset(spec.DataSpec(dataset="imagefolder", root=str(tmp_path)), seed=0)
+        load_dataset(spec.DataSpec(dataset="imagefolder", root=str(tmp_path)))
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_medmnist_npz(tmp_path, channels):
     path = write_medmnist(tmp_path / "dermamnist.npz", channels=channels)
-    ds = load_dataset(spec.DataSpec(dataset="medmnist", root=str(path), image_size=16), seed=0)
+    ds = load_dataset(spec.DataSpec(dataset="medmnist", root=str(path), image_size=16))
     z = np.load(path)
     assert ds.in_channels == channels and ds.images.shape[0] == 92
     assert [(ds.split == s).sum() for s in ("train", "val", "test")] == [60, 12, 20]
@@ -124,10 +124,10 @@ def test_medmnist_refuses_multilabel_and_missing_keys(tmp_path):
     np.savez(bad, **{f"{p}_images": np.zeros((4, 28, 28), np.uint8) for p in ("train", "val", "test")},
              **{f"{p}_labels": np.zeros((4, 14), np.uint8) for p in ("train", "val", "test")})
     with pytest.raises(UserError, match="multi-label"):
-        load_dataset(spec.DataSpec(dataset="medmnist", root=str(bad)), seed=0)
+        load_dataset(spec.DataSpec(dataset="medmnist", root=str(bad)))
     np.savez(bad, train_images=np.zeros((4, 28, 28), np.uint8))
     with pytest.raises(UserError, match="train_labels"):
-        load_dataset(spec.DataSpec(dataset="medmnist", root=str(bad)), seed=0)
+        load_dataset(spec.DataSpec(dataset="medmnist", root=str(bad)))
 
 
 def test_imbalance_metrics_on_a_hand_computed_case():
@@ -226,7 +226,7 @@ def test_frozen_parameters_do_not_move(tmp_path):
 def test_too_few_lesions_for_a_test_split_is_a_clear_error(tmp_path):
     root = write_ham10000(tmp_path / "HAM10000", lesions_per_class=(1,) * 7)
     with pytest.raises(UserError, match="data: the test split of ham10000 is empty"):
-        load_dataset(ham_spec(root, test_fraction=0.05), seed=0)
+        load_dataset(ham_spec(root, test_fraction=0.05))
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):

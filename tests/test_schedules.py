@@ -28,7 +28,7 @@ def test_step_targets_monotone_exact_end_clipped(sparsity, step):
 
 def _spec(method, **kw):
     s = dict(method=method, sparsity=0.8, step_size=0.3, step_epochs=1.5, rewind_epoch=1, scope="global",
-             start_epoch=1.0, end_epoch=7.0, redense_lr_factor=0.1, cycles=3)
+             start_epoch=1.0, end_epoch=7.0, redense_lr_factor=0.1, cycles=3, step_rule="fixed", retrain="finetune")
     s.update(kw)
     return SimpleNamespace(**s), SimpleNamespace(finetune_epochs=2, dense_epochs=4)
 
@@ -114,9 +114,50 @@ def test_every_method_ends_at_target_sparsity():
         assert max(p.prune.target for p in phases if p.prune) == 0.8, method
 
 
+@pytest.mark.parametrize("sparsity,step", list(itertools.product(SPARSITIES, STEPS)))
+def test_geometric_step_targets_prune_a_fraction_of_the_survivors(sparsity, step):
+    targets = step_targets(sparsity, step, "geometric")
+    if sparsity == 0:
+        assert targets == []
+        return
+    assert targets[-1] == sparsity and all(b > a for a, b in zip(targets, targets[1:]))
+    for k, t in enumerate(targets[:-1], start=1):  # 1 − (1 − p)^k: step of the survivors each round
+        assert 1 - t == pytest.approx((1 - step) ** k)
+    before = targets[-2] if len(targets) > 1 else 0.0
+    assert 0 < (targets[-1] - before) / (1 - before) <= step + 1e-9  # the last round clipped, never more
+
+
+def test_geometric_rounds_against_fixed():
+    assert step_targets(0.8, 0.2, "fixed") == [0.2, 0.4, 0.6, 0.8]
+    assert step_targets(0.8, 0.2, "geometric") == pytest.approx([0.2, 0.36, 0.488, 0.5904, 0.67232, 0.737856, 0.7902848, 0.8])
+
+
+@pytest.mark.parametrize("method", ["oneshot", "iterative"])
+@pytest.mark.parametrize("retrain", ["lr_rewind", "weight_rewind", "reinit"])
+def test_retraining_replays_the_dense_lr_schedule_from_rewind_epoch(method, retrain):
+    """Renda et al.: each prune is followed by dense_epochs − rewind_epoch epochs on the dense
+    phase's schedule from rewind_epoch; the weights are kept, rewound or re-drawn; a fresh optimiser."""
+    phases = plan(*_spec(method, retrain=retrain, step_rule="geometric"), LAYERS)
+    targets = [0.8] if method == "oneshot" else step_targets(0.8, 0.3, "geometric")
+    assert [p.prune.target for p in phases] == targets  # no finetune phase after the rounds
+    for p in phases:
+        assert p.epochs == 3 and p.lr_offset == 1 and p.lr_horizon == 4 and p.restart
+        assert (p.rewind, p.reinit) == (retrain == "weight_rewind", retrain == "reinit")
+
+
+def test_lottery_is_iterative_with_weight_rewinding():
+    for rule in ("fixed", "geometric"):
+        assert plan(*_spec("lottery", step_rule=rule), LAYERS) == \
+            plan(*_spec("iterative", step_rule=rule, retrain="weight_rewind"), LAYERS)
+
+
 def test_conditional_keys():
     assert schedules.key_is_used("lottery", "rewind_epoch")
     assert not schedules.key_is_used("iterative", "rewind_epoch")
+    assert schedules.key_is_used("iterative", "rewind_epoch", "lr_rewind")  # retraining replays from it
+    assert not schedules.key_is_used("iterative", "step_epochs", "reinit")  # ... instead of step_epochs
+    assert schedules.key_is_used("oneshot", "retrain") and not schedules.key_is_used("lottery", "retrain")
+    assert schedules.key_is_used("lottery", "step_rule") and not schedules.key_is_used("oneshot", "step_rule")
     assert schedules.key_is_used("oneshot", "sparsity")
     assert not schedules.key_is_used("oneshot", "step_size")
     assert schedules.key_is_used("gradual", "end_epoch") and not schedules.key_is_used("dsd", "end_epoch")

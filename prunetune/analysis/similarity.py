@@ -121,7 +121,7 @@ def eval_batches(spec: Spec, samples: int, batch_size: int, device: torch.device
     from prunetune.data import load_dataset
     from prunetune.data.device import DeviceData
 
-    dataset = load_dataset(spec.data, spec.seed)
+    dataset = load_dataset(spec.data)
     data = DeviceData(dataset, device, imagenet_stats=bool(spec.model.weights))
     x = data.x["test"][:samples]
     if len(x) < 4:

@@ -91,8 +91,11 @@ def _largest_remainder(quotas: np.ndarray, total: int, rng: np.random.Generator)
     return counts
 
 
-def load_dataset(data_spec, seed: int) -> Dataset:
-    """Read `data_spec.dataset` from its root, resized to `image_size`, and split it."""
+def load_dataset(data_spec) -> Dataset:
+    """Read `data_spec.dataset` from its root, resized to `image_size`, and split it. The split of
+    data without a published one is drawn by `data_spec.split_seed` alone: a trial's `seed` (and
+    its replicates) change initialisation, batch order and augmentation, never the test images."""
+    seed = data_spec.split_seed
     src: Source = registry.lookup(registry.DATASETS, data_spec.dataset)(data_spec)
     if src.official_split is not None:
         # Published splits are kept; a split the publisher left out is carved from train.

@@ -24,8 +24,12 @@ class Masks:
     (those extra tensors are masked too, but only the layers' weights count in `sparsity`).
     """
 
-    def __init__(self, model: nn.Module, layer_names: Sequence[str], groups: "list[Group] | None" = None):
+    def __init__(self, model: nn.Module, layer_names: Sequence[str], groups: "list[Group] | None" = None,
+                 selected: Sequence[str] | None = None):
+        """`selected`: the layers the schedule prunes (`schedule.layers`; default all), over which
+        `sparsity()` counts."""
         modules = dict(model.named_modules())
+        self.selected = list(selected if selected is not None else layer_names)
         self.weights: dict[str, torch.Tensor] = {n: modules[n].weight for n in layer_names}
         self.masks: dict[str, torch.Tensor] = {
             n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
@@ -157,11 +161,16 @@ class Masks:
 
     # -- counting ------------------------------------------------------------------------------
     def sparsity(self, layers: Iterable[str] | None = None) -> float:
-        """Fraction of zero weights over `layers` (all prunable layers by default)."""
-        names = list(self.weights) if layers is None else list(layers)
+        """Fraction of zero weights over `layers` (by default the selected layers: the target's
+        own denominator, so a prune to 0.9 reads 0.9 to one weight)."""
+        names = self.selected if layers is None else list(layers)
         total = sum(self.weights[n].numel() for n in names)
         zeros = sum(int((self.weights[n] == 0).sum()) for n in names)
         return zeros / total if total else 0.0
+
+    def model_sparsity(self) -> float:
+        """Fraction of zero weights over all prunable layers."""
+        return self.sparsity(self.weights)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {n: m.clone().cpu() for n, m in {**self.masks, **self.extra_masks}.items()}

@@ -28,8 +28,9 @@ class Prune:
 class Phase:
     """A stretch of training after the dense phase.
 
-    At its start: `prune` (if any), then `rewind` the surviving weights to the rewind snapshot, or
-    `release_masks` (all weights trainable again; pruned ones restart at zero). Then `epochs` of
+    At its start: `prune` (if any), then `rewind` the surviving weights to the rewind snapshot,
+    `reinit` them (a fresh random initialisation), or `release_masks` (all weights trainable
+    again; pruned ones restart at zero); `restart` starts a fresh optimiser. Then `epochs` of
     training (fractional: a part of an epoch). The learning rate at epoch t of the phase is the
     spec's schedule evaluated at `lr_offset + t` of a schedule `lr_horizon` epochs long, times
     `lr_factor`.
@@ -39,16 +40,24 @@ class Phase:
     epochs: float
     prune: Prune | None = None
     rewind: bool = False
+    reinit: bool = False
     release_masks: bool = False
+    restart: bool = False
     lr_offset: float = 0.0
     lr_horizon: float = 0.0
     lr_factor: float = 1.0
 
 
-def step_targets(sparsity: float, step_size: float) -> list[float]:
-    """step_size, 2·step_size, … , sparsity: the last step clipped to `sparsity` exactly."""
+def step_targets(sparsity: float, step_size: float, rule: str = "fixed") -> list[float]:
+    """The sparsity after each pruning step, the last clipped to `sparsity` exactly.
+
+    fixed: step_size, 2·step_size, …; geometric: step_size of the surviving weights each step,
+    1 − (1 − step_size)^k (the lottery-ticket papers' rate)."""
     if sparsity <= 0:
         return []
+    if rule == "geometric":
+        count = math.ceil(math.log1p(-sparsity) / math.log1p(-step_size) - 1e-9)
+        return [round(min(1 - (1 - step_size) ** k, sparsity), 12) for k in range(1, count + 1)]
     count = math.ceil(sparsity / step_size - 1e-9)
     return [round(min(k * step_size, sparsity), 12) for k in range(1, count + 1)]
 
@@ -63,15 +72,27 @@ def _one_lr_schedule(phases: list[Phase]) -> list[Phase]:
     return out
 
 
+def _retrain_round(name: str, s, train, target: float, retrain: str) -> Phase:
+    """Prune to `target`, then retrain dense_epochs − rewind_epoch epochs on the dense phase's
+    learning-rate schedule replayed from rewind_epoch (Renda et al. 2020), from the trained
+    weights (lr_rewind), the rewind snapshot (weight_rewind) or a fresh initialisation (reinit)."""
+    return Phase(name, train.dense_epochs - s.rewind_epoch, Prune(target, scope=s.scope),
+                 rewind=retrain == "weight_rewind", reinit=retrain == "reinit", restart=True,
+                 lr_offset=s.rewind_epoch, lr_horizon=train.dense_epochs)
+
+
 def oneshot(s, train, layers: Sequence[str]) -> list[Phase]:
+    if s.retrain != "finetune":
+        return [_retrain_round("prune", s, train, s.sparsity, s.retrain)]
     return _one_lr_schedule([Phase("prune", train.finetune_epochs, Prune(s.sparsity, scope=s.scope))])
 
 
-def iterative(s, train, layers: Sequence[str]) -> list[Phase]:
-    phases = [
-        Phase(f"step{i + 1}", s.step_epochs, Prune(t, scope=s.scope))
-        for i, t in enumerate(step_targets(s.sparsity, s.step_size))
-    ]
+def iterative(s, train, layers: Sequence[str], retrain: str | None = None) -> list[Phase]:
+    targets = step_targets(s.sparsity, s.step_size, s.step_rule)
+    retrain = retrain or s.retrain
+    if retrain != "finetune":
+        return [_retrain_round(f"round{i + 1}", s, train, t, retrain) for i, t in enumerate(targets)]
+    phases = [Phase(f"step{i + 1}", s.step_epochs, Prune(t, scope=s.scope)) for i, t in enumerate(targets)]
     return _one_lr_schedule(phases + [Phase("finetune", train.finetune_epochs)])
 
 
@@ -81,14 +102,9 @@ def layerwise(s, train, layers: Sequence[str]) -> list[Phase]:
 
 
 def lottery(s, train, layers: Sequence[str]) -> list[Phase]:
-    # Each round replays the dense phase's learning-rate schedule from the rewind epoch
-    # (Frankle & Carbin; Renda et al.'s weight rewinding).
-    retrain = train.dense_epochs - s.rewind_epoch
-    return [
-        Phase(f"round{i + 1}", retrain, Prune(t, scope=s.scope), rewind=True,
-              lr_offset=s.rewind_epoch, lr_horizon=train.dense_epochs)
-        for i, t in enumerate(step_targets(s.sparsity, s.step_size))
-    ]
+    """Iterative magnitude pruning with weight rewinding (Frankle & Carbin 2019; Frankle et al.
+    2020): iterative with retrain weight_rewind, whatever `retrain` says."""
+    return iterative(s, train, layers, retrain="weight_rewind")
 
 
 def gradual_targets(sparsity: float, steps: int) -> list[float]:
@@ -128,18 +144,18 @@ def ist(s, train, layers: Sequence[str]) -> list[Phase]:
 @dataclass(frozen=True)
 class Method:
     plan: Callable[..., list[Phase]]
-    uses: frozenset[str]  # method-specific schedule keys this method reads
+    uses: frozenset[str]  # method-specific schedule keys this method reads (with retrain finetune)
 
 
 # Schedule keys that only some methods read; every other schedule key applies to all methods.
 METHOD_SPECIFIC_KEYS = frozenset({"step_size", "step_epochs", "rewind_epoch", "start_epoch", "end_epoch",
-                                  "redense_lr_factor", "cycles"})
+                                  "redense_lr_factor", "cycles", "step_rule", "retrain"})
 
 METHODS: dict[str, Method] = {
-    "oneshot": Method(oneshot, frozenset()),
-    "iterative": Method(iterative, frozenset({"step_size", "step_epochs"})),
+    "oneshot": Method(oneshot, frozenset({"retrain"})),
+    "iterative": Method(iterative, frozenset({"step_size", "step_epochs", "step_rule", "retrain"})),
     "layerwise": Method(layerwise, frozenset({"step_epochs"})),
-    "lottery": Method(lottery, frozenset({"step_size", "rewind_epoch"})),
+    "lottery": Method(lottery, frozenset({"step_size", "step_rule", "rewind_epoch"})),
     "gradual": Method(gradual, frozenset({"start_epoch", "end_epoch", "step_epochs"})),
     "dsd": Method(dsd, frozenset({"step_epochs", "redense_lr_factor"})),
     "ist": Method(ist, frozenset({"step_epochs", "redense_lr_factor", "cycles"})),
@@ -151,9 +167,18 @@ def plan(schedule, train, layers: Sequence[str]) -> list[Phase]:
     return METHODS[schedule.method].plan(schedule, train, list(layers))
 
 
-def key_is_used(method: str, key: str) -> bool:
-    """Whether `schedule.<key>` matters for `method`."""
-    return key not in METHOD_SPECIFIC_KEYS or key in METHODS[method].uses
+def used_keys(method: str, retrain: str = "finetune") -> frozenset[str]:
+    """The method-specific schedule keys that `method` reads, given `retrain`: retraining other
+    than finetune replays the dense schedule from rewind_epoch instead of training step_epochs."""
+    keys = METHODS[method].uses
+    if "retrain" in keys and retrain != "finetune":
+        keys = (keys - {"step_epochs"}) | {"rewind_epoch"}
+    return keys
+
+
+def key_is_used(method: str, key: str, retrain: str = "finetune") -> bool:
+    """Whether `schedule.<key>` matters for `method` (and `retrain`)."""
+    return key not in METHOD_SPECIFIC_KEYS or key in used_keys(method, retrain)
 
 
 def parse_layers(layers: str | list[str]) -> tuple[str, int | list[str] | None]:

@@ -138,7 +138,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: st
     search.check(loaded)
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
-    load_dataset(spec.data, spec.seed)  # a missing or malformed data root fails here
+    load_dataset(spec.data)  # a missing or malformed data root fails here
     teachers(loaded, uri)  # a missing distillation teacher fails here
     paths = SweepPaths.of(storage_of(spec, storage), spec.name)
     meta = paths.read_meta()
