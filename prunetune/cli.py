@@ -245,7 +245,7 @@ def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str 
         device = resolve_device("auto")  # CUDA when present, as in training
         dataset, batches = similarity.eval_batches(first, cfg.samples, cfg.batch_size, device)
         checkpoints = [similarity.load_checkpoint(f"{r.info.run_id[:8]}-{r.data.params.get('schedule.method', '')}",
-                                                  config, state, len(dataset.classes), dataset.in_channels, device)
+                                                  config, state, dataset, device)
                        for r, config, state in files]
         matrices = similarity.cka_matrices(checkpoints, batches)
         similarity.write_results(tmp / "cka", checkpoints, matrices)

@@ -13,7 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from prunetune.pruning import schedules  # noqa: E402
+
 METHOD, SPARSITY, LAYERS, SEED = "schedule.method", "schedule.sparsity", "schedule.layers", "seed"
+DENSE = "dense_test_acc"  # the unpruned reference (the shared dense phase's checkpoint on the test split)
 LABELS = {  # axis labels, with units
     "test_acc": "test accuracy (fraction)", "val_acc": "validation accuracy (fraction)",
     "test_balanced_acc": "test balanced accuracy (fraction)", "test_macro_f1": "test macro F1",
@@ -21,6 +24,8 @@ LABELS = {  # axis labels, with units
     "nonzero_params": "non-zero parameters (count)", "flops_sparse": "FLOPs per sample (sparse)",
     "checkpoint_bytes": "compressed checkpoint (bytes)", "theoretical_speedup": "theoretical speedup (×)",
     "compression_ratio": "compression ratio (×)", "trial_seconds": "trial time (s)",
+    "sparsity": "sparsity of the selected layers (fraction)", "model_sparsity": "sparsity of all prunable layers (fraction)",
+    "test_acc_drop": "test accuracy drop from dense (fraction)",
 }
 
 
@@ -59,11 +64,25 @@ def finished(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["state"] == "FINISHED"] if not df.empty else df
 
 
+RETRAIN = "schedule.retrain"
+
+
+def with_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """The method column, with the retraining policy where the sweep varied it and the method
+    uses it ("iterative · reinit"), so tables and figures keep the variants apart."""
+    if df.empty or RETRAIN not in df.columns or df[RETRAIN].nunique() < 2:
+        return df
+    out = df.copy()
+    out[METHOD] = [f"{m} · {r}" if m in schedules.METHODS and schedules.key_is_used(m, "retrain") else m
+                   for m, r in zip(df[METHOD], df[RETRAIN])]
+    return out
+
+
 def summarize(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Mean, std and n of `metrics` over the finished trials, by method × sparsity (sparsity
     rounded to 2 decimals, so a continuous search still groups). Replicates (seeds) of one
     setting fall into one group."""
-    done = finished(df).copy()
+    done = finished(with_variants(df)).copy()
     if done.empty:
         return pd.DataFrame()
     done[SPARSITY] = done[SPARSITY].astype(float).round(2)
@@ -72,6 +91,7 @@ def summarize(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 def summary_markdown(summary: pd.DataFrame, metrics: list[str], title: str, df: pd.DataFrame) -> str:
     lines = [f"# {title}", ""]
+    df = with_variants(df)
     done = finished(df)
     lines.append(f"{len(df)} trials: {len(done)} finished"
                  + "".join(f", {n} {s.lower()}" for s, n in df["state"].value_counts().items() if s != "FINISHED")
@@ -86,6 +106,14 @@ def summary_markdown(summary: pd.DataFrame, metrics: list[str], title: str, df: 
         methods = list(dict.fromkeys(table.index.get_level_values(0)))
         lines += [f"## {metric}", "", "| sparsity | " + " | ".join(methods) + " |",
                   "|---|" + "---|" * len(methods)]
+        if metric == "test_acc" and DENSE in done.columns and done[DENSE].notna().any():
+            # the unpruned reference: the dense phases behind each method's trials (one per seed)
+            cells = []
+            for m in methods:
+                dense = _dense_values(done[done[METHOD] == m])
+                std = f" ± {dense.std():.4f}" if len(dense) > 1 else ""
+                cells.append(f"{dense.mean():.4f}{std} (n={len(dense)})" if len(dense) else "")
+            lines.append("| dense (0%) | " + " | ".join(cells) + " |")
         for s in sparsities:
             cells = []
             for m in methods:
@@ -98,6 +126,15 @@ def summary_markdown(summary: pd.DataFrame, metrics: list[str], title: str, df: 
             lines.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _dense_values(trials: pd.DataFrame) -> pd.Series:
+    """dense_test_acc once per dense phase: trials of one seed share theirs."""
+    if DENSE not in trials.columns:
+        return pd.Series(dtype=float)
+    keys = [c for c in (SEED, "model.arch", "data.dataset") if c in trials.columns]
+    rows = trials.dropna(subset=[DENSE])
+    return (rows.drop_duplicates(subset=keys + [DENSE]) if keys else rows)[DENSE]
 
 
 # -- Pareto -------------------------------------------------------------------------------------
@@ -120,12 +157,16 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _lines_by_method(done: pd.DataFrame, x: str, metric: str, xlabel: str, path: Path, title: str) -> None:
-    """One line per method: the mean of `metric` against column `x`, std as error bars."""
+def _lines_by_method(done: pd.DataFrame, x: str, metric: str, xlabel: str, path: Path, title: str,
+                     reference: tuple[float, str] | None = None) -> None:
+    """One line per method: the mean of `metric` against column `x`, std as error bars; and a
+    horizontal `reference` line (value, label)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, part in done.dropna(subset=[x]).groupby(METHOD):
         g = part.groupby(x)[metric].agg(["mean", "std"]).reset_index()
         ax.errorbar(g[x], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=method)
+    if reference is not None:
+        ax.axhline(reference[0], color="k", linestyle="--", linewidth=1, label=reference[1])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(label(metric))
     ax.set_title(title)
@@ -135,9 +176,14 @@ def _lines_by_method(done: pd.DataFrame, x: str, metric: str, xlabel: str, path:
 
 
 def accuracy_vs_sparsity(df: pd.DataFrame, metric: str, path: Path, title: str) -> None:
+    """One line per method; with `test_acc`, the unpruned model's accuracy as a reference line."""
     done = finished(df).copy()
     done["sparsity %"] = done[SPARSITY].astype(float).round(2) * 100
-    _lines_by_method(done, "sparsity %", metric, "target sparsity (%)", path, title)
+    reference = None
+    if metric == "test_acc" and DENSE in done.columns and done[DENSE].notna().any():
+        dense = _dense_values(done)
+        reference = (float(dense.mean()), f"dense (unpruned): {dense.mean():.4f}")
+    _lines_by_method(done, "sparsity %", metric, "target sparsity (%)", path, title, reference)
 
 
 def pareto(df: pd.DataFrame, objectives: list[tuple[str, str]], path: Path, title: str) -> None:
@@ -183,6 +229,7 @@ def write(df: pd.DataFrame, objectives: list[tuple[str, str]], out: Path, title:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.csv", out / "summary.md"]
     df.to_csv(written[0], index=False)
+    df = with_variants(df)  # tables and figures: "iterative · reinit" where retraining varied
     done = finished(df)
     metrics = [m for m, _ in objectives if m in df.columns]
     if "test_acc" in df.columns and "test_acc" not in metrics:

@@ -60,9 +60,11 @@ def features(n=64, seed=0):
 @pytest.mark.parametrize("batch_size", [None, 16, 20])
 def test_matches_reference(batch_size):
     a, b = features(seed=0), features(seed=1)[:3]
-    ours = cka_matrix(a, b, batch_size=batch_size)
+    ours = cka_matrix(a, b, batch_size=batch_size, dtype=torch.float64)  # the formulas, exactly
     assert ours.dtype == torch.float64 and ours.shape == (4, 3)
     torch.testing.assert_close(ours, reference_cka(a, b, batch_size), rtol=1e-9, atol=1e-9)
+    fast = cka_matrix(a, b, batch_size=batch_size)  # Grams in the features' float32
+    torch.testing.assert_close(fast, reference_cka(a, b, batch_size), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch_size", [None, 16])
@@ -113,3 +115,67 @@ def test_clear_errors():
         cka_matrix([x[:3] for x in a], batch_size=8)
     with pytest.raises(ValueError, match="empty"):
         cka_matrix([])
+
+
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_a_nearly_constant_layer_is_an_ordinary_layer(batch_size):
+    """5 + small noise (std/mean 0.003): CKA ignores offsets, so it is 1 against itself and
+    against a rotated copy, and its similarity to others is that of the noise alone."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(64, 12, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    nearly = 5.0 + 0.015 * noise
+    rotated = 5.0 + 0.015 * noise @ q
+    for dtype in (torch.float64, torch.float32):
+        m = cka_matrix([nearly.to(dtype), rotated.to(dtype), noise.to(dtype)], batch_size=batch_size)
+        torch.testing.assert_close(m, torch.ones(3, 3, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_float32_features_within_1e5_of_float64(batch_size):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(96, 32, generator=g)
+    feats = [torch.tanh(base @ torch.randn(32, 512, generator=g)) + 3.0 * i for i in range(4)]  # offsets too
+    reference = cka_matrix([f.double() for f in feats], batch_size=batch_size)
+    fast = cka_matrix(feats, batch_size=batch_size)  # Grams in float32
+    forced = cka_matrix(feats, batch_size=batch_size, dtype=torch.float64)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(forced, reference, rtol=0, atol=1e-12)
+    assert fast.dtype == torch.float64 and not torch.equal(fast, reference)  # really float32 Grams
+
+
+def test_each_run_sees_inputs_normalised_as_it_was_trained(tmp_path):
+    """prunetune cka: a run from ImageNet weights gets ImageNet's statistics, a run trained from
+    scratch its training split's, whatever the first run compared used."""
+    import yaml
+
+    from conftest import write_cifar10
+    from prunetune import spec
+    from prunetune.analysis import similarity
+    from prunetune.data.device import IMAGENET_MEAN, IMAGENET_STD
+    from prunetune.models import build_model
+
+    root = write_cifar10(tmp_path / "cifar")
+    raw = {"name": "c", "model": {"arch": "simple_cnn"}, "data": {"dataset": "cifar10", "root": str(root), "image_size": 8}}
+    scratch = spec.validate(raw).model_dump(mode="json")
+    imagenet = spec.validate({**raw, "model": {"arch": "simple_cnn", "weights": str(tmp_path / "w.pth")}}).model_dump(mode="json")
+    (tmp_path / "scratch.yaml").write_text(yaml.safe_dump(scratch))
+    (tmp_path / "imagenet.yaml").write_text(yaml.safe_dump(imagenet))
+    torch.save(build_model(spec.validate(raw).model, 10, 3, 8).state_dict(), tmp_path / "model.pt")
+    dataset, batches = similarity.eval_batches(spec.validate(raw), 32, 16)
+    runs = [similarity.load_checkpoint(name, tmp_path / f"{name}.yaml", tmp_path / "model.pt", dataset)
+            for name in ("imagenet", "scratch")]  # the ImageNet one first
+    x = batches[0]
+    assert x.dtype == torch.uint8
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    torch.testing.assert_close(runs[0].inputs(x), (x.float() - mean) / std)
+    train = torch.from_numpy(dataset.part("train")[0]).double()
+    own = (x.double() - train.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)) / train.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    torch.testing.assert_close(runs[1].inputs(x), own.float(), rtol=1e-5, atol=1e-5)
+    seen = {}
+    for run in runs:
+        run.model.features[0].register_forward_pre_hook(lambda m, args, name=run.label: seen.setdefault(name, args[0]))
+    similarity.cka_matrices(runs, batches)
+    torch.testing.assert_close(seen["imagenet"], runs[0].inputs(x))
+    torch.testing.assert_close(seen["scratch"], runs[1].inputs(x))

@@ -124,3 +124,32 @@ def test_report_of_a_replicated_grid_sweep(tmp_path):
         assert (out / name).stat().st_size > 0, name
     logged = {a.path for a in client(tmp_path).list_artifacts(parents[0].info.run_id, "report")}
     assert {"report/results.csv", "report/summary.md", "report/pareto.png"} <= logged
+
+
+def test_the_dense_reference_in_the_summary_and_the_figure(tmp_path, monkeypatch):
+    df = frame()
+    df["dense_test_acc"] = np.where(df["seed"] == 0, 0.95, 0.93)  # one dense phase per seed
+    text = report.summary_markdown(report.summarize(df, ["test_acc"]), ["test_acc"], "t", df)
+    dense_row = next(l for l in text.splitlines() if l.startswith("| dense (0%) |"))
+    cells = dense_row.split("|")[2:-1]
+    assert len(cells) == 3  # every method
+    # seeds 0, 1, 2: three dense phases (0.95, 0.93, 0.93), not one value per trial
+    assert all(c.strip() == f"{np.mean([0.95, 0.93, 0.93]):.4f} ± {np.std([0.95, 0.93, 0.93], ddof=1):.4f} (n=3)"
+               for c in cells)
+    lines = []
+    import matplotlib.axes
+    real = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y, **kw: lines.append((y, kw)) or real(self, y, **kw))
+    report.accuracy_vs_sparsity(df, "test_acc", tmp_path / "a.png", "t")
+    assert len(lines) == 1 and lines[0][0] == pytest.approx(np.mean([0.95, 0.93, 0.93]))
+    assert "dense" in lines[0][1]["label"]
+    assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_retraining_variants_are_kept_apart():
+    df = frame()
+    df["schedule.retrain"] = ["weight_rewind" if i % 2 else "reinit" for i in range(len(df))]
+    summary = report.summarize(df, ["test_acc"])
+    methods = set(summary.index.get_level_values(0))
+    assert {"oneshot · reinit", "oneshot · weight_rewind", "iterative · reinit", "layerwise"} <= methods
+    assert "layerwise · reinit" not in methods  # layerwise never retrains that way

@@ -20,28 +20,41 @@ from prunetune.spec import Spec
 
 @dataclass
 class Checkpoint:
-    """A trained model to compare: its label (run id and method) and its resolved spec."""
+    """A trained model to compare: its label (run id and method), its resolved spec, and the
+    input normalisation it was trained with (`mean`, `std`: 1×C×1×1)."""
 
     label: str
     spec: Spec
     model: nn.Module
     layers: list[str] = field(default_factory=list)
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images → this model's inputs, normalised as in its own training."""
+        return (images.float() - self.mean) / self.std
 
 
-def load_checkpoint(label: str, config_yaml: Path, state_path: Path, num_classes: int, in_channels: int,
-                    device: torch.device = torch.device("cpu")) -> Checkpoint:
+def load_checkpoint(label: str, config_yaml: Path, state_path: Path, dataset, device: torch.device = torch.device("cpu")
+                    ) -> Checkpoint:
+    """A run's model from its config.yaml and checkpoint, with its own input normalisation:
+    ImageNet's when it started from `model.weights`, else its training split's statistics."""
     import yaml
 
+    from prunetune.data.device import normalisation
     from prunetune.models import build_model, prunable_layers
     from prunetune.spec import validate
 
     raw = yaml.safe_load(config_yaml.read_text())
+    imagenet = bool(raw["model"].get("weights"))
     raw["model"]["weights"] = None  # the checkpoint holds every weight
     spec = validate(raw)
-    model = build_model(spec.model, num_classes, in_channels, spec.data.image_size)
+    in_channels = dataset.in_channels
+    model = build_model(spec.model, len(dataset.classes), in_channels, spec.data.image_size)
     model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     model.to(device).eval()
-    return Checkpoint(label, spec, model, prunable_layers(model, in_channels, spec.data.image_size))
+    mean, std = normalisation(dataset.part("train")[0], imagenet, device)
+    return Checkpoint(label, spec, model, prunable_layers(model, in_channels, spec.data.image_size), mean, std)
 
 
 class _Capture:
@@ -66,7 +79,8 @@ class _Capture:
 @torch.no_grad()
 def cka_matrices(checkpoints: list[Checkpoint], batches) -> dict[tuple[int, int], torch.Tensor]:
     """CKA within each checkpoint (i, i) and between each pair (i, j), i < j, over `batches`
-    (an iterable of input tensors). Minibatch estimator with the unbiased HSIC."""
+    (an iterable of uint8 image tensors, each normalised for each model as it was trained).
+    Minibatch estimator with the unbiased HSIC."""
     captures = [_Capture(c.model, c.layers) for c in checkpoints]
     pairs = [(i, j) for i in range(len(checkpoints)) for j in range(i, len(checkpoints))]
     accs = {p: CKAAccumulator(unbiased=True) for p in pairs}
@@ -76,7 +90,7 @@ def cka_matrices(checkpoints: list[Checkpoint], batches) -> dict[tuple[int, int]
                 continue  # the unbiased HSIC needs 4 samples; a short last batch is left out
             feats = []
             for c, cap in zip(checkpoints, captures):
-                c.model(x)
+                c.model(c.inputs(x))
                 feats.append([cap.outputs[n] for n in cap.names])
             for i, j in pairs:
                 accs[i, j].update(feats[i], None if i == j else feats[j])
@@ -116,17 +130,17 @@ def heatmap(path: Path, matrix: torch.Tensor, rows: list[str], cols: list[str], 
 
 
 def eval_batches(spec: Spec, samples: int, batch_size: int, device: torch.device = torch.device("cpu")):
-    """The fixed evaluation subset: the first `samples` test images of the spec's data, prepared
-    (normalised) as in training, in batches."""
+    """The fixed evaluation subset: the first `samples` test images of the spec's data (uint8, on
+    `device`), in batches; each model normalises them as it was trained (`Checkpoint.inputs`)."""
+    import numpy as np
+
     from prunetune.data import load_dataset
-    from prunetune.data.device import DeviceData
 
     dataset = load_dataset(spec.data)
-    data = DeviceData(dataset, device, imagenet_stats=bool(spec.model.weights))
-    x = data.x["test"][:samples]
+    x = torch.from_numpy(np.ascontiguousarray(dataset.part("test")[0][:samples])).to(device)
     if len(x) < 4:
         raise UserError(f"analysis.cka.samples: the test split has {len(x)} samples; CKA needs at least 4")
-    return dataset, [data.prepare(x[s:s + batch_size]) for s in range(0, len(x), batch_size)]
+    return dataset, [x[s:s + batch_size] for s in range(0, len(x), batch_size)]
 
 
 def summary_lines(checkpoints: list[Checkpoint], matrices: dict[tuple[int, int], torch.Tensor]) -> list[str]:
