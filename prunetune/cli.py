@@ -27,9 +27,15 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT):
 
 
 def handle_errors(fn):
-    """Bad input → exit 2 with one line; Ctrl-C → 130."""
+    """Bad input → exit 2 with one line; Ctrl-C → 130. Library log lines and warnings go to a
+    log file (also to stderr with --verbose), never into normal output."""
+    @click.option("--verbose", "-v", is_flag=True, help="Also show the libraries' log lines and warnings.")
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, verbose: bool = False, **kwargs):
+        from prunetune.data.cache import cache_root
+        from prunetune.logs import LogCapture
+
+        capture = click.get_current_context().meta["prunetune.log"] = LogCapture(verbose)
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -37,7 +43,14 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        finally:
+            capture.close(default=cache_root() / "logs" / f"{fn.__name__}.log")
     return wrapper
+
+
+def log_capture():
+    """The running command's LogCapture (see handle_errors)."""
+    return click.get_current_context().meta["prunetune.log"]
 
 
 set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -138,14 +151,14 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
 
     loaded = spec_mod.load(spec_path, list(sets))
     if dry_run:
-        paths, uri = sweep_mod.prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri,
-                                       storage=storage)
+        paths, uri, _ = sweep_mod.prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri,
+                                          storage=storage)
         click.echo(sweep_mod.plan_text(loaded, paths, uri))
         return
     try:
         result = sweep_mod.run_sweep(loaded, spec_path, resume=resume, restart=restart, address=address,
                                      tracking_uri=tracking_uri, storage=storage,
-                                     echo=lambda line: click.echo(line, err=True))
+                                     echo=lambda line: click.echo(line, err=True), log=log_capture())
     except sweep_mod.SweepInterrupted:
         click.echo(f"sweep interrupted; its state is saved. Resume with:\n  prunetune sweep {spec_path} --resume",
                    err=True)
@@ -180,6 +193,8 @@ def _print_sweep(result, spec_path: Path) -> None:
     else:
         click.echo("no trial finished", err=True)
     click.echo(f"parent run: {result.parent_run_id}\ncompare runs in the MLflow UI: prunetune ui {spec_path}")
+    if result.log_path is not None:
+        click.echo(f"Ray, MLflow and Optuna log: {result.log_path}")
     if not done:
         sys.exit(1)
 

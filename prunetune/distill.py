@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -61,7 +62,8 @@ class Distiller:
         # The student's batches are normalised with the student's statistics; give the teacher
         # its own (ImageNet statistics when it started from ImageNet weights).
         if bool(spec.model.weights) != bool(student.model.weights):
-            self._teacher_stats = normalisation(dataset.part("train")[0], bool(spec.model.weights), data.device)
+            self._teacher_stats = normalisation(dataset.images, bool(spec.model.weights), data.device,
+                                                index=np.flatnonzero(dataset.split == "train"))
         else:
             self._teacher_stats = None
 

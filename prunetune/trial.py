@@ -153,16 +153,18 @@ def _load_state(model: torch.nn.Module, path: Path) -> None:
 class Trial:
     """The pieces of one trial, built from a resolved spec (see `run_trial`)."""
 
-    def __init__(self, spec: Spec, report: Report | None = None, teacher_dir: Path | None = None):
+    def __init__(self, spec: Spec, report: Report | None = None, teacher_dir: Path | None = None,
+                 dataset: Dataset | None = None):
         """`teacher_dir`: the distillation teacher's checkpoint directory, when `distill.teacher`
-        is a run id (resolved by the caller); by default `distill.teacher` itself."""
+        is a run id (resolved by the caller); by default `distill.teacher` itself. `dataset`: the
+        spec's data already loaded (a sweep shares one copy per node), else it is loaded here."""
         self._start = time.perf_counter()
         self.spec = spec
         self.report = report or (lambda metrics, epoch: None)
         torch.manual_seed(spec.seed)
         np.random.seed(spec.seed % 2**32)
         self.device = resolve_device(spec.train.device)
-        self.dataset: Dataset = load_dataset(spec.data)
+        self.dataset: Dataset = dataset if dataset is not None else load_dataset(spec.data)
         self.num_classes = len(self.dataset.classes)
         size = spec.data.image_size
         self.model = build_model(spec.model, self.num_classes, self.dataset.in_channels, size).to(self.device)
@@ -441,7 +443,7 @@ class Trial:
                        title=f"{self.spec.name}: {self.spec.schedule.method} to {self.spec.schedule.sparsity:.0%}",
                        dense_epochs=self.spec.train.dense_epochs)
         figures.weights_hist(self.model, self.layers, out_dir / "figures" / "weights_hist.png")
-        counts = np.bincount(self.dataset.part("train")[1], minlength=self.num_classes)
+        counts = np.bincount(self.dataset.labels[self.dataset.split == "train"], minlength=self.num_classes)
         if counts.min() == 0 or counts.max() / counts.min() > 1.5:  # imbalanced classes
             figures.confusion(self._test_logits.argmax(1), self._test_labels, self.dataset.classes,
                               out_dir / "figures" / "confusion.png")

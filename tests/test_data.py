@@ -80,7 +80,7 @@ def test_device_batches_normalised_and_augmented_on_device():
     data = DeviceData(ds, torch.device("cpu"), augment=["flip", "crop"])
     x, y = data.train_batch(torch.arange(256))
     assert x.dtype == torch.float32 and x.shape == (256, 1, 8, 8)
-    plain = data.prepare(data.x["train"][:256])
+    plain = data.prepare(data.images_of("train", slice(0, 256)))
     assert abs(float(plain.mean())) < 0.2 and abs(float(plain.std()) - 1) < 0.2
     assert not torch.equal(x, plain)  # augmentation changed something
 
@@ -100,3 +100,28 @@ def test_split_sizes_exact_even_with_tiny_classes():
     assert (split == "val").sum() == 20
     for c in range(100):
         assert ((labels == c) & (split == "val")).sum() <= 1
+
+
+@pytest.mark.parametrize("shape,size", [((5, 1, 8, 8), 16), ((5, 1, 8, 8), 32), ((3, 3, 28, 28), 32), ((2, 3, 7, 9), 9)])
+def test_numpy_upsampling_matches_torch_bilinear(shape, size):
+    import torch
+    import torch.nn.functional as F
+
+    from prunetune.data import resize_uint8
+
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    ours = resize_uint8(images, size)
+    y = F.interpolate(torch.from_numpy(images).float(), size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    theirs = y.round().clamp(0, 255).to(torch.uint8).numpy()
+    assert ours.shape == theirs.shape
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1  # float rounding at most
+
+
+def test_digits_are_scikit_learns():
+    from sklearn.datasets import load_digits
+
+    ours = load_dataset(data_spec(dataset="digits", image_size=8))
+    bunch = load_digits()
+    assert (ours.labels == bunch.target).all()
+    assert (ours.images[:, 0] == np.round(bunch.images * 255 / 16).astype(np.uint8)).all()

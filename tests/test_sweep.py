@@ -90,10 +90,19 @@ def assert_complete_child(c, run, parent_id):
 
 def test_small_sweep_and_refused_rerun(tmp_path):
     spec = write_spec(tmp_path, trials=4)
-    r = sweep([str(spec)], tmp_path)
+    r = sweep([str(spec)], tmp_path, env={**os.environ, "PRUNETUNE_PROGRESS_S": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "best run:" in r.stdout and "prunetune ui" in r.stdout
     assert "4/4 done" in r.stderr  # progress lines
+    # live progress, piped: periodic lines per running trial with its phase and epoch x/y
+    live = [line for line in r.stderr.splitlines() if line.startswith("  ") and " epoch " in line]
+    assert live and all("/" in line.split(" epoch ")[1] for line in live), r.stderr[-3000:]
+    assert any(" dense " in line for line in live) and any(" val_acc " in line for line in live)
+    # no library noise: Ray's, MLflow's and Optuna's lines went to the sweep's log
+    for noise in ("WARNING", "ExperimentalWarning", "Creating initial MLflow", "A new study created", "INFO"):
+        assert noise not in r.stderr, noise
+    log = (tmp_path / "mlruns" / "tune" / "tiny" / "logs" / "driver.log").read_text()
+    assert "Creating initial MLflow database tables" in log and "ExperimentalWarning" in log
     parents, children = runs_of(tmp_path, "tiny")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 4
@@ -141,9 +150,10 @@ def test_failing_trial_does_not_stop_the_sweep(tmp_path):
         schedule: {method: oneshot, sparsity: 0.5}
         search: {sampler: grid, num_trials: 2}
         """))
-    r = sweep([str(spec)], tmp_path)
+    r = sweep([str(spec), "--verbose"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 failed" in r.stderr
+    assert "Creating initial MLflow database tables" in r.stderr  # --verbose: the libraries' lines too
     assert "retried" not in r.stderr  # its own error: not retried (only dead workers and nodes are)
     parents, children = runs_of(tmp_path, "failing")
     states = sorted(run.info.status for run in children)

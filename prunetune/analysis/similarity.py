@@ -10,6 +10,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,7 +54,7 @@ def load_checkpoint(label: str, config_yaml: Path, state_path: Path, dataset, de
     model = build_model(spec.model, len(dataset.classes), in_channels, spec.data.image_size)
     model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     model.to(device).eval()
-    mean, std = normalisation(dataset.part("train")[0], imagenet, device)
+    mean, std = normalisation(dataset.images, imagenet, device, index=np.flatnonzero(dataset.split == "train"))
     return Checkpoint(label, spec, model, prunable_layers(model, in_channels, spec.data.image_size), mean, std)
 
 
@@ -132,12 +133,10 @@ def heatmap(path: Path, matrix: torch.Tensor, rows: list[str], cols: list[str], 
 def eval_batches(spec: Spec, samples: int, batch_size: int, device: torch.device = torch.device("cpu")):
     """The fixed evaluation subset: the first `samples` test images of the spec's data (uint8, on
     `device`), in batches; each model normalises them as it was trained (`Checkpoint.inputs`)."""
-    import numpy as np
-
     from prunetune.data import load_dataset
 
     dataset = load_dataset(spec.data)
-    x = torch.from_numpy(np.ascontiguousarray(dataset.part("test")[0][:samples])).to(device)
+    x = torch.from_numpy(dataset.images[np.flatnonzero(dataset.split == "test")[:samples]]).to(device)
     if len(x) < 4:
         raise UserError(f"analysis.cka.samples: the test split has {len(x)} samples; CKA needs at least 4")
     return dataset, [x[s:s + batch_size] for s in range(0, len(x), batch_size)]

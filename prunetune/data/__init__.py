@@ -32,6 +32,7 @@ class Dataset(Source):
     split: np.ndarray | None = None  # "train" | "val" | "test" per sample
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The images and labels of a split (copies: training reads through indices instead)."""
         idx = np.flatnonzero(self.split == name)
         return self.images[idx], self.labels[idx]
 
@@ -120,9 +121,12 @@ def load_dataset(data_spec) -> Dataset:
 
 
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 [N, C, H, W] to size × size (bilinear, antialiased), in chunks."""
+    """Resize uint8 [N, C, H, W] to size × size (bilinear, antialiased), in chunks. Enlarging
+    (digits, MedMNIST) is plain bilinear interpolation, done in NumPy: no torch import for it."""
     if images.shape[2] == size and images.shape[3] == size:
         return images
+    if size >= images.shape[2] and size >= images.shape[3]:
+        return _upsample_bilinear(images, size)
     import torch
     import torch.nn.functional as F
 
@@ -131,4 +135,25 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
         x = torch.from_numpy(images[start:start + 1024]).float()
         y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[start:start + 1024] = y.round().clamp(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of bilinear interpolation from n_in to n_out samples, with
+    torch's `align_corners=False` convention (pixel centres at i + 0.5)."""
+    x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    i0 = np.floor(x).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, x - i0
+
+
+def _upsample_bilinear(images: np.ndarray, size: int) -> np.ndarray:
+    r0, r1, wr = _linear_taps(images.shape[2], size)
+    c0, c1, wc = _linear_taps(images.shape[3], size)
+    out = np.empty((images.shape[0], images.shape[1], size, size), dtype=np.uint8)
+    for start in range(0, len(images), 1024):
+        x = images[start:start + 1024].astype(np.float32)
+        rows = x[:, :, r0] * (1 - wr)[:, None].astype(np.float32) + x[:, :, r1] * wr[:, None].astype(np.float32)
+        y = rows[..., c0] * (1 - wc).astype(np.float32) + rows[..., c1] * wc.astype(np.float32)
+        out[start:start + 1024] = np.clip(np.round(y), 0, 255).astype(np.uint8)
     return out

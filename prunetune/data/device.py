@@ -1,8 +1,14 @@
-"""Device-resident batches: each split lives on the training device as one uint8 tensor;
-batches are taken by indexing a seeded permutation, converted, normalised and augmented there
-(no DataLoader workers, no per-sample Python)."""
+"""Device-resident batches: the dataset lives on the training device as one uint8 tensor, each
+split as the indices of its samples; batches are gathered by indexing a seeded permutation,
+converted, normalised and augmented there (no DataLoader workers, no per-sample Python).
+
+Memory: the images are not copied per split, and on the CPU not copied at all (a tensor over the
+dataset's array, which may be read-only shared memory from Ray's object store); statistics are
+accumulated chunk by chunk, never over a float copy of the whole set."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -12,18 +18,26 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalisation(train_images: np.ndarray, imagenet: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def normalisation(images: np.ndarray, imagenet: bool, device: torch.device,
+                  index: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (shape 1×C×1×1, on `device`) that inputs are normalised with:
     ImageNet's for 3-channel data when `imagenet` (a model from ImageNet weights), else those of
-    the training split's uint8 images."""
-    channels = train_images.shape[1]
+    the uint8 `images` (those at `index`: the training split), accumulated in float64 a chunk at
+    a time (a float64 copy of the set would be 8× its size)."""
+    channels = images.shape[1]
     if imagenet and channels == 3:
         mean, std = torch.tensor(IMAGENET_MEAN) * 255, torch.tensor(IMAGENET_STD) * 255
     else:
-        # Per-channel statistics of the training split, in float64 for a stable sum.
-        train = torch.from_numpy(train_images).double()
-        mean = train.mean(dim=(0, 2, 3))
-        std = train.std(dim=(0, 2, 3)).clamp_min(1.0)
+        index = np.arange(len(images)) if index is None else np.asarray(index)
+        total, total_sq = np.zeros(channels), np.zeros(channels)
+        for start in range(0, len(index), 256):
+            chunk = images[index[start:start + 256]].astype(np.float64)
+            total += chunk.sum(axis=(0, 2, 3))
+            total_sq += np.square(chunk).sum(axis=(0, 2, 3))
+        n = len(index) * images.shape[2] * images.shape[3]
+        mean_np = total / n
+        var = (total_sq - n * mean_np ** 2) / max(n - 1, 1)  # unbiased, as torch.std
+        mean, std = torch.from_numpy(mean_np), torch.from_numpy(np.sqrt(np.maximum(var, 0))).clamp_min(1.0)
     return (mean.float().view(1, channels, 1, 1).to(device), std.float().view(1, channels, 1, 1).to(device))
 
 
@@ -31,17 +45,26 @@ class DeviceData:
     def __init__(self, dataset, device: torch.device, augment: list[str] = (), imagenet_stats: bool = False):
         self.device = device
         self.augment = list(augment)
-        self.x: dict[str, torch.Tensor] = {}
+        with warnings.catch_warnings():  # a read-only array (shared memory) is only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            self.images = torch.from_numpy(np.ascontiguousarray(dataset.images)).to(device)
+        self.index: dict[str, torch.Tensor] = {}
         self.y: dict[str, torch.Tensor] = {}
+        labels = torch.from_numpy(np.asarray(dataset.labels))
         for split in ("train", "val", "test"):
-            images, labels = dataset.part(split)
-            self.x[split] = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-            self.y[split] = torch.from_numpy(labels).to(device)
+            idx = torch.from_numpy(np.flatnonzero(dataset.split == split))
+            self.index[split] = idx.to(device)
+            self.y[split] = labels[idx].to(device)
         self.num_classes = len(dataset.classes)
-        self.mean, self.std = normalisation(dataset.part("train")[0], imagenet_stats, device)
+        self.mean, self.std = normalisation(dataset.images, imagenet_stats, device,
+                                            index=np.flatnonzero(dataset.split == "train"))
 
     def size(self, split: str) -> int:
         return len(self.y[split])
+
+    def images_of(self, split: str, positions: torch.Tensor | slice) -> torch.Tensor:
+        """uint8 images of `split` at `positions` (within the split)."""
+        return self.images[self.index[split][positions]]
 
     def prepare(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
         x = (x.float() - self.mean) / self.std
@@ -53,11 +76,12 @@ class DeviceData:
         return x
 
     def train_batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.prepare(self.x["train"][index], augment=True), self.y["train"][index]
+        return self.prepare(self.images_of("train", index), augment=True), self.y["train"][index]
 
     def eval_batches(self, split: str, batch_size: int):
         for start in range(0, self.size(split), batch_size):
-            yield self.prepare(self.x[split][start:start + batch_size]), self.y[split][start:start + batch_size]
+            part = slice(start, start + batch_size)
+            yield self.prepare(self.images_of(split, part)), self.y[split][part]
 
 
 def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:

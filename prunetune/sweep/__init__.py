@@ -56,6 +56,14 @@ class SweepPaths:
     META = "sweep.json"
     RESUME = "resume"  # trials' own resume state and finished artifacts; removed when the sweep completes
 
+    def log_file(self) -> Path:
+        """The driver's log: beside the sweep's state when that is local, else in the cache."""
+        if self.dir.is_local:
+            return self.dir.local_path("logs/driver.log")
+        from prunetune.data.cache import cache_root
+
+        return cache_root() / "logs" / f"{self.name}.log"
+
     def read_meta(self) -> dict | None:
         try:
             return self.dir.read_json(self.META)
@@ -80,6 +88,7 @@ class SweepResult:
     parent_run_id: str
     rows: list[dict]  # one per trial: trial_id, run_id, state, params, objectives
     objectives: list[tuple[str, str]]
+    log_path: Path | None = None  # the libraries' log lines (Ray, MLflow, Optuna)
 
 
 def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
@@ -129,8 +138,9 @@ def publish_teachers(local: dict[str, str], paths: SweepPaths) -> dict[str, str]
 
 
 def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: str | None,
-            storage: str | None = None) -> tuple[SweepPaths, str]:
-    """All checks that need no Ray and write nothing; returns the sweep paths and tracking URI."""
+            storage: str | None = None):
+    """All checks that need no Ray and write nothing; returns the sweep paths, the tracking URI
+    and the spec's dataset (loaded to check it; a sweep shares it with its trials)."""
     from prunetune.data import load_dataset
 
     if resume and restart:
@@ -138,7 +148,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: st
     search.check(loaded)
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
-    load_dataset(spec.data)  # a missing or malformed data root fails here
+    dataset = load_dataset(spec.data)  # a missing or malformed data root fails here
     teachers(loaded, uri)  # a missing distillation teacher fails here
     paths = SweepPaths.of(storage_of(spec, storage), spec.name)
     meta = paths.read_meta()
@@ -151,14 +161,18 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: st
         if meta["space"] != space_fingerprint(loaded.space):
             raise UserError(f"--resume: the search space of {spec.name!r} changed since the sweep started; "
                             "use --restart to start over (or restore the spec)")
-    return paths, uri
+    return paths, uri, dataset
 
 
 def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = False, restart: bool = False,
               address: str | None = None, tracking_uri: str | None = None, storage: str | None = None,
-              echo: Callable[[str], None] = print) -> SweepResult:
-    """Run (or resume) the sweep of a loaded spec. Raises UserError on bad input before writing."""
-    paths, uri = prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri, storage=storage)
+              echo: Callable[[str], None] = print, log=None) -> SweepResult:
+    """Run (or resume) the sweep of a loaded spec. Raises UserError on bad input before writing.
+    `log`: a `logs.LogCapture`, given the sweep's log file once the checks have passed."""
+    from prunetune.logs import LogCapture
+
+    log = log or LogCapture()
+    paths, uri, dataset = prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri, storage=storage)
     spec = loaded.fixed_spec()
     res = spec.resources
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -167,13 +181,14 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from prunetune.sweep._tune import (MlflowLogger, Progress, _graceful_ctrl_c, _optuna_searcher, _rows,
-                                       _trainable, check_nodes, check_resources, drop_unrecorded_runs,
-                                       quiet_ray_logs, ray_init)
+                                       _trainable, check_nodes, check_resources, drop_unrecorded_runs, ray_init)
 
+    log.adopt()  # Ray's loggers, now that it is imported
     ray_init(address)
+    log.adopt()
     check_resources(res.cpus_per_trial, res.gpus_per_trial)
     check_nodes(paths.storage, loaded, res.cpus_per_trial, res.gpus_per_trial, local=address is None)
-    quiet_ray_logs(paths)
+    log.to_file(paths.log_file())
 
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
     if restart:
@@ -190,8 +205,12 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
                                                "tracking_uri": uri, "storage": paths.storage.uri,
                                                "spec": loaded.raw})
 
+    # The decoded data goes to Ray's object store once: the trials of a node map one copy
+    # (zero-copy numpy), and the driver keeps none.
+    shared = {"data": spec.data.model_dump(mode="json"), "dataset": dataset}
+    del dataset
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, raw=loaded.raw, storage=paths.storage.uri, sweep=spec.name,
+        tune.with_parameters(_trainable, raw=loaded.raw, shared=shared, storage=paths.storage.uri, sweep=spec.name,
                              teachers=publish_teachers(teachers(loaded, uri), paths), cpus=res.cpus_per_trial,
                              checkpoint_s=float(os.environ.get("PRUNETUNE_CHECKPOINT_S", "10"))),
         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
@@ -199,7 +218,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     logger_cb = MlflowLogger(uri, spec.tracking.artifacts, spec.name, parent, spec.name, loaded.raw,
                              paths.storage.uri)
     total = spec.search.num_trials * spec.search.replicates  # Tune trials: each configuration R times
-    progress = Progress(objectives[0][0], objectives[0][1], total, res.max_retries, echo)
+    progress = Progress(objectives[0][0], objectives[0][1], total, res.max_retries, echo,
+                        method=search.fixed_method(loaded))
 
     experiment = paths.dir.path
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=paths.storage.fs):
@@ -233,6 +253,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
                 # a trial whose worker or node died restarts (from its own saved state); its own
                 # errors never reach Tune as errors (see _trainable), so they are not retried
                 failure_config=tune.FailureConfig(max_failures=res.max_retries, fail_fast=False)))
+    log.adopt()  # Optuna's
     with _graceful_ctrl_c(echo) as stopped:
         grid = tuner.fit()
     trials = grid._experiment_analysis.trials
@@ -242,7 +263,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
     if not interrupted:
         paths.dir.delete(SweepPaths.RESUME)
-    result = SweepResult(spec.name, parent, rows, objectives)
+    result = SweepResult(spec.name, parent, rows, objectives, log.path)
     if interrupted:
         raise SweepInterrupted(result)
     return result

@@ -11,6 +11,7 @@ import pickle
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +34,7 @@ from prunetune.sweep import ERROR_KEY, FINAL_FLAG, PER_EPOCH, SweepPaths
 # Where a trial ran, in each of its reports (the driver tags its run with them).
 NODE_KEY, NODE_ID_KEY, GPUS_KEY = "prunetune_node", "prunetune_node_id", "prunetune_gpu_ids"
 RESUMED_KEY = "prunetune_resumed_from_epoch"  # in the reports of a trial that continued a saved state
+PHASE_KEY, EPOCHS_KEY = "prunetune_phase", "prunetune_epochs"  # for live progress: phase, planned epochs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,8 +47,8 @@ def _where() -> dict:
             GPUS_KEY: ",".join(str(g) for g in ray.get_gpu_ids())}
 
 
-def _trainable(config: dict, *, raw: dict, storage: str, sweep: str, teachers: dict[str, str], cpus: float,
-               checkpoint_s: float) -> None:
+def _trainable(config: dict, *, raw: dict, shared: dict, storage: str, sweep: str, teachers: dict[str, str],
+               cpus: float, checkpoint_s: float) -> None:
     """One trial in a Ray worker. Everything it leaves for others goes to the sweep's storage
     (`<storage>/<sweep>/resume/`), which every node reaches: its latest resume state
     (`<trial_id>.pt`, replaced whole) and, once done, its artifacts (`<trial_id>.final/`, read by
@@ -55,7 +57,10 @@ def _trainable(config: dict, *, raw: dict, storage: str, sweep: str, teachers: d
 
     The trial's own failure (an exception, a non-finite loss) is reported as its final result
     with `ERROR_KEY`, not raised: Tune retries what it sees raised, which is then only the death
-    of a worker or a node."""
+    of a worker or a node.
+
+    `shared`: the driver's dataset (`dataset`, read-only shared memory) and the data spec it was
+    loaded for (`data`); a trial whose data spec differs (a searched data key) loads its own."""
     import torch
 
     from prunetune.trial import DenseCache, Trial, final_step
@@ -85,7 +90,10 @@ def _trainable(config: dict, *, raw: dict, storage: str, sweep: str, teachers: d
             if spec.distill is not None:
                 teacher = store.child(sweep).child(teachers[spec.distill.teacher])
                 teacher = teacher.local_path() if teacher.is_local else teacher.get_dir("", work / "teacher")
-            trial = Trial(spec, teacher_dir=teacher)
+            dataset = shared["dataset"] if spec.data.model_dump(mode="json") == shared["data"] else None
+            trial = Trial(spec, teacher_dir=teacher, dataset=dataset)
+            phases = trial.plan()
+            planned = {EPOCHS_KEY: spec.train.dense_epochs + sum(p.epochs for p in phases)}
             # Saving the state costs time: save at an epoch end when `checkpoint_s` seconds have
             # passed since the last save (0: every epoch). The state is saved before the epoch is
             # reported; a resumed trial reports its history again (the driver skips what it has).
@@ -98,7 +106,8 @@ def _trainable(config: dict, *, raw: dict, storage: str, sweep: str, teachers: d
                     state.put_file(work / "trial.pt", state_rel)
                     last_save, saved_epoch = time.monotonic(), epoch
                 resumed = {} if trial.resumed_from_epoch is None else {RESUMED_KEY: trial.resumed_from_epoch}
-                tune.report({**metrics, **where, **resumed, "epoch": epoch})
+                phase = "dense" if trial.phase_index < 0 else phases[trial.phase_index].name
+                tune.report({**metrics, **where, **resumed, **planned, PHASE_KEY: phase, "epoch": epoch})
 
             trial.report = report
             resume_from = state.get_file(state_rel, work / "resume.pt") if state.exists(state_rel) else None
@@ -299,41 +308,124 @@ def _death_reason(text: str) -> str:
 
 
 class Progress(tune.Callback):
-    """One line whenever a trial ends: done / running / failed, the best so far, elapsed; and one
-    line when a trial is retried after its worker or node died."""
+    """What a user sees while a sweep runs: one line per running trial (its method, phase, epoch
+    x/y, last val_acc, time so far and an estimate of the rest), refreshed in place on a terminal
+    and printed every `period_s` seconds when output is piped; a line whenever a trial ends (done /
+    running / failed, the best so far, elapsed); one line when a trial is retried."""
 
-    def __init__(self, objective: str, mode: str, total: int, max_retries: int, echo: Callable[[str], None]):
+    def __init__(self, objective: str, mode: str, total: int, max_retries: int, echo: Callable[[str], None],
+                 method: str = "", period_s: float | None = None):
         self.objective, self.mode, self.total, self.echo = objective, mode, total, echo
-        self.max_retries = max_retries
+        self.max_retries, self.method = max_retries, method  # method: the spec's, when not searched
+        self.period_s = float(os.environ.get("PRUNETUNE_PROGRESS_S", "30")) if period_s is None else period_s
         self.start = time.monotonic()
         self._seen: set = set()
+        self._running: dict[str, dict] = {}
+        self._last_status = time.monotonic()
+        self._live = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["echo"] = None
+        state.update(echo=None, _live=None, _running={})
         return state
 
+    # -- output --------------------------------------------------------------------------------
+    def _print(self, line: str) -> None:
+        if self._live is not None:
+            self._live.console.print(line, highlight=False, markup=False)
+        elif self.echo is not None:
+            self.echo(line)
+
+    def setup(self, **info):
+        if self.echo is not None and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(console=Console(stderr=True), refresh_per_second=2, transient=True)
+            self._live.start()
+
+    def on_experiment_end(self, trials, **info):
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def status_lines(self) -> list[str]:
+        now = time.monotonic()
+        lines = []
+        for tid, t in sorted(self._running.items()):
+            if "epoch" not in t:
+                lines.append(f"  {tid} {t['method']:<10} starting  {_clock(now - t['start'])}")
+                continue
+            done, planned = t["epoch"] + 1, t.get("epochs")
+            recent = t["epoch_s"][-3:]
+            left = (f", ~{_clock(sum(recent) / len(recent) * (planned - done))} left"
+                    if planned and recent and planned > done else "")
+            val = f"  val_acc {t['val_acc']:.4f}" if t.get("val_acc") is not None else ""
+            total = f"/{planned:g}" if planned else ""
+            lines.append(f"  {tid} {t['method']:<10} {t.get('phase', ''):<10} epoch {done}{total}{val}  "
+                         f"{_clock(now - t['start'])}{left}")
+        return lines
+
+    def _refresh(self, force: bool = False) -> None:
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.update(Text("\n".join(self.status_lines()) or " "))
+        elif self.echo is not None and self._running and (force or time.monotonic() - self._last_status >= self.period_s):
+            self._last_status = time.monotonic()
+            elapsed = int(time.monotonic() - self.start)
+            self.echo(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] running:")
+            for line in self.status_lines():
+                self.echo(line)
+
+    # -- Tune's events -------------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        method = trial.config.get("schedule.method", self.method)
+        self._running[trial.trial_id] = {"method": method, "start": time.monotonic(), "epoch_s": []}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        t = self._running.get(trial.trial_id)
+        if t is None or result.get(FINAL_FLAG) or "epoch" not in result:
+            return
+        t.update(epoch=result["epoch"], epochs=result.get(EPOCHS_KEY), phase=result.get(PHASE_KEY, ""),
+                 val_acc=result.get("val_acc"))
+        if result.get("epoch_seconds") is not None:
+            t["epoch_s"].append(result["epoch_seconds"])
+
     def on_trial_recover(self, iteration, trials, trial, **info):
-        if self.echo is not None:
-            tries = trial.run_metadata.num_failures
-            self.echo(f"trial {trial.trial_id} retried ({tries}/{self.max_retries}) from its last saved state: "
-                      f"{_error_text(trial)}")
+        tries = trial.run_metadata.num_failures
+        self._print(f"trial {trial.trial_id} retried ({tries}/{self.max_retries}) from its last saved state: "
+                    f"{_error_text(trial)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._running.pop(trial.trial_id, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._running.pop(trial.trial_id, None)
 
     def on_step_end(self, iteration, trials, **info):
-        ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
-        if ended == self._seen or self.echo is None:
+        if self.echo is None:
             return
-        self._seen = ended
-        n_failed = sum(t.status == "ERROR" or failed(t.last_result) for t in trials)
-        done = sum(t.status == "TERMINATED" for t in trials) - sum(failed(t.last_result) for t in trials)
-        running = sum(t.status == "RUNNING" for t in trials)
-        scores = [(t.last_result or {}).get(self.objective) for t in trials if t.status == "TERMINATED"]
-        scores = [s for s in scores if s is not None]
-        best = (max if self.mode == "max" else min)(scores) if scores else None
-        elapsed = time.monotonic() - self.start
-        best_text = f"best {self.objective} {best:.4f}" if best is not None else "no result yet"
-        self.echo(f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {done}/{self.total} done, "
-                  f"{running} running, {n_failed} failed; {best_text}")
+        ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        if ended != self._seen:
+            self._seen = ended
+            n_failed = sum(t.status == "ERROR" or failed(t.last_result) for t in trials)
+            done = sum(t.status == "TERMINATED" for t in trials) - sum(failed(t.last_result) for t in trials)
+            running = sum(t.status == "RUNNING" for t in trials)
+            scores = [(t.last_result or {}).get(self.objective) for t in trials if t.status == "TERMINATED"]
+            scores = [s for s in scores if s is not None]
+            best = (max if self.mode == "max" else min)(scores) if scores else None
+            elapsed = int(time.monotonic() - self.start)
+            best_text = f"best {self.objective} {best:.4f}" if best is not None else "no result yet"
+            self._print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {done}/{self.total} done, "
+                        f"{running} running, {n_failed} failed; {best_text}")
+        self._refresh()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _address_host_port(address: str) -> tuple[str, int] | None:
@@ -460,21 +552,6 @@ def _missing_top(storage: Storage) -> Path | None:
     while not top.parent.exists():
         top = top.parent
     return top
-
-
-def quiet_ray_logs(paths: SweepPaths) -> Path:
-    """Ray's and Tune's own log lines (a dead worker's long report, notices) go to a log file,
-    not to the user's terminal: prunetune prints its own one-line account."""
-    folder = paths.dir.local_path() if paths.dir.is_local else Path(tempfile.gettempdir())
-    folder.mkdir(parents=True, exist_ok=True)
-    log_file = folder / ("ray.log" if paths.dir.is_local else f"prunetune-{paths.name}-ray.log")
-    handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in ("ray", "ray.tune", "ray.train"):
-        logger = logging.getLogger(name)
-        logger.handlers = [handler]
-        logger.propagate = False
-    return log_file
 
 
 @contextlib.contextmanager
