@@ -8,11 +8,18 @@ import re
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from prunetune import registry
 from prunetune.errors import UserError
+
+
+def _torchvision_models():
+    """torchvision's model zoo, imported on first use: importing torchvision costs a worker
+    seconds (its ops pull in torch._dynamo), and simple_cnn does not need it."""
+    import torchvision.models
+
+    return torchvision.models
 
 
 class SimpleCNN(nn.Module):
@@ -39,7 +46,7 @@ def simple_cnn(num_classes: int, in_channels: int, small: bool, image_size: int)
 
 def _vgg(name: str):
     def build(num_classes: int, in_channels: int, small: bool, image_size: int) -> nn.Module:
-        model = getattr(torchvision.models, name)(weights=None)
+        model = getattr(_torchvision_models(), name)(weights=None)
         if in_channels != 3:
             model.features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)
         if small:
@@ -58,7 +65,7 @@ def _vgg(name: str):
 
 def _resnet(name: str):
     def build(num_classes: int, in_channels: int, small: bool, image_size: int) -> nn.Module:
-        model = getattr(torchvision.models, name)(weights=None)
+        model = getattr(_torchvision_models(), name)(weights=None)
         if small:
             model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
             model.maxpool = nn.Identity()
@@ -71,7 +78,7 @@ def _resnet(name: str):
 
 def _densenet(name: str):
     def build(num_classes: int, in_channels: int, small: bool, image_size: int) -> nn.Module:
-        model = getattr(torchvision.models, name)(weights=None)
+        model = getattr(_torchvision_models(), name)(weights=None)
         out = model.features.conv0.out_channels
         if small:
             model.features.conv0 = nn.Conv2d(in_channels, out, 3, stride=1, padding=1, bias=False)

@@ -12,6 +12,7 @@ or SIGKILL of the driver. On a cluster the storage is one that every node reache
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
@@ -184,13 +185,17 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
                                        _trainable, check_nodes, check_resources, drop_unrecorded_runs, ray_init)
 
     log.adopt()  # Ray's loggers, now that it is imported
-    ray_init(address)
+    # Ray starts its processes (seconds, mostly waiting) while MLflow is imported and its client
+    # made; the store itself is touched only after the checks, so bad input writes nothing.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
+        ray_init(address)
+        tracker = client.result()
     log.adopt()
     check_resources(res.cpus_per_trial, res.gpus_per_trial)
     check_nodes(paths.storage, loaded, res.cpus_per_trial, res.gpus_per_trial, local=address is None)
     log.to_file(paths.log_file())
 
-    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
     if restart:
         paths.dir.delete()
     if resume:
@@ -233,6 +238,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
                 cb.echo, cb.start = echo, time.monotonic()
             if isinstance(cb, MlflowLogger):
                 logger_cb = cb
+                logger_cb.resumed = True
         logger_cb.close_restored(tuner.get_results())
     else:
         searcher = _optuna_searcher(loaded, objectives, spec.seed, spec.search.replicates)
@@ -286,6 +292,9 @@ def _ray_environment(address: str | None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # prunetune prints its own progress; Tune's newer console output ignores verbose=0 with ASHA
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's default result loggers (CSV, JSON, TensorBoard) write every report of every trial;
+    # MLflow has them all. TensorBoardX alone costs the driver 3 s of imports (torch among them).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 def locate(target: Path, tracking_uri: str | None = None, storage: str | None = None):

@@ -141,7 +141,14 @@ def succeeded(result: dict | None) -> bool:
 class MlflowLogger(tune.Callback):
     """Logs every trial as a child run of the sweep's parent run. Re-attaches to a trial's run by
     its `prunetune.trial_id` tag after a resume, and skips epochs it has already logged, so a
-    resumed sweep gains no duplicate runs and no duplicate metric steps."""
+    resumed sweep gains no duplicate runs and no duplicate metric steps.
+
+    Per-epoch metrics are written in batches, every FLUSH_S seconds and whenever a trial ends (a
+    transaction per epoch per trial cost the driver more than anything else it did). Epochs
+    still queued when the driver is killed are not lost: a resumed trial reports its history
+    again, and what MLflow lacks is logged then."""
+
+    FLUSH_S = 5.0
 
     def __init__(self, uri: str, artifacts: str, experiment: str, parent_run_id: str, sweep: str, raw: dict,
                  storage: str):
@@ -152,11 +159,21 @@ class MlflowLogger(tune.Callback):
         self._last_step: dict[str, int] = {}
         self._final_logged: set[str] = set()
         self._where: dict[str, dict] = {}  # trial id → the where-tags last set
+        self._pending: dict[str, list] = {}  # run id → [(metrics, step)] not yet written
+        self._flushed_at = time.monotonic()
+        self.resumed = False  # a restored sweep: trials may already have runs to re-attach
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; clients stay out
         state = dict(self.__dict__)
-        state.update(_tracker=None, _runs={}, _last_step={}, _final_logged=set(), _where={})
+        state.update(_tracker=None, _runs={}, _last_step={}, _final_logged=set(), _where={}, _pending={})
         return state
+
+    def flush(self) -> None:
+        for run_id, rows in self._pending.items():
+            if rows:
+                self.tracker.log_metric_rows(run_id, rows)
+        self._pending = {}
+        self._flushed_at = time.monotonic()
 
     @property
     def tracker(self) -> tracking.Tracker:
@@ -168,7 +185,7 @@ class MlflowLogger(tune.Callback):
         """The trial's child run: re-attached by trial id if it exists, else created."""
         tid = trial.trial_id
         if tid not in self._runs:
-            found = self.tracker.client.search_runs(
+            found = self.resumed and self.tracker.client.search_runs(
                 [self.tracker.experiment_id(self.experiment)],
                 filter_string=f"tags.`{tracking.TAG_TRIAL_ID}` = '{tid}' and "
                               f"tags.`{tracking.TAG_PARENT}` = '{self.parent_run_id}'")
@@ -212,6 +229,7 @@ class MlflowLogger(tune.Callback):
             self._where[tid] = tags
 
     def _log_final(self, tid: str, result: dict) -> None:
+        self.flush()
         if tid not in self._final_logged:  # once, also when a resumed trial reports it again
             final = {k: v for k, v in result.items() if k != "epoch" and _is_metric_name(k)}
             self.tracker.log_metrics(self._runs[tid], final, result.get("epoch", 0))
@@ -219,6 +237,7 @@ class MlflowLogger(tune.Callback):
 
     def _close_finished(self, run_id: str, trial_id: str) -> None:
         """Log the trial's artifacts, which it left in the sweep's storage, and end its run."""
+        self.flush()
         if not self.tracker.client.list_artifacts(run_id):
             final = Storage(self.storage).child(self.sweep).child(SweepPaths.RESUME).child(f"{trial_id}.final")
             if final.is_local:
@@ -231,6 +250,7 @@ class MlflowLogger(tune.Callback):
         self.tracker.end_run(run_id, "FINISHED")
 
     def _close_failed(self, run_id: str, error: str) -> None:
+        self.flush()
         self.tracker.set_tags(run_id, {"prunetune.error": error[:5000]})
         self.tracker.end_run(run_id, "FAILED")
 
@@ -248,8 +268,17 @@ class MlflowLogger(tune.Callback):
         epoch = result.get("epoch")
         if epoch is None or epoch <= self._last_step.get(tid, -1):
             return  # already logged before a resume
-        self.tracker.log_metrics(run_id, {k: result[k] for k in PER_EPOCH if k in result}, epoch)
+        self._pending.setdefault(run_id, []).append(({k: result[k] for k in PER_EPOCH if k in result}, epoch))
         self._last_step[tid] = epoch
+        if time.monotonic() - self._flushed_at >= self.FLUSH_S:
+            self.flush()
+
+    def on_step_end(self, iteration, trials, **info):
+        if self._pending and time.monotonic() - self._flushed_at >= self.FLUSH_S:
+            self.flush()
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_for(trial)
@@ -265,6 +294,9 @@ class MlflowLogger(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         # Tune saw an error: the trial's worker or node died, after every retry.
         self._close_failed(self.run_for(trial), _error_text(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.flush()  # the retried trial reports its history again: MLflow must know what it has
 
     def close_restored(self, results) -> None:
         """After a restore: close the runs of trials that finished while the driver was down
@@ -464,7 +496,10 @@ def ray_init(address: str | None) -> None:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"--address: cannot attach to a Ray cluster at {address} ({exc})") from None
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+        # Tune runs trainables in a runtime env of their own, so the default workers Ray would
+        # prestart (one per CPU) are never used: they only compete with start-up for the CPUs.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 _system_config={"enable_worker_prestart": False}, **kwargs)
 
 
 def _fits(node: dict, cpus: float, gpus: float) -> bool:
