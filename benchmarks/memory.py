@@ -1,0 +1,139 @@
+"""Peak memory per process of a sweep at the study's scale, against the size of the decoded data.
+
+    python benchmarks/memory.py [--images 2500] [--size 224]
+
+Builds a HAM10000-layout set (the metadata CSV and 600×450 JPEGs, as published) in a temp folder,
+then runs two sweeps of two concurrent trials (simple_cnn, a few optimiser steps: memory, not
+accuracy, is measured) while sampling every 0.2 s the resident memory of the driver and of each
+Ray trial worker (/proc: VmRSS; RssAnon, the process's own memory; RssShmem, shared memory such as
+Ray's object store):
+  digits    the same sweep on the bundled 8×8 digits: the framework's own memory (torch, Ray, ...)
+  ham       the HAM10000 set at `--size` px
+The goal: a trial's peak ≤ 1.5 × the decoded arrays + 1.2 GB of framework, the trials of a node
+sharing one copy of the decoded arrays, and a driver that does not keep the whole dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = """
+name: memory
+seed: 0
+model: {{arch: simple_cnn}}
+data: {data}
+train: {{batch_size: 32, lr: 0.01, dense_epochs: 0, finetune_epochs: {epochs}}}
+schedule: {{method: oneshot, sparsity: {{choice: [0.5, 0.8]}}}}
+search: {{sampler: grid, num_trials: 2}}
+resources: {{cpus_per_trial: 1, max_concurrent: 2}}
+"""
+
+
+def write_ham(root: Path, n: int) -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import write_ham10000
+
+    per_class = [max(1, round(n / 2 * f)) for f in (0.033, 0.051, 0.11, 0.011, 0.111, 0.67, 0.014)]
+    write_ham10000(root, lesions_per_class=per_class, size=(450, 600))
+
+
+def status(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssShmem of a process, in bytes."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def kind(pid: int, driver: int) -> str | None:
+    if pid == driver:
+        return "driver"
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return f"trial worker {pid}" if cmdline.startswith(b"ray::ImplicitFunc") else None
+
+
+def sweep_peaks(spec: Path, cwd: Path) -> dict[str, dict[str, int]]:
+    env = {**os.environ, "PRUNETUNE_CACHE": str(cwd / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", str(spec)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks: dict[str, dict[str, int]] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for entry in Path("/proc").glob("[0-9]*"):
+                name = kind(int(entry.name), proc.pid)
+                if name is None:
+                    continue
+                now = status(int(entry.name))
+                peak = peaks.setdefault(name, {})
+                for key, value in now.items():
+                    peak[key] = max(peak.get(key, 0), value)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    out, err = proc.communicate()
+    done.set()
+    thread.join()
+    if proc.returncode != 0:
+        sys.exit(f"sweep failed:\n{err[-3000:]}")
+    return peaks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2500)
+    ap.add_argument("--size", type=int, default=224)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
+    write_ham(work / "HAM10000", args.images)
+    n_images = len((work / "HAM10000" / "HAM10000_metadata.csv").read_text().splitlines()) - 1
+    decoded = n_images * 3 * args.size * args.size
+    runs = {"digits": "{dataset: digits, image_size: 8}",
+            "ham": f"{{dataset: ham10000, root: {work / 'HAM10000'}, image_size: {args.size}}}"}
+    results = {}
+    for name, data in runs.items():
+        folder = work / name
+        folder.mkdir()
+        spec = folder / "spec.yaml"
+        spec.write_text(textwrap.dedent(SPEC.format(data=data, epochs=0.02 if name == "ham" else 0.2)))
+        results[name] = sweep_peaks(spec, folder)
+    gb = 1024 ** 3
+    print(f"HAM10000 layout: {n_images} JPEGs (600×450) at {args.size} px: {decoded / gb:.2f} GB decoded (uint8)")
+    framework = max((v.get("VmRSS", 0) for k, v in results["digits"].items() if k.startswith("trial")), default=0)
+    print(f"framework (a digits trial worker's peak VmRSS): {framework / gb:.2f} GB")
+    for name in runs:
+        print(f"{name}:")
+        for proc, peak in sorted(results[name].items()):
+            print(f"  {proc:22s} peak VmRSS {peak.get('VmRSS', 0) / gb:5.2f} GB  RssAnon {peak.get('RssAnon', 0) / gb:5.2f} GB"
+                  f"  RssShmem {peak.get('RssShmem', 0) / gb:5.2f} GB")
+    for proc, peak in sorted(results["ham"].items()):
+        if proc.startswith("trial"):
+            extra = peak.get("VmRSS", 0) - framework
+            print(f"{proc}: peak VmRSS beyond the framework = {extra / decoded:.2f}× the decoded data "
+                  f"(target ≤ 1.5×); own memory (RssAnon) {peak.get('RssAnon', 0) / decoded:.2f}× the data")
+    driver = results["ham"].get("driver", {})
+    print(f"driver: peak VmRSS {driver.get('VmRSS', 0) / gb:.2f} GB = {driver.get('VmRSS', 0) / decoded:.2f}× the data")
+
+
+if __name__ == "__main__":
+    main()
