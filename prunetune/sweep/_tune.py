@@ -76,8 +76,13 @@ def _trainable(config: dict, *, raw: dict, shared: dict, storage: str, sweep: st
         tune.report({**metrics, **where, FINAL_FLAG: True, "epoch": epoch})
 
     if state.exists(f"{final_rel}/complete"):
-        # The trial had finished when the driver died, before Tune recorded it: report again.
+        # The trial had finished when the driver died, before Tune recorded it: report its
+        # history again (the driver may not have written all of it) and its final result.
         history = state.read_json(f"{final_rel}/artifacts/history.json")
+        for row in history:
+            row = dict(row)
+            epoch = row.pop("epoch")
+            tune.report({**row, **where, "epoch": epoch})
         report_final(state.read_json(f"{final_rel}/artifacts/metrics.json"), final_step(history))
         return
     work = Path(tempfile.mkdtemp(prefix=f"prunetune-{tid}-"))
