@@ -7,6 +7,7 @@ names without importing torch (no work at import time; Ray workers import this p
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any
 
 MODELS: dict[str, str] = {
@@ -28,17 +29,44 @@ DATASETS: dict[str, str] = {
     "medmnist": "prunetune.data.medmnist:load",
 }
 
-CRITERIA: dict[str, str] = {
-    "l1_unstructured": "prunetune.pruning.criteria:l1_unstructured",
-    "random": "prunetune.pruning.criteria:random_scores",
-    "l1_filter": "prunetune.pruning.structured:l1_filter",
-    "l2_filter": "prunetune.pruning.structured:l2_filter",
+@dataclass(frozen=True)
+class Criterion:
+    """A pruning criterion's registry entry: where its implementation lives, and what it is.
+
+    structured: it prunes whole channels (so schedule.remove and train.group_lasso apply).
+    needs: what scoring takes — "weights" (each weight tensor alone), "data" (training batches
+    through the model: snip, grasp), "model" (the model alone, no data: synflow) or "pattern"
+    (a fixed N:M pattern per group of weights: l1_nm, whose sparsity is 1 − N/M).
+    Every implementation has `prune(masks, target, layers, scope, generator, context)`."""
+
+    target: str
+    structured: bool = False
+    needs: str = "weights"
+
+
+CRITERIA: dict[str, Criterion] = {
+    "l1_unstructured": Criterion("prunetune.pruning.criteria:l1_unstructured"),
+    "random": Criterion("prunetune.pruning.criteria:random_scores"),
+    "l1_filter": Criterion("prunetune.pruning.structured:l1_filter", structured=True),
+    "l2_filter": Criterion("prunetune.pruning.structured:l2_filter", structured=True),
+    "snip": Criterion("prunetune.pruning.criteria:snip", needs="data"),
+    "grasp": Criterion("prunetune.pruning.criteria:grasp", needs="data"),
+    "synflow": Criterion("prunetune.pruning.criteria:synflow", needs="model"),
+    "l1_nm": Criterion("prunetune.pruning.criteria:l1_nm", needs="pattern"),
 }
-# Criteria that prune whole channels (so schedule.remove and train.group_lasso apply).
-STRUCTURED_CRITERIA = frozenset({"l1_filter", "l2_filter"})
+
+
+def structured_criteria() -> list[str]:
+    """The criteria that prune whole channels."""
+    return sorted(name for name, c in CRITERIA.items() if c.structured)
+
+
+def is_structured(name: str) -> bool:
+    return name in CRITERIA and CRITERIA[name].structured
 
 
 def lookup(registry: dict[str, str], name: str) -> Any:
     """Import and return the implementation registered under `name`."""
-    module, attr = registry[name].split(":")
+    entry = registry[name]
+    module, attr = getattr(entry, "target", entry).split(":")
     return getattr(importlib.import_module(module), attr)

@@ -31,6 +31,7 @@ FINAL_METRICS = (
     # structured criteria; the last four only with schedule.remove
     "channel_sparsity", "compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup",
     "teacher_test_acc",  # with distill
+    "nm_valid",  # with l1_nm
 )
 SEARCHABLE_SECTIONS = ("model", "data", "train", "schedule", "distill")
 # Bumped when what a dense phase computes changes (2: every step's randomness seeded by its step,
@@ -124,6 +125,18 @@ class ScheduleSpec(_Strict):
     redense_lr_factor: float = Field(0.1, gt=0.0)  # dsd, ist: lr factor of the re-dense training
     cycles: int = Field(2, ge=1)  # ist
     remove: bool = False  # structured criteria: physically remove the pruned channels after training
+    # (l1_nm on a CUDA GPU of compute capability ≥ 8.0: export the semi-structured model)
+    # the sanity check of Frankle et al. (2021): after each prune, permute each layer's mask
+    mask_control: Literal["none", "shuffle"] = "none"
+    synflow_iters: int = Field(100, ge=1)  # synflow: scoring rounds, density falling exponentially
+    n_m: list[int] = Field(default_factory=lambda: [2, 4])  # l1_nm: N of every M input weights survive
+
+    @field_validator("n_m")
+    @classmethod
+    def _n_m(cls, v: list[int]) -> list[int]:
+        if len(v) != 2 or not 0 < v[0] < v[1]:
+            raise ValueError(f"must be [N, M] with 0 < N < M, e.g. [2, 4] (got {v!r})")
+        return v
 
     @field_validator("method")
     @classmethod
@@ -231,12 +244,20 @@ class Spec(_Strict):
             raise ValueError(
                 f"schedule.rewind_epoch ({s.rewind_epoch:g}) must not exceed train.dense_epochs "
                 f"({self.train.dense_epochs}) for {what}")
-        if s.method in ("dsd", "ist") and s.criterion in registry.STRUCTURED_CRITERIA:
+        if s.method in ("dsd", "ist") and registry.is_structured(s.criterion):
             # A pruned channel has all of its group at zero (filters, batch norm, next layers'
             # inputs): every gradient of it is zero, so it could never regrow after the release.
             raise ValueError(f"schedule.method {s.method} re-grows pruned weights from zero, which a pruned "
                              f"channel cannot (its whole group is zero, so are its gradients); use "
                              f"l1_unstructured or random with {s.method}")
+        if s.criterion == "l1_nm":
+            n, m = s.n_m
+            if abs(s.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(f"schedule.sparsity must be 1 − N/M = {1 - n / m:g} with criterion l1_nm and "
+                                 f"schedule.n_m {s.n_m} (got {s.sparsity:g}): the N:M pattern fixes it")
+        if s.mask_control == "shuffle" and (registry.is_structured(s.criterion) or s.criterion == "l1_nm"):
+            raise ValueError(f"schedule.mask_control shuffle permutes single weights, which would break "
+                             f"criterion {s.criterion}'s pattern; use it with an unstructured criterion")
         if s.method == "gradual" and s.end_epoch <= s.start_epoch:
             raise ValueError(f"schedule.end_epoch ({s.end_epoch:g}) must be after schedule.start_epoch "
                              f"({s.start_epoch:g}) for method gradual")
@@ -259,7 +280,7 @@ class Spec(_Strict):
         extra = {}
         if d["distill"]:
             extra["distill"] = d["distill"]  # the dense phase is distilled too
-        if self.train.group_lasso > 0 and self.schedule.criterion in registry.STRUCTURED_CRITERIA:
+        if self.train.group_lasso > 0 and registry.is_structured(self.schedule.criterion):
             # the penalty acts from the first step on the channel groups of the selected layers
             # (the same groups for every structured criterion; none for an unstructured one)
             extra["penalty"] = {"groups": "channels", "layers": self.schedule.layers}
@@ -599,10 +620,10 @@ def _check_structured(raw: dict, space: dict[str, SearchEntry]) -> None:
     if "schedule.criterion" in space:
         return
     criterion = raw.get("schedule", {}).get("criterion", ScheduleSpec().criterion)
-    if criterion in registry.STRUCTURED_CRITERIA:
+    if registry.is_structured(criterion):
         return
-    structured = ", ".join(sorted(registry.STRUCTURED_CRITERIA))
-    if raw.get("schedule", {}).get("remove") is True:
+    structured = ", ".join(registry.structured_criteria())
+    if raw.get("schedule", {}).get("remove") is True and criterion != "l1_nm":
         raise UserError(f"spec key schedule.remove: needs a structured schedule.criterion ({structured}); "
                         f"got {criterion!r}")
     lasso = raw.get("train", {}).get("group_lasso", 0)
@@ -613,10 +634,12 @@ def _check_structured(raw: dict, space: dict[str, SearchEntry]) -> None:
 
 def _check_objectives(spec: Spec, space: dict[str, SearchEntry]) -> None:
     """An objective must be a metric every trial reports."""
-    structured = spec.schedule.criterion in registry.STRUCTURED_CRITERIA and "schedule.criterion" not in space
+    structured = registry.is_structured(spec.schedule.criterion) and "schedule.criterion" not in space
     removed = structured and spec.schedule.remove and "schedule.remove" not in space
     needs = {"channel_sparsity": (structured, "a structured schedule.criterion (not searched)"),
-             "teacher_test_acc": (spec.distill is not None, "distill")}
+             "teacher_test_acc": (spec.distill is not None, "distill"),
+             "nm_valid": (spec.schedule.criterion == "l1_nm" and "schedule.criterion" not in space,
+                          "schedule.criterion l1_nm (not searched)")}
     for metric in ("compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup"):
         needs[metric] = (removed, "a structured schedule.criterion with schedule.remove: true (neither searched)")
     for o in spec.search.objectives:

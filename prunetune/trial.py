@@ -28,7 +28,9 @@ from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
 from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
 from prunetune.pruning import schedules, structured
-from prunetune.pruning.masks import Masks, layer_sparsity_rows
+from prunetune.pruning.criteria import Context
+from prunetune.pruning.masks import Masks, layer_sparsity_rows, nm_compatible, nm_valid
+from prunetune.pruning.semistructured import semi_structured_speedup
 from prunetune.spec import Spec
 from prunetune.storage import Lease, Storage
 from prunetune.train import Trainer, classification_metrics, lr_shape
@@ -175,9 +177,10 @@ class Trial:
                             f"the model's are: {', '.join(self.layers)}")
         self._freeze(spec.model.freeze)
         self.example = torch.zeros(1, self.dataset.in_channels, size, size, device=self.device)
-        self.score_fn = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+        self.criterion = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+        self._nm_layers()
         groups = None
-        if isinstance(self.score_fn, structured.ChannelNorm):
+        if registry.is_structured(spec.schedule.criterion):
             # the last layer is the classifier head: its outputs are the classes
             groups = structured.channel_groups(self.model, self.example, self.selected, exclude=self.layers[-1:])
             if not groups:
@@ -201,6 +204,42 @@ class Trial:
         self.phase_index, self.phase_start_clock = -1, 0.0  # -1: the dense phase
         self.resumed_from_epoch: int | None = None  # set when `run` continues a saved state
         self.dense_test_acc: float | None = None  # the dense phase's checkpoint on the test split
+
+    def _nm_layers(self) -> None:
+        """l1_nm: the selected layers whose input dimension splits into groups of M hold the
+        pattern (`sparsity` counts them); the others (a first conv on 1 or 3 channels) stay dense."""
+        if self.spec.schedule.criterion != "l1_nm":
+            return
+        m = self.spec.schedule.n_m[1]
+        modules = dict(self.model.named_modules())
+        fits = [n for n in self.selected if nm_compatible(modules[n].weight, m)]
+        if not fits:
+            raise UserError(f"schedule.n_m: no selected layer has an input dimension divisible by M={m} "
+                            f"(selected: {', '.join(self.selected)})")
+        self.selected = fits
+
+    def criteria_context(self) -> Context:
+        """What the criteria that score through the model use: the model, an example input and
+        training batches (`SCORE_SAMPLES`, drawn with the trial's seed)."""
+        n = self.data.size("train")
+        gen = torch.Generator().manual_seed(self.spec.seed)
+        order = torch.randperm(n, generator=gen)[:min(n, max(self.spec.train.batch_size, 10 * self.num_classes))]
+        size = self.spec.train.batch_size
+
+        def batches():
+            for start in range(0, len(order), size):
+                index = order[start:start + size].to(self.device)
+                yield self.data.prepare(self.data.images_of("train", index)), self.data.y["train"][index]
+
+        return Context(self.model, self.example, batches, self.spec.schedule.synflow_iters,
+                       tuple(self.spec.schedule.n_m))
+
+    def prune(self, target: float, layers: list[str], scope: str, generator: torch.Generator) -> None:
+        """Prune by the schedule's criterion; then, with `mask_control: shuffle`, permute each
+        layer's mask (the control of Frankle et al. 2021: same per-layer density, random places)."""
+        self.masks.prune(target, self.criterion, layers, scope, generator, self.criteria_context())
+        if self.spec.schedule.mask_control == "shuffle":
+            self.masks.shuffle(layers, generator)
 
     def _trainer(self, model: torch.nn.Module, masks: Masks, report: Report) -> Trainer:
         """A Trainer of `model` with this trial's recipe (and group-lasso penalty, and teacher)."""
@@ -312,8 +351,7 @@ class Trial:
         t = self.trainer
         if phase.prune is not None:
             gen = torch.Generator().manual_seed(self.spec.seed * 7919 + index)
-            self.masks.prune(phase.prune.target, self.score_fn, phase.prune.layers or self.selected,
-                             phase.prune.scope, gen)
+            self.prune(phase.prune.target, phase.prune.layers or self.selected, phase.prune.scope, gen)
             if t.optimizer is not None:
                 self.masks.mask_optimizer_state(t.optimizer)
         if phase.rewind:
@@ -345,6 +383,11 @@ class Trial:
             from prunetune.distill import teacher_accuracy
 
             m["teacher_test_acc"] = teacher_accuracy(self.distiller, self.data, 2 * self.trainer.batch_size)
+        if self.spec.schedule.criterion == "l1_nm":
+            n_, m_ = self.spec.schedule.n_m
+            m["nm_valid"] = float(all(nm_valid(self.masks.weights[n], n_, m_) for n in self.selected))
+            if self.spec.schedule.remove:
+                m.update(semi_structured_speedup(self.model, self.example, self.selected, self.spec.schedule.n_m))
         if self.masks.groups:
             m["channel_sparsity"] = self.masks.channel_sparsity()
             if self.spec.schedule.remove:

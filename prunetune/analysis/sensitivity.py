@@ -31,7 +31,7 @@ def analyse(trial, cache, sparsities=SPARSITIES) -> list[dict]:
             trial.model.load_state_dict(dense)
             trial.masks.release()
             gen = torch.Generator().manual_seed(trial.spec.seed)
-            trial.masks.prune(s, trial.score_fn, [layer], "layer", gen)
+            trial.masks.prune(s, trial.criterion, [layer], "layer", gen, trial.criteria_context())
             m = trial.trainer.evaluate(split)
             rows.append({"layer": layer, "sparsity": s, f"{split}_acc": m["acc"], f"{split}_loss": m["loss"],
                          "acc_drop": base["acc"] - m["acc"]})

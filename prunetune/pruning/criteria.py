@@ -1,15 +1,204 @@
-"""Pruning criteria: a weight tensor → a score per weight; the lowest scores are pruned first."""
+"""Pruning criteria. Each is an object with `prune(masks, target, layers, scope, generator,
+context)`, registered by name in `registry.CRITERIA` (with its `structured` flag and what it needs).
+
+- weight criteria score each weight from its own tensor (`WeightScore`: |w|, random);
+- at-initialisation criteria score through the model: `snip` and `grasp` on training batches
+  (`Context.batches`), `synflow` data-free, over `Context.synflow_iters` rounds;
+- `l1_nm` keeps the N largest of every M consecutive input weights (`Context.n_m`);
+- the structured criteria (`l1_filter`, `l2_filter`) live in `structured.py`.
+
+Every criterion but `l1_nm` reaches its target exactly (to one weight) with global or layer scope;
+`l1_nm`'s sparsity is 1 − N/M by construction. The lowest scores are pruned first.
+"""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
-def l1_unstructured(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """|w|: magnitude pruning, as torch.nn.utils.prune.L1Unstructured."""
+@dataclass
+class Context:
+    """What criteria that score through the model use: the model, an example input (its shape
+    is synflow's all-ones input), training batches (snip, grasp), and keys of the schedule."""
+
+    model: nn.Module
+    example: torch.Tensor
+    batches: Batches = field(default=lambda: iter(()))
+    synflow_iters: int = 100
+    n_m: tuple[int, int] = (2, 4)
+
+
+def _needs(context: Context | None, name: str) -> Context:
+    if context is None:
+        raise ValueError(f"criterion {name} scores through the model: pass a criteria.Context")
+    return context
+
+
+@dataclass(frozen=True)
+class WeightScore:
+    """A criterion scoring each weight from its own tensor: `fn(weight, generator) → scores`."""
+
+    fn: Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+    def __call__(self, weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.fn(weight, generator)
+
+    def prune(self, masks, target, layers, scope, generator=None, context=None) -> None:
+        masks.prune_scores(target, {n: self.fn(masks.weights[n], generator) for n in layers}, layers, scope)
+
+
+def _magnitude(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     return weight.detach().abs()
 
 
-def random_scores(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform random scores: the random-pruning baseline, seeded by the trial's generator."""
+def _random(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.rand(weight.shape, generator=generator, device="cpu").to(weight.device)
+
+
+l1_unstructured = WeightScore(_magnitude)  # |w|, as torch.nn.utils.prune.L1Unstructured
+random_scores = WeightScore(_random)  # uniform random: the random-pruning baseline, seeded per trial
+
+
+# -- at initialisation -------------------------------------------------------------------------
+
+def _gradients(model: nn.Module, batches: Batches, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss's gradient with respect to `params`, summed over the batches."""
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    for x, y in batches():
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+        for n, gi in zip(params, g):
+            grads[n] += gi
+    return grads
+
+
+class _ScoredThroughModel:
+    """Scores taken through the model in training mode (batch statistics, as the papers do),
+    leaving it as it was: its mode, its buffers (batch-norm running statistics) and the
+    parameters' `.grad`."""
+
+    name = ""
+
+    def scores(self, masks, layers, context: Context) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def prune(self, masks, target, layers, scope, generator=None, context=None) -> None:
+        context = _needs(context, self.name)
+        model = context.model
+        masks.apply()
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        was_training = model.training
+        model.train()
+        try:
+            scores = self.scores(masks, layers, context)
+        finally:
+            model.train(was_training)
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(buffers[n])
+        masks.prune_scores(target, scores, layers, scope)
+
+
+class Snip(_ScoredThroughModel):
+    """SNIP (Lee et al. 2019): connection sensitivity |∂L/∂w ⊙ w| on training batches."""
+
+    name = "snip"
+
+    def scores(self, masks, layers, context):
+        weights = {n: masks.weights[n] for n in layers}
+        grads = _gradients(context.model, context.batches, weights)
+        return {n: (grads[n] * weights[n].detach()).abs() for n in layers}
+
+
+class Grasp(_ScoredThroughModel):
+    """GraSP (Wang et al. 2020): the score −w ⊙ Hg of the paper, whose largest values are pruned
+    (removing them reduces gradient flow least); here negated, as lowest-first. Logits are divided
+    by the temperature of the authors' code (200) in the gradient passes."""
+
+    name = "grasp"
+    temperature = 200.0
+
+    def scores(self, masks, layers, context):
+        model, T = context.model, self.temperature
+        weights = [masks.weights[n] for n in layers]
+        g = [torch.zeros_like(w) for w in weights]
+        for x, y in context.batches():  # g: the gradient, no graph kept
+            for gi, d in zip(g, torch.autograd.grad(F.cross_entropy(model(x) / T, y), weights)):
+                gi += d
+        hg = [torch.zeros_like(w) for w in weights]
+        for x, y in context.batches():  # Hg: the gradient of gᵀ∇L
+            grad = torch.autograd.grad(F.cross_entropy(model(x) / T, y), weights, create_graph=True)
+            z = sum((gi.detach() * d).sum() for gi, d in zip(g, grad))
+            for h, d in zip(hg, torch.autograd.grad(z, weights)):
+                h += d
+        return {n: w.detach() * h for n, w, h in zip(layers, weights, hg)}
+
+
+class Synflow:
+    """SynFlow (Tanaka et al. 2020), data-free: with every parameter replaced by its absolute
+    value, R = Σ f(𝟙) for an all-ones input, and a weight's score is |θ ⊙ ∂R/∂θ|. Pruned over
+    `synflow_iters` rounds, the density falling exponentially (d₀·(d/d₀)^(k/n) in round k), each
+    round rescoring the surviving weights: this is what avoids layer collapse. Computed in float64
+    on a copy of the model in eval mode (R overflows float32 in deep networks)."""
+
+    name = "synflow"
+
+    def prune(self, masks, target, layers, scope, generator=None, context=None) -> None:
+        context = _needs(context, self.name)
+        masks.apply()
+        rounds = max(1, int(context.synflow_iters))
+        probe = copy.deepcopy(context.model).double().eval()
+        for p in probe.parameters():
+            p.requires_grad_(True)
+        ones = torch.ones_like(context.example, dtype=torch.float64)
+        names = dict(context.model.named_parameters())
+        weight_names = {n: _param_name(context.model, masks.weights[n]) for n in layers}
+        # each layer's (layer scope) or the layers' (global) density falls from where it starts
+        starts = {n: masks.sparsity([n]) for n in layers} if scope == "layer" else {"": masks.sparsity(layers)}
+        for k in range(1, rounds + 1):
+            with torch.no_grad():
+                for n, p in probe.named_parameters():
+                    p.copy_(names[n].detach().abs())
+            probe.zero_grad(set_to_none=True)
+            probe(ones).sum().backward()
+            params = dict(probe.named_parameters())
+            scores = {n: (params[weight_names[n]] * params[weight_names[n]].grad).detach().abs() for n in layers}
+            for key, start in starts.items():
+                group = [key] if key else list(layers)
+                masks.prune_scores(_round_target(start, target, k, rounds), scores, group, scope)
+
+
+def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
+    for n, p in model.named_parameters():
+        if p is tensor:
+            return n
+    raise ValueError("a pruned weight is not a parameter of the model")
+
+
+def _round_target(start: float, target: float, k: int, rounds: int) -> float:
+    """Round k's sparsity when the density falls exponentially from 1 − start to 1 − target."""
+    d0, d = 1.0 - start, 1.0 - target
+    if k == rounds or d0 <= d:
+        return target
+    return 1.0 - d0 * (d / d0) ** (k / rounds)
+
+
+class NM:
+    """N:M semi-structured sparsity: in every group of M consecutive input weights the N of
+    largest magnitude survive. The target is 1 − N/M (the spec refuses any other)."""
+
+    name = "l1_nm"
+
+    def prune(self, masks, target, layers, scope, generator=None, context=None) -> None:
+        n, m = _needs(context, self.name).n_m
+        masks.prune_nm(n, m, layers, {name: masks.weights[name].detach().abs() for name in layers})
+
+
+snip, grasp, synflow, l1_nm = Snip(), Grasp(), Synflow(), NM()

@@ -6,14 +6,13 @@ weights stay exactly zero through every optimiser step (momentum and weight deca
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from prunetune.pruning.structured import ChannelNorm, Group, channel_scores
+from prunetune.pruning.structured import Group, channel_scores
 
-ScoreFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
 class Masks:
@@ -52,22 +51,35 @@ class Masks:
             yield p, self.extra_masks[n]
 
     # -- pruning -------------------------------------------------------------------------------
-    def prune(self, target: float, score_fn: ScoreFn, layers: Iterable[str] | None = None,
-              scope: str = "global", generator: torch.Generator | None = None) -> None:
-        """Zero the lowest-scoring weights until `target` of `layers` are zero.
-
-        scope "global": one threshold over all the layers together; "layer": each layer alike.
-        Weights already pruned stay pruned (they count towards the target).
-        """
+    def prune(self, target: float, criterion, layers: Iterable[str] | None = None,
+              scope: str = "global", generator: torch.Generator | None = None, context=None) -> None:
+        """Prune `layers` (default all) until `target` of their weights are zero, by `criterion`
+        (any implementation in the criteria registry; see `criteria.py`). scope "global": one
+        threshold over all the layers together; "layer": each layer alike. Weights already pruned
+        stay pruned (they count towards the target). `context`: what data-driven and model-driven
+        criteria score with (`criteria.Context`)."""
         names = list(self.weights) if layers is None else list(layers)
-        if isinstance(score_fn, ChannelNorm):
-            self._prune_channels(target, score_fn.p, names, scope)
-            self.apply()
-            return
-        scores = {n: score_fn(self.weights[n], generator) for n in names}
-        groups = [names] if scope == "global" else [[n] for n in names]
+        criterion.prune(self, target, names, scope, generator, context)
+
+    def prune_scores(self, target: float, scores: dict[str, torch.Tensor], layers: Sequence[str],
+                     scope: str = "global") -> None:
+        """Zero the lowest-scoring weights of `layers` until `target` of them are zero."""
+        groups = [list(layers)] if scope == "global" else [[n] for n in layers]
         for group in groups:
             self._prune_group(group, scores, target)
+        self.apply()
+
+    def prune_nm(self, n: int, m: int, layers: Sequence[str], scores: dict[str, torch.Tensor]) -> None:
+        """N:M semi-structured sparsity: in every group of `m` consecutive input weights of each
+        output row (a conv's weights read channels-last, [out, kh, kw, in], as sparse tensor cores
+        read them), the `n` highest-scoring survive. Pruned weights stay pruned."""
+        for name in layers:
+            mask = self.masks[name]
+            s = scores[name].float().masked_fill(~mask, float("-inf"))
+            groups = nm_view(s, m)
+            keep = torch.zeros_like(groups, dtype=torch.bool)
+            keep.scatter_(-1, torch.topk(groups, n, dim=-1).indices, True)
+            mask &= nm_unview(keep, mask.shape)
         self.apply()
 
     def _prune_group(self, names: list[str], scores: dict[str, torch.Tensor], target: float) -> None:
@@ -87,7 +99,17 @@ class Masks:
             self.masks[n] &= keep[offset:offset + size].view_as(self.masks[n])
             offset += size
 
-    def _prune_channels(self, target: float, p: int, names: list[str], scope: str) -> None:
+    def shuffle(self, layers: Sequence[str], generator: torch.Generator | None = None) -> None:
+        """Permute each layer's mask at random: the same density per layer, other places (the
+        sanity check of Frankle et al. 2021). Weights unmasked by it keep their values (zero if
+        they were pruned): a rewind or re-initialisation gives them theirs."""
+        for name in layers:
+            mask = self.masks[name]
+            perm = torch.randperm(mask.numel(), generator=generator).to(mask.device)
+            mask.copy_(mask.flatten()[perm].view_as(mask))
+        self.apply()
+
+    def prune_channels(self, target: float, p: int, names: list[str], scope: str) -> None:
         """Prune whole group channels of the groups owned by `names` until `target` of their
         channels are pruned. scope "layer": each group alike; "global": one threshold over the
         groups, each group's scores divided by their mean (norms of layers of different fan-in
@@ -196,3 +218,28 @@ def layer_sparsity_rows(model: nn.Module, layer_names: Sequence[str]) -> list[di
         rows.append({"layer": n, "type": type(modules[n]).__name__, "shape": "x".join(map(str, w.shape)),
                      "params": w.numel(), "nonzero": nonzero, "sparsity": 1 - nonzero / w.numel()})
     return rows
+
+
+def nm_view(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """A layer's weights as [rows, groups, m]: groups of `m` consecutive input weights per output
+    row; a conv's [out, in, kh, kw] read channels-last ([out, kh, kw, in])."""
+    w = weight.permute(0, 2, 3, 1) if weight.dim() == 4 else weight
+    return w.reshape(w.shape[0], -1, m)
+
+
+def nm_unview(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of `nm_view` for a tensor of `shape`."""
+    if len(shape) == 4:
+        out, cin, kh, kw = shape
+        return groups.reshape(out, kh, kw, cin).permute(0, 3, 1, 2)
+    return groups.reshape(shape)
+
+
+def nm_compatible(weight: torch.Tensor, m: int) -> bool:
+    """Whether a layer's input dimension (a conv's input channels) splits into groups of `m`."""
+    return weight.shape[1] % m == 0
+
+
+def nm_valid(weight: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of `m` consecutive input weights holds at most `n` non-zeros."""
+    return bool(((nm_view(weight.detach(), m) != 0).sum(-1) <= n).all())

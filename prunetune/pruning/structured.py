@@ -33,6 +33,10 @@ class ChannelNorm:
 
     p: int
 
+    def prune(self, masks, target: float, layers: list[str], scope: str, generator=None, context=None) -> None:
+        masks.prune_channels(target, self.p, layers, scope)
+        masks.apply()
+
 
 l1_filter, l2_filter = ChannelNorm(1), ChannelNorm(2)
 
