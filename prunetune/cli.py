@@ -7,16 +7,19 @@ Exit codes: 0 success; 2 bad input (one line on stderr, no traceback, nothing wr
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import click
 import yaml
 
 from prunetune import spec as spec_mod
-from prunetune.errors import UserError
+from prunetune.errors import UserError, error_text
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -100,34 +103,31 @@ def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None, stor
     """Run one trial in this process (no Ray); searched keys must be fixed by the spec or --set."""
     from prunetune import tracking
     from prunetune.storage import Storage
+    from prunetune.teachers import teacher_dir
     from prunetune.trial import DenseCache, Trial
 
     loaded = spec_mod.load(spec_path, list(sets), for_trial=True)
     spec = loaded.trial_spec()
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
-    teacher = tracking.teacher_dir(spec.distill.teacher, uri, spec.tracking.artifacts) if spec.distill else None
+    teacher = teacher_dir(spec.distill.teacher, uri, spec.tracking.artifacts) if spec.distill else None
     runner = Trial(spec, teacher_dir=teacher)  # reads the data, builds the model: bad input fails here, before any write
     dense = DenseCache(Storage(storage or spec.tracking.storage).child("_dense"))
 
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
-    config_hash = spec.config_hash()
-    run_id = tracker.start_run(spec.name, f"trial-{config_hash[:8]}",
-                               {tracking.TAG_CONFIG_HASH: config_hash, tracking.TAG_KIND: "trial"}, spec.flat())
+    run_id = tracker.start_trial_run(spec.name, spec, {}, run_name=f"trial-{spec.config_hash()[:8]}")
     runner.report = lambda metrics, epoch: tracker.log_metrics(run_id, metrics, epoch)
     click.echo(f"MLflow run {run_id} in experiment {spec.name!r} ({tracker.uri})", err=True)
     try:
         with tempfile.TemporaryDirectory(prefix="prunetune-trial-") as tmp:
             result = runner.run(tmp, dense)
             tracker.log_metrics(run_id, result.metrics, result.final_step)
-            tracker.log_artifacts(run_id, Path(tmp))
+            tracker.finish_trial_run(run_id, Path(tmp))
     except KeyboardInterrupt:
         tracker.end_run(run_id, "KILLED")
         raise
     except BaseException as exc:
-        tracker.set_tags(run_id, {"prunetune.error": f"{type(exc).__name__}: {exc}"[:5000]})
-        tracker.end_run(run_id, "FAILED")
+        tracker.fail_trial_run(run_id, error_text(exc))
         raise
-    tracker.end_run(run_id)
     _print_metrics(result.metrics)
     click.echo(f"run id: {run_id}\nopen the MLflow UI with: prunetune ui {spec_path}")
 
@@ -210,8 +210,6 @@ def _fmt(v) -> str:
 @handle_errors
 def ui(spec_path: Path, tracking_uri: str | None, port: int):
     """Serve the MLflow UI of the spec's tracking store, bound to 127.0.0.1."""
-    import subprocess
-
     from prunetune import tracking
 
     spec = spec_mod.load(spec_path).fixed_spec()
@@ -224,7 +222,33 @@ def ui(spec_path: Path, tracking_uri: str | None, port: int):
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--default-artifact-root", tracking.artifacts_uri(spec.tracking.artifacts),
            "--host", "127.0.0.1", "--port", str(port)]
-    sys.exit(subprocess.call(cmd))
+    sys.exit(serve(cmd))
+
+
+def serve(cmd: list[str]) -> int:
+    """Run a server in its own process group until it exits or this process is stopped (SIGTERM,
+    SIGINT, SIGHUP): then the whole group stops, the server's worker processes included."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def stop_group(sig: int = signal.SIGTERM) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    def on_signal(signum, frame):
+        stop_group()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    try:
+        rc = proc.wait()
+    finally:
+        stop_group()
+        time.sleep(0.5)
+        stop_group(signal.SIGKILL)  # workers that outlived their leader
+    return 0 if rc in (-signal.SIGTERM, -signal.SIGINT) else rc
 
 
 @main.command()
@@ -237,39 +261,16 @@ def ui(spec_path: Path, tracking_uri: str | None, port: int):
 @handle_errors
 def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str | None, storage: str | None):
     """Layer-similarity (linear CKA) within and between the best checkpoints of a sweep."""
-    from prunetune import tracking
+    from prunetune import results, tracking
     from prunetune.analysis import similarity
     from prunetune.sweep import locate
-    from prunetune.trial import resolve_device
 
     spec, parent, uri = locate(target, tracking_uri, storage)
-    cfg = spec.analysis.cka
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
-    selected = tracking.select_runs(tracker, spec, parent, list(runs), top if top is not None else cfg.top)
+    selected = results.select_runs(tracker, spec, parent, list(runs), top if top is not None else spec.analysis.cka.top)
     if len(selected) < 1:
         raise UserError("cka: no finished trial to compare (use --runs RUN_ID ... or run the sweep first)")
-    with tempfile.TemporaryDirectory(prefix="prunetune-cka-") as tmp:
-        tmp = Path(tmp)
-        files = [(r, tracker.download(r.info.run_id, "config.yaml", tmp / r.info.run_id),
-                  tracker.download(r.info.run_id, "checkpoint/model.pt", tmp / r.info.run_id)) for r in selected]
-        first = spec_mod.validate(yaml.safe_load(files[0][1].read_text()))
-        for r, config, _ in files[1:]:
-            if spec_mod.validate(yaml.safe_load(config.read_text())).data != first.data:
-                raise UserError(f"cka: run {r.info.run_id} used other data than {selected[0].info.run_id}; "
-                                "CKA compares layers on the same samples")
-        device = resolve_device("auto")  # CUDA when present, as in training
-        dataset, batches = similarity.eval_batches(first, cfg.samples, cfg.batch_size, device)
-        checkpoints = [similarity.load_checkpoint(f"{r.info.run_id[:8]}-{r.data.params.get('schedule.method', '')}",
-                                                  config, state, dataset, device)
-                       for r, config, state in files]
-        matrices = similarity.cka_matrices(checkpoints, batches)
-        similarity.write_results(tmp / "cka", checkpoints, matrices)
-        run_id = tracker.start_run(spec.name, "cka", {tracking.TAG_KIND: "cka", tracking.TAG_SWEEP: spec.name,
-                                                       "prunetune.cka_runs": ",".join(r.info.run_id for r in selected)},
-                                   {"analysis.cka.samples": cfg.samples, "analysis.cka.batch_size": cfg.batch_size},
-                                   parent_run_id=parent)
-        tracker.log_artifacts(run_id, tmp / "cka", "cka")
-        tracker.end_run(run_id)
+    checkpoints, matrices, run_id = results.cka(tracker, spec, parent, selected)
     for line in similarity.summary_lines(checkpoints, matrices):
         click.echo(line)
     click.echo(f"CKA run: {run_id} (CSV matrices and heatmaps under its artifacts, cka/)")
@@ -284,32 +285,15 @@ def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str 
 @handle_errors
 def report(target: Path, out: Path | None, tracking_uri: str | None, storage: str | None):
     """The sweep's results table, its summary by method and sparsity, and figures."""
-    from prunetune import report as report_mod
-    from prunetune import tracking
-    from prunetune.sweep import PER_EPOCH, locate
+    from prunetune import results, tracking
+    from prunetune.sweep import locate, study_url
 
     spec, parent, uri = locate(target, tracking_uri, storage)
     if parent is None:
         raise UserError(f"report: no sweep found for {spec.name!r}; run `prunetune sweep` first")
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
-    runs = [r for r in tracking.child_runs(tracker, spec.name, parent).values()
-            if r.data.tags.get(tracking.TAG_KIND) == "trial"]
-    if not runs:
-        raise UserError(f"report: the sweep {spec.name!r} has no trial yet")
-    df = report_mod.runs_frame(runs)
-    objectives = [(o.metric, o.mode) for o in spec.search.objectives]
-    done = report_mod.finished(df)
-    history, dense = None, None
-    first, mode = objectives[0]
-    if not done.empty and first in done.columns:
-        pruned = done[done["schedule.sparsity"].astype(float) > 0]
-        pool = pruned if not pruned.empty else done
-        best = pool.loc[pool[first].idxmax() if mode == "max" else pool[first].idxmin()]
-        history = _history(tracker, best["run_id"], PER_EPOCH)
-        dense = int(best.get("train.dense_epochs", 0)) or None
     out = out or Path("reports") / spec.name
-    files = report_mod.write(df, objectives, out, spec.name, history, dense)
-    tracker.log_artifacts(parent, out, "report")
+    files = results.report(tracker, spec, parent, out, study_url(target, spec, uri, storage))
     click.echo(files[1].read_text())
     click.echo(f"wrote {', '.join(f.name for f in files)} to {out}/ (also logged to the sweep's run {parent}, "
                "artifacts report/)")
@@ -348,16 +332,6 @@ def sensitivity(spec_path: Path, sets: tuple[str, ...], out: Path | None, tracki
     worst = sorted((r for r in rows[1:] if r["sparsity"] == 0.9), key=lambda r: -r["acc_drop"])[:3]
     click.echo("most sensitive layers at 90%: " + ", ".join(f"{r['layer']} (−{r['acc_drop']:.3f})" for r in worst))
     click.echo(f"wrote {', '.join(f.name for f in files)} to {out}/; MLflow run {run_id} (prunetune.kind=sensitivity)")
-
-
-def _history(tracker, run_id: str, keys) -> list[dict]:
-    """A run's per-epoch metrics from MLflow, as a trial's history (one dict per epoch)."""
-    by_epoch: dict[int, dict] = {}
-    for key in keys:
-        for m in tracker.client.get_metric_history(run_id, key):
-            by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
-    # the final sparsity and val_acc are logged once more after the last epoch: not an epoch
-    return [by_epoch[e] for e in sorted(by_epoch) if "train_loss" in by_epoch[e]]
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -7,3 +7,11 @@ never with a traceback. Everything else is a bug or an environment failure (exit
 
 class UserError(Exception):
     """Bad input from the user; the message names the key or file and what is allowed."""
+
+
+ERROR_CHARS = 5000  # how much of an error's text a failed trial's run keeps
+
+
+def error_text(exc: BaseException) -> str:
+    """A trial's error as its run records it: the type and the message, truncated."""
+    return f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]

@@ -13,21 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from prunetune.metrics import LABELS  # noqa: E402
+from prunetune.tracking import TAG_REPLICATE, TAG_STATE, TAG_TRIAL_ID  # noqa: E402
 from prunetune.pruning import schedules  # noqa: E402
 
 METHOD, SPARSITY, LAYERS, SEED = "schedule.method", "schedule.sparsity", "schedule.layers", "seed"
 DENSE = "dense_test_acc"  # the unpruned reference (the shared dense phase's checkpoint on the test split)
-LABELS = {  # axis labels, with units
-    "test_acc": "test accuracy (fraction)", "val_acc": "validation accuracy (fraction)",
-    "test_balanced_acc": "test balanced accuracy (fraction)", "test_macro_f1": "test macro F1",
-    "test_top5": "test top-5 accuracy (fraction)", "test_loss": "test cross-entropy loss",
-    "nonzero_params": "non-zero parameters (count)", "flops_sparse": "FLOPs per sample (sparse)",
-    "checkpoint_bytes": "compressed checkpoint (bytes)", "theoretical_speedup": "theoretical speedup (×)",
-    "compression_ratio": "compression ratio (×)", "trial_seconds": "trial time (s)",
-    "sparsity": "sparsity of the selected layers (fraction)", "model_sparsity": "sparsity of all prunable layers (fraction)",
-    "test_acc_drop": "test accuracy drop from dense (fraction)",
-}
-
 
 def label(metric: str) -> str:
     return LABELS.get(metric, metric)
@@ -36,14 +27,14 @@ def label(metric: str) -> str:
 # -- the table ------------------------------------------------------------------------------------
 
 def runs_frame(runs) -> pd.DataFrame:
-    """One row per MLflow trial run: run_id, trial_id, state, the dotted params (numbers where they
+    """One row per trial run (`tracking.RunRecord`): run_id, trial_id, state, the dotted params (numbers where they
     parse) and the final metrics (last value)."""
     rows = []
     for r in runs:
-        state = r.data.tags.get("prunetune.state") or r.info.status
-        rows.append({"run_id": r.info.run_id, "trial_id": r.data.tags.get("prunetune.trial_id", ""),
-                     "state": state, "replicate": int(r.data.tags.get("prunetune.replicate", 0)),
-                     **{f"param:{k}": v for k, v in r.data.params.items()}, **r.data.metrics})
+        state = r.tags.get(TAG_STATE) or r.status
+        rows.append({"run_id": r.run_id, "trial_id": r.tags.get(TAG_TRIAL_ID, ""),
+                     "state": state, "replicate": int(r.tags.get(TAG_REPLICATE, 0)),
+                     **{f"param:{k}": v for k, v in r.params.items()}, **r.metrics})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -251,3 +242,23 @@ def write(df: pd.DataFrame, objectives: list[tuple[str, str]], out: Path, title:
         layers_pruned(df, acc, out / "layers_pruned.png", f"{title}: {acc} against layers pruned")
         written.append(out / "layers_pruned.png")
     return written
+
+
+def write_importances(imp: pd.DataFrame, out: Path, title: str) -> list[Path]:
+    """importances.csv and importances.png (one panel per objective) from Optuna's parameter
+    importances; nothing where there are none (fewer than two trials, or nothing varied)."""
+    if imp.empty:
+        return []
+    csv = out / "importances.csv"
+    imp.to_csv(csv, index=False)
+    objectives = list(dict.fromkeys(imp["objective"]))
+    fig, axes = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 0.4 * imp["param"].nunique() + 1.6),
+                             squeeze=False)
+    for ax, name in zip(axes[0], objectives):
+        part = imp[imp["objective"] == name].sort_values("importance")
+        ax.barh(part["param"], part["importance"], color="tab:blue")
+        ax.set_xlabel("importance (fANOVA, fraction of variance)")
+        ax.set_title(label(name))
+    fig.suptitle(f"{title}: what the objectives depend on (Optuna)")
+    _save(fig, out / "importances.png")
+    return [csv, out / "importances.png"]

@@ -18,21 +18,11 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prunetune import registry
+from prunetune import metrics, registry
 from prunetune.errors import UserError
 from prunetune.pruning import schedules
 
-# Final metrics of a trial (DESIGN.md, "What every trial reports"); objectives must name one.
-FINAL_METRICS = (
-    "test_acc", "test_top5", "test_loss", "test_balanced_acc", "test_macro_f1", "sparsity",
-    "nonzero_params", "total_params", "compression_ratio", "flops_dense", "flops_sparse",
-    "theoretical_speedup", "checkpoint_bytes", "train_epochs_total", "trial_seconds", "val_acc",
-    "model_sparsity", "dense_test_acc", "test_acc_drop",
-    # structured criteria; the last four only with schedule.remove
-    "channel_sparsity", "compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup",
-    "teacher_test_acc",  # with distill
-    "nm_valid",  # with l1_nm
-)
+FINAL_METRICS = metrics.FINAL_METRICS  # objectives must name one
 SEARCHABLE_SECTIONS = ("model", "data", "train", "schedule", "distill")
 # Bumped when what a dense phase computes changes (2: every step's randomness seeded by its step,
 # so a fractional rewind can replay it), so old cache entries are not reused.
@@ -634,18 +624,10 @@ def _check_structured(raw: dict, space: dict[str, SearchEntry]) -> None:
 
 def _check_objectives(spec: Spec, space: dict[str, SearchEntry]) -> None:
     """An objective must be a metric every trial reports."""
-    structured = registry.is_structured(spec.schedule.criterion) and "schedule.criterion" not in space
-    removed = structured and spec.schedule.remove and "schedule.remove" not in space
-    needs = {"channel_sparsity": (structured, "a structured schedule.criterion (not searched)"),
-             "teacher_test_acc": (spec.distill is not None, "distill"),
-             "nm_valid": (spec.schedule.criterion == "l1_nm" and "schedule.criterion" not in space,
-                          "schedule.criterion l1_nm (not searched)")}
-    for metric in ("compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup"):
-        needs[metric] = (removed, "a structured schedule.criterion with schedule.remove: true (neither searched)")
     for o in spec.search.objectives:
-        ok, what = needs.get(o.metric, (True, ""))
-        if not ok:
-            raise UserError(f"search.objectives: {o.metric} is reported only with {what}")
+        why = metrics.unavailable(o.metric, spec, space)
+        if why:
+            raise UserError(f"search.objectives: {o.metric} is reported only with {why}")
 
 
 # Files a trial reads, made absolute at load (relative to the working directory): Ray workers,

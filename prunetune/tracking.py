@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunetune.errors import UserError
+from prunetune.errors import ERROR_CHARS, UserError
 
 TAG_SWEEP = "prunetune.sweep"
 TAG_TRIAL_ID = "prunetune.trial_id"
@@ -24,6 +25,34 @@ TAG_NODE = "prunetune.node"  # the IP of the node a trial ran on
 TAG_NODE_ID = "prunetune.node_id"  # its Ray node id (nodes of one machine share an IP)
 TAG_GPU_IDS = "prunetune.gpu_ids"  # the GPU ids Ray gave the trial ("" for none)
 TAG_RESUMED = "prunetune.resumed_from_epoch"  # a trial that continued its saved state (resume, retry)
+TAG_ERROR = "prunetune.error"  # a failed trial's error text
+TAG_STATE = "prunetune.state"  # "stopped_early": ended by ASHA before its final evaluation
+# MLflow 3's UI opens an experiment without a kind on its GenAI overview; sweeps train models
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+@dataclass
+class RunRecord:
+    """A run as prunetune reads it: plain values, no MLflow types."""
+
+    run_id: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the last value of each
+
+    @property
+    def trial_id(self) -> str | None:
+        return self.tags.get(TAG_TRIAL_ID)
+
+    @property
+    def kind(self) -> str | None:
+        return self.tags.get(TAG_KIND)
+
+
+def _record(run) -> RunRecord:
+    return RunRecord(run.info.run_id, run.info.status, dict(run.data.tags), dict(run.data.params),
+                     dict(run.data.metrics))
 
 
 def store_uri(spec_uri: str, cli_uri: str | None = None) -> str:
@@ -71,13 +100,14 @@ class Tracker:
             # what opening a store needs (SQLAlchemy, Alembic: seconds), and writes nothing.
             MlflowClient(tracking_uri=f"sqlite:///{empty_store()}").search_experiments(max_results=1)
         if create or db is None or db.is_file():
-            self.client  # noqa: B018 - opens (or creates) the store now
+            self._mlflow  # noqa: B018 - opens (or creates) the store now
 
     def _sqlite_path(self) -> Path | None:
         return Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
 
     @property
-    def client(self):
+    def _mlflow(self):
+        """The MLflow client: private to this module (a store other than MLflow changes this file)."""
         if self._client is None:
             db = self._sqlite_path()
             if db is not None and not db.is_file():
@@ -89,11 +119,14 @@ class Tracker:
         return self._client
 
     def experiment_id(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
+        exp = self._mlflow.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get("mlflow.experimentKind") is None:  # made before kinds existed
+                for k, v in EXPERIMENT_KIND.items():
+                    self._mlflow.set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
         location = f"{self.artifacts.rstrip('/')}/{name}" if self.artifacts else None
-        return self.client.create_experiment(name, artifact_location=location)
+        return self._mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
     def start_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any] | None = None,
                   parent_run_id: str | None = None) -> str:
@@ -102,12 +135,12 @@ class Tracker:
         tags = dict(tags)
         if parent_run_id:
             tags[TAG_PARENT] = parent_run_id
-        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
+        run = self._mlflow.create_run(self.experiment_id(experiment), run_name=run_name,
                                      tags=tags)
         run_id = run.info.run_id
         items = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self._mlflow.log_batch(run_id, params=items[start:start + 100])
         return run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -123,28 +156,95 @@ class Tracker:
         items = [Metric(k, float(v), now, int(step)) for metrics, step in rows for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+            self._mlflow.log_batch(run_id, metrics=items[start:start + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._mlflow.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+        self._mlflow.log_artifacts(run_id, str(local_dir), artifact_path)
 
     def log_artifact(self, run_id: str, local_file: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(local_file), artifact_path)
+        self._mlflow.log_artifact(run_id, str(local_file), artifact_path)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._mlflow.set_terminated(run_id, status=status)
 
     def reopen_run(self, run_id: str) -> None:
         """Mark an ended run RUNNING again (a resumed sweep's parent run)."""
-        self.client.update_run(run_id, status="RUNNING")
+        self._mlflow.update_run(run_id, status="RUNNING")
 
     def download(self, run_id: str, path: str, dst: Path) -> Path:
-        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+        return Path(self._mlflow.download_artifacts(run_id, path, str(dst)))
+
+    # -- prunetune's runs ------------------------------------------------------------------------
+    def run(self, run_id: str) -> RunRecord | None:
+        """The run with this id, or None where the store has none."""
+        try:
+            return _record(self._mlflow.get_run(run_id))
+        except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing run
+            return None
+
+    def trial_runs(self, experiment: str, parent_run_id: str) -> dict[str, RunRecord]:
+        """A sweep's trial runs (its children), by trial id."""
+        runs = self._mlflow.search_runs([self.experiment_id(experiment)],
+                                        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
+                                        max_results=50_000)
+        return {r.trial_id: r for r in map(_record, runs) if r.trial_id}
+
+    def trial_run(self, experiment: str, parent_run_id: str, trial_id: str) -> RunRecord | None:
+        """The run of one trial of a sweep, or None."""
+        runs = self._mlflow.search_runs(
+            [self.experiment_id(experiment)],
+            filter_string=f"tags.`{TAG_TRIAL_ID}` = '{trial_id}' and tags.`{TAG_PARENT}` = '{parent_run_id}'")
+        return _record(runs[0]) if runs else None
+
+    def best_trials(self, experiment: str, parent_run_id: str, metric: str, mode: str, top: int) -> list[RunRecord]:
+        """The sweep's `top` finished trial runs, best first by `metric`."""
+        order = "DESC" if mode == "max" else "ASC"
+        runs = self._mlflow.search_runs(
+            [self.experiment_id(experiment)],
+            filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_KIND}` = 'trial' "
+                          "and attributes.status = 'FINISHED'",
+            order_by=[f"metrics.{metric} {order}"], max_results=max(top, 0))
+        return [_record(r) for r in runs]
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """Every (step, value) logged for a metric, in step order."""
+        return sorted((m.step, m.value) for m in self._mlflow.get_metric_history(run_id, key))
+
+    def has_artifacts(self, run_id: str) -> bool:
+        return bool(self._mlflow.list_artifacts(run_id))
+
+    def delete_run(self, run_id: str) -> None:
+        self._mlflow.delete_run(run_id)
+
+    # -- a trial's run: one lifecycle for `prunetune trial` and the sweep ------------------------
+    def start_trial_run(self, experiment: str, spec, tags: dict[str, str], parent_run_id: str | None = None,
+                        run_name: str | None = None) -> str:
+        """A trial's run: its tags (kind, config hash, and `tags`) and every resolved spec key as
+        a param."""
+        return self.start_run(experiment, run_name or spec.schedule.method,
+                              {TAG_KIND: "trial", TAG_CONFIG_HASH: spec.config_hash(), **tags},
+                              spec.flat(), parent_run_id=parent_run_id)
+
+    def finish_trial_run(self, run_id: str, artifacts: Path | None = None) -> None:
+        """Log a finished trial's artifacts (once: a resumed sweep may finish it again) and end it."""
+        if artifacts is not None and Path(artifacts).is_dir() and not self.has_artifacts(run_id):
+            self.log_artifacts(run_id, Path(artifacts))
+        self.end_run(run_id, "FINISHED")
+
+    def fail_trial_run(self, run_id: str, error: str) -> None:
+        """End a trial's run as FAILED, its error kept as a tag."""
+        self.set_tags(run_id, {TAG_ERROR: error[:ERROR_CHARS]})
+        self.end_run(run_id, "FAILED")
+
+    def stop_trial_run(self, run_id: str) -> None:
+        """End a trial's run stopped early (ASHA), before its final evaluation."""
+        self.set_tags(run_id, {TAG_STATE: "stopped_early"})
+        self.end_run(run_id, "KILLED")
 
 
 def empty_store() -> Path:
@@ -176,70 +276,3 @@ def check_store(uri: str) -> None:
     if uri.startswith("file:") or ("://" not in uri and not uri.startswith("sqlite")):
         raise UserError(f"tracking.uri: {uri!r} is a file store, which current MLflow refuses; "
                         "use sqlite:///path/mlflow.db or an http(s):// MLflow server")
-
-
-def select_runs(tracker: Tracker, spec, parent_run_id: str | None, run_ids: list[str], top: int) -> list:
-    """Explicit runs, or the sweep's `top` finished trials by its first objective."""
-    if run_ids:
-        runs = []
-        for rid in run_ids:
-            try:
-                runs.append(tracker.client.get_run(rid))
-            except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing run
-                raise UserError(f"--runs: no run {rid} in {tracker.uri}") from None
-        return runs
-    if parent_run_id is None:
-        raise UserError("cka: no sweep found for this spec; run `prunetune sweep` first or give --runs")
-    objective = spec.search.objectives[0]
-    order = "DESC" if objective.mode == "max" else "ASC"
-    return tracker.client.search_runs(
-        [tracker.experiment_id(spec.name)],
-        filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_KIND}` = 'trial' "
-                      "and attributes.status = 'FINISHED'",
-        order_by=[f"metrics.{objective.metric} {order}"], max_results=max(top, 0))
-
-
-def child_runs(tracker: Tracker, experiment: str, parent_run_id: str) -> dict[str, object]:
-    """A sweep's child runs, by trial id."""
-    runs = tracker.client.search_runs([tracker.experiment_id(experiment)],
-                                      filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
-                                      max_results=50_000)
-    return {r.data.tags.get(TAG_TRIAL_ID): r for r in runs if TAG_TRIAL_ID in r.data.tags}
-
-
-def teacher_dir(teacher: str, uri: str, artifacts: str) -> Path:
-    """The local checkpoint directory of a distillation teacher: `teacher` itself when it is a
-    directory, else the artifacts of MLflow run `teacher` (config.yaml, checkpoint/model.pt,
-    data/split.csv), downloaded once into the cache."""
-    from prunetune.data.cache import cache_root
-    from prunetune.distill import TEACHER_FILES
-
-    local = Path(teacher).expanduser()
-    if local.is_dir():
-        return local
-    if not (len(teacher) == 32 and all(c in "0123456789abcdef" for c in teacher)):
-        raise UserError(f"distill.teacher: {teacher!r} is neither a directory nor an MLflow run id "
-                        "(32 hex digits)")
-    entry = cache_root() / "teachers" / teacher
-    if all((entry / f).is_file() for f in TEACHER_FILES):
-        return entry
-    uri = absolute_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"distill.teacher: no run {teacher} (the tracking store {uri} does not exist)")
-    tracker = Tracker(uri, artifacts)
-    try:
-        tracker.client.get_run(teacher)
-    except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing run
-        raise UserError(f"distill.teacher: no run {teacher} in {uri}") from None
-    tmp = entry.parent / f"{teacher}.tmp-{os.getpid()}"
-    try:
-        for f in TEACHER_FILES:
-            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-            tracker.download(teacher, f, (tmp / f).parent)
-    except Exception:  # noqa: BLE001 - MLflow's own error types
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"distill.teacher: run {teacher} lacks the artifacts {', '.join(TEACHER_FILES)} "
-                        "(is it a prunetune trial that finished?)") from None
-    if not entry.is_dir():
-        tmp.rename(entry)
-    return entry

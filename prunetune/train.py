@@ -55,7 +55,7 @@ class Trainer:
     """Trains `model` on `data` (a DeviceData) while keeping `masks` applied."""
 
     def __init__(self, model: nn.Module, data, train_spec, masks, report: Report, seed: int,
-                 loss_fn: Callable | None = None, penalty: Callable[[], torch.Tensor] | None = None,
+                 penalty: Callable[[], torch.Tensor] | None = None,
                  distiller=None):
         self.model, self.data, self.spec, self.masks, self.report = model, data, train_spec, masks, report
         self.device = data.device
@@ -70,12 +70,12 @@ class Trainer:
         # inverse class frequency, normalised so a balanced set has every weight 1
         inverse = torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp_min(1)), 0.0)
         balance = train_spec.class_balance
-        self.loss_fn = loss_fn or (functools.partial(F.cross_entropy, weight=inverse.float().to(self.device))
-                                   if balance == "weighted_loss" else F.cross_entropy)
+        self.loss_fn = (functools.partial(F.cross_entropy, weight=inverse.float().to(self.device))
+                        if balance == "weighted_loss" else F.cross_entropy)
         self._sample_weights = inverse[data.y["train"].cpu()] if balance == "balanced_sampler" else None
         self.penalty = penalty  # added to the loss that is minimised (not to the reported loss)
         self.distiller = distiller  # knowledge distillation: the loss mixes in the teacher's soft targets
-        self.on_epoch_end: Callable[[int], None] | None = None
+        self._on_epoch_end: Callable[[int], None] | None = None
         self._perm, self._perm_epoch = None, -1
         self._use_amp = train_spec.amp and self.device.type == "cuda"
         self._amp_dtype = torch.bfloat16 if self._use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -100,6 +100,30 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, self.spec, lr_factor)
 
+    def reset_optimizer(self) -> None:
+        """Training from here starts a fresh optimiser (no momentum carried over)."""
+        self.optimizer = None
+
+    def skip_to(self, epochs: int, history: list[dict]) -> None:
+        """Stand at the end of `epochs` already trained elsewhere (a cached dense phase), with
+        their `history` (one dict per epoch)."""
+        self.history.extend(history)
+        self.global_step = epochs * self.steps_per_epoch
+        self.clock = float(epochs)
+
+    def state_dict(self) -> dict:
+        """Where training stands: the optimiser's state, the step and the history."""
+        return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "global_step": self.global_step, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict, clock: float) -> None:
+        """Continue from `state_dict()`; `clock`: the start of the phase in progress (epochs)."""
+        self.optimizer = None
+        if state["optimizer"] is not None:
+            self.new_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.global_step, self.history, self.clock = state["global_step"], list(state["history"]), clock
+
     @property
     def epoch(self) -> int:
         """Index of the epoch in progress (across all phases)."""
@@ -119,10 +143,19 @@ class Trainer:
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
     # -- training ------------------------------------------------------------------------------
-    def run(self, epochs: float, lr_at: Callable[[float], float]) -> None:
-        """Train for `epochs` (fractional allowed); `lr_at(t)` is the lr at epoch t of this run.
+    def run(self, epochs: float, lr_at: Callable[[float], float],
+            on_epoch_end: Callable[[int], None] | None = None) -> None:
+        """Train for `epochs` (fractional allowed); `lr_at(t)` is the lr at epoch t of this run;
+        `on_epoch_end(e)` is called after each whole epoch e (1-based, across phases) ends.
 
         Phase ends are rounded on the cumulative clock, so rounding errors do not add up."""
+        self._on_epoch_end = on_epoch_end
+        try:
+            self._run(epochs, lr_at)
+        finally:
+            self._on_epoch_end = None
+
+    def _run(self, epochs: float, lr_at: Callable[[float], float]) -> None:
         phase_start = round(self.clock * self.steps_per_epoch)
         self.clock += epochs
         end = round(self.clock * self.steps_per_epoch)
@@ -179,8 +212,8 @@ class Trainer:
                        epoch_seconds=time.perf_counter() - self._epoch_start)
         self.history.append({"epoch": epoch, **metrics})
         self.report(metrics, epoch)
-        if self.on_epoch_end is not None and self.global_step % self.steps_per_epoch == 0:
-            self.on_epoch_end(epoch + 1)
+        if self._on_epoch_end is not None and self.global_step % self.steps_per_epoch == 0:
+            self._on_epoch_end(epoch + 1)
         self._reset_epoch_stats()
 
     # -- evaluation ----------------------------------------------------------------------------

@@ -267,21 +267,18 @@ class Trial:
 
         def run(folder: Path) -> None:
             torch.save(_state_cpu(self.model), folder / "epoch_0.pt")
-            self.trainer.on_epoch_end = lambda e: torch.save(_state_cpu(self.model), folder / f"epoch_{e}.pt")
-            self.trainer.run(train.dense_epochs, self._dense_lr)
-            self.trainer.on_epoch_end = None
+            self.trainer.run(train.dense_epochs, self._dense_lr,
+                             on_epoch_end=lambda e: torch.save(_state_cpu(self.model), folder / f"epoch_{e}.pt"))
             (folder / "history.json").write_text(json.dumps(self.trainer.history))
             # the unpruned reference, evaluated once per dense phase and shared like it
             (folder / "dense.json").write_text(json.dumps({"test_acc": self.trainer.evaluate("test")["acc"]}))
 
         entry, hit = cache.get(self.spec.dense_hash(), run)
         if hit and replay:
-            self.trainer.history.extend(json.loads((entry / "history.json").read_text()))
+            self.trainer.skip_to(train.dense_epochs, json.loads((entry / "history.json").read_text()))
             self._replay(self.trainer.history)
-            self.trainer.global_step = train.dense_epochs * self.trainer.steps_per_epoch
-            self.trainer.clock = float(train.dense_epochs)
         _load_state(self.model, entry / f"epoch_{train.dense_epochs}.pt")
-        self.trainer.optimizer = None  # training after the dense phase starts a fresh optimiser
+        self.trainer.reset_optimizer()  # training after the dense phase starts a fresh optimiser
         if (entry / "dense.json").is_file():
             self.dense_test_acc = json.loads((entry / "dense.json").read_text())["test_acc"]
         else:  # an entry from before dense.json was kept
@@ -362,7 +359,7 @@ class Trial:
         if phase.release_masks:
             self.masks.release()
         if phase.rewind or phase.reinit or phase.release_masks or phase.restart or phase.lr_factor != 1.0:
-            t.optimizer = None  # a fresh optimiser (and its lr factor) from here
+            t.reset_optimizer()  # a fresh optimiser (and its lr factor) from here
 
     # -- the end -------------------------------------------------------------------------------
     def final_metrics(self) -> dict:
@@ -442,10 +439,7 @@ class Trial:
 
     def save_checkpoint(self, path: Path) -> None:
         """The trial's state at an epoch boundary, loadable with weights_only=True."""
-        t = self.trainer
-        torch.save({"model": _state_cpu(self.model), "masks": self.masks.state_dict(),
-                    "optimizer": t.optimizer.state_dict() if t.optimizer is not None else None,
-                    "global_step": t.global_step, "history": t.history,
+        torch.save({"model": _state_cpu(self.model), "masks": self.masks.state_dict(), **self.trainer.state_dict(),
                     "phase_index": self.phase_index, "phase_start_clock": self.phase_start_clock}, path)
 
     def load_checkpoint(self, path: Path) -> int:
@@ -453,12 +447,7 @@ class Trial:
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.masks.load_state_dict({k: v.to(self.device) for k, v in state["masks"].items()})
-        t = self.trainer
-        if state["optimizer"] is not None:
-            t.new_optimizer()
-            t.optimizer.load_state_dict(state["optimizer"])
-        t.global_step, t.history = state["global_step"], list(state["history"])
-        t.clock = state["phase_start_clock"]
+        self.trainer.load_state_dict(state, clock=state["phase_start_clock"])
         self.phase_start_clock = state["phase_start_clock"]
         self.phase_index = state["phase_index"]
         return self.phase_index

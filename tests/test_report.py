@@ -123,7 +123,29 @@ def test_report_of_a_replicated_grid_sweep(tmp_path):
     for name in ("accuracy_vs_sparsity.png", "pareto.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     logged = {a.path for a in client(tmp_path).list_artifacts(parents[0].info.run_id, "report")}
-    assert {"report/results.csv", "report/summary.md", "report/pareto.png"} <= logged
+    assert {"report/results.csv", "report/summary.md", "report/pareto.png", "report/importances.csv",
+            "report/importances.png", "report/pareto_front.csv"} <= logged
+
+    # The Optuna study is stored beside the MLflow store, named after the sweep: Optuna opens it
+    import optuna
+
+    study = optuna.load_study(study_name="rep", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert {frozenset(t.params) for t in trials} == {frozenset({"schedule.method", "schedule.sparsity"})}
+    means = df.groupby(["schedule.method", "schedule.sparsity"])["test_acc"].mean()
+    for t in trials:  # the study holds each configuration's mean over its replicates
+        assert t.values[0] == pytest.approx(means[(t.params["schedule.method"], t.params["schedule.sparsity"])])
+    imp = pd.read_csv(out / "importances.csv")
+    assert set(imp["objective"]) <= {"test_acc", "nonzero_params"} and not imp.empty
+    assert set(imp["param"]) == {"schedule.method", "schedule.sparsity"}
+    for _, part in imp.groupby("objective"):
+        assert part["importance"].sum() == pytest.approx(1.0)
+    front = pd.read_csv(out / "pareto_front.csv")
+    assert 1 <= len(front) <= 4 and {"trial", "test_acc", "nonzero_params"} <= set(front.columns)
+    # the experiment is a model-training one: MLflow's UI opens on its runs table
+    exp = client(tmp_path).get_experiment_by_name("rep")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_the_dense_reference_in_the_summary_and_the_figure(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ The CLI runs in a subprocess, as a user runs it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -211,6 +212,14 @@ def _check_resumed(tmp_path, name, trials, before):
     after = {r.data.tags["prunetune.trial_id"]: r.data.metrics["test_acc"] for r in children}
     for trial_id, acc in before.items():  # finished trials are kept, not run again
         assert after[trial_id] == acc
+    # the resumed sweep continued the same Optuna study: every trial told, none left running
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == trials, states
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert sorted(v for t in study.get_trials(deepcopy=False) if t.values for v in t.values) == sorted(after.values())
 
 
 def _finished_before(tmp_path, name):
@@ -409,9 +418,41 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
                 time.sleep(0.5)
+        # SIGTERM to prunetune alone (as a service manager sends it) stops all it started
+        started = _descendants(proc.pid)
+        assert started  # the MLflow server and its workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while _alive(started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(started), _alive(started)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    if int(child) not in found:
+                        found.add(int(child))
+                        todo.append(int(child))
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for p in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{p}/stat").read_text().split(") ")[1].split()[0] != "Z":
+                alive.add(p)
+    return alive
 
 
 def test_new_methods_structured_removal_and_distillation_in_a_sweep(tmp_path):

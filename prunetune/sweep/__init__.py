@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prunetune import search, tracking
+from prunetune import search, study, tracking
 from prunetune.errors import UserError
 from prunetune.spec import LoadedSpec, SearchEntry
 from prunetune.storage import Storage
 
-PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds",
-             "distill_loss")  # distill_loss: with distill only
+from prunetune.metrics import PER_EPOCH  # noqa: E402,F401 - the sweep's per-epoch keys
 FINAL_FLAG = "prunetune_final"  # set in a trial's last report, which carries the final metrics
 ERROR_KEY = "prunetune_error"  # in the last report of a trial that failed by its own error
 
@@ -117,7 +116,9 @@ def teacher_names(loaded: LoadedSpec) -> list[str]:
 def teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
     """Every distillation teacher → its local checkpoint directory on the driver."""
     artifacts = loaded.fixed_spec().tracking.artifacts
-    return {t: str(tracking.teacher_dir(t, uri, artifacts)) for t in teacher_names(loaded)}
+    from prunetune.teachers import teacher_dir
+
+    return {t: str(teacher_dir(t, uri, artifacts)) for t in teacher_names(loaded)}
 
 
 def publish_teachers(local: dict[str, str], paths: SweepPaths) -> dict[str, str]:
@@ -198,6 +199,12 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
 
     if restart:
         paths.dir.delete()
+    study_url = study.storage_url(uri)
+    if not resume:
+        # a new study of this name: an old one (its sweep's state gone, or started over) goes
+        if study.exists(study_url, spec.name):
+            echo(f"deleted the old Optuna study {spec.name!r} in {study_url} (its sweep starts over)")
+            study.delete(study_url, spec.name)
     if resume:
         parent = paths.read_meta()["parent_run_id"]
         tracker.reopen_run(parent)
@@ -208,6 +215,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
             tracker.log_artifact(parent, spec_file)
         paths.dir.write_json(SweepPaths.META, {"parent_run_id": parent, "space": space_fingerprint(loaded.space),
                                                "tracking_uri": uri, "storage": paths.storage.uri,
+                                               "optuna_storage": study_url,
                                                "spec": loaded.raw})
 
     # The decoded data goes to Ray's object store once: the trials of a node map one copy
@@ -241,7 +249,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
                 logger_cb.resumed = True
         logger_cb.close_restored(tuner.get_results())
     else:
-        searcher = _optuna_searcher(loaded, objectives, spec.seed, spec.search.replicates)
+        searcher = _optuna_searcher(loaded, objectives, spec.seed, spec.search.replicates,
+                                    study_name=spec.name, storage=study.storage(study_url))
         # ASHA compares trials on val_acc after the dense phase (which all trials share)
         scheduler = (ASHAScheduler(metric="val_acc", mode="max", time_attr="epoch", max_t=10_000,
                                    grace_period=spec.train.dense_epochs + 1)
@@ -268,6 +277,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < total
     tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
     if not interrupted:
+        study.fail_unfinished(study_url, spec.name)  # asked by a driver killed before it could tell
         paths.dir.delete(SweepPaths.RESUME)
     result = SweepResult(spec.name, parent, rows, objectives, log.path)
     if interrupted:
@@ -313,3 +323,13 @@ def locate(target: Path, tracking_uri: str | None = None, storage: str | None = 
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
     meta = SweepPaths.of(storage_of(spec, storage), spec.name).read_meta()
     return spec, (meta or {}).get("parent_run_id"), uri
+
+
+def study_url(target: Path, spec, uri: str, storage: str | None = None) -> str | None:
+    """Where the sweep's Optuna study is (its sweep.json says), or None for a sweep from before
+    studies were stored."""
+    if target.is_dir():
+        meta = json.loads((target / SweepPaths.META).read_text())
+    else:
+        meta = SweepPaths.of(storage_of(spec, storage), spec.name).read_meta() or {}
+    return meta.get("optuna_storage")

@@ -26,7 +26,8 @@ from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
 
 from prunetune import nodecheck, search, tracking
-from prunetune.errors import UserError
+from prunetune.metrics import is_metric
+from prunetune.errors import ERROR_CHARS, UserError, error_text
 from prunetune.spec import LoadedSpec, load
 from prunetune.storage import Storage
 from prunetune.sweep import ERROR_KEY, FINAL_FLAG, PER_EPOCH, SweepPaths
@@ -120,7 +121,7 @@ def _trainable(config: dict, *, raw: dict, shared: dict, storage: str, sweep: st
                                resume_from=resume_from)
         except Exception as exc:  # noqa: BLE001 - the trial's own failure: reported, not retried
             epoch = trial.trainer.epoch if trial is not None else 0
-            tune.report({**where, FINAL_FLAG: True, ERROR_KEY: f"{type(exc).__name__}: {exc}"[:5000], "epoch": epoch})
+            tune.report({**where, FINAL_FLAG: True, ERROR_KEY: error_text(exc), "epoch": epoch})
             return
         state.put_dir(work / "final", final_rel)
         state.write_text(f"{final_rel}/complete", "ok\n")  # last: the artifacts are all there
@@ -190,37 +191,30 @@ class MlflowLogger(tune.Callback):
         """The trial's child run: re-attached by trial id if it exists, else created."""
         tid = trial.trial_id
         if tid not in self._runs:
-            found = self.resumed and self.tracker.client.search_runs(
-                [self.tracker.experiment_id(self.experiment)],
-                filter_string=f"tags.`{tracking.TAG_TRIAL_ID}` = '{tid}' and "
-                              f"tags.`{tracking.TAG_PARENT}` = '{self.parent_run_id}'")
+            found = self.resumed and self.tracker.trial_run(self.experiment, self.parent_run_id, tid)
             if found:
-                self._reattach(tid, found[0])
+                self._reattach(tid, found)
             else:
                 self._runs[tid] = self._create(trial)
                 self._last_step[tid] = -1
         return self._runs[tid]
 
     def _create(self, trial) -> str:
-        loaded = load(None, raw=self.raw)
-        spec = search.spec_of(loaded, dict(trial.config))
-        config_hash = spec.config_hash()
-        return self.tracker.start_run(
-            self.experiment, f"{spec.schedule.method}-{trial.trial_id}",
+        spec = search.spec_of(load(None, raw=self.raw), dict(trial.config))
+        return self.tracker.start_trial_run(
+            self.experiment, spec,
             {tracking.TAG_SWEEP: self.sweep, tracking.TAG_TRIAL_ID: trial.trial_id,
-             tracking.TAG_CONFIG_HASH: config_hash, tracking.TAG_KIND: "trial",
              tracking.TAG_REPLICATE: str(trial.config.get(search.REPLICATE, 0))},
-            spec.flat(), parent_run_id=self.parent_run_id)
+            parent_run_id=self.parent_run_id, run_name=f"{spec.schedule.method}-{trial.trial_id}")
 
     def _reattach(self, tid: str, run) -> None:
         """Continue a run from before a resume: note what it already holds, mark it RUNNING."""
-        run_id = run.info.run_id
-        history = self.tracker.client.get_metric_history(run_id, "train_loss")
-        self._last_step[tid] = max((m.step for m in history), default=-1)
-        if "trial_seconds" in run.data.metrics:
+        run_id = run.run_id
+        self._last_step[tid] = max((step for step, _ in self.tracker.history(run_id, "train_loss")), default=-1)
+        if "trial_seconds" in run.metrics:
             self._final_logged.add(tid)
-        if run.info.status != "RUNNING":
-            self.tracker.client.update_run(run_id, status="RUNNING")
+        if run.status != "RUNNING":
+            self.tracker.reopen_run(run_id)
         self._runs[tid] = run_id
 
     def _tag_where(self, tid: str, result: dict) -> None:
@@ -236,28 +230,28 @@ class MlflowLogger(tune.Callback):
     def _log_final(self, tid: str, result: dict) -> None:
         self.flush()
         if tid not in self._final_logged:  # once, also when a resumed trial reports it again
-            final = {k: v for k, v in result.items() if k != "epoch" and _is_metric_name(k)}
+            final = {k: v for k, v in result.items() if k != "epoch" and is_metric(k)}
             self.tracker.log_metrics(self._runs[tid], final, result.get("epoch", 0))
             self._final_logged.add(tid)
 
     def _close_finished(self, run_id: str, trial_id: str) -> None:
         """Log the trial's artifacts, which it left in the sweep's storage, and end its run."""
         self.flush()
-        if not self.tracker.client.list_artifacts(run_id):
-            final = Storage(self.storage).child(self.sweep).child(SweepPaths.RESUME).child(f"{trial_id}.final")
-            if final.is_local:
-                if final.exists("artifacts"):
-                    self.tracker.log_artifacts(run_id, final.local_path("artifacts"))
-            else:
-                with tempfile.TemporaryDirectory(prefix="prunetune-artifacts-") as tmp:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.tracker.log_artifacts(run_id, final.get_dir("artifacts", Path(tmp)))
-        self.tracker.end_run(run_id, "FINISHED")
+        final = Storage(self.storage).child(self.sweep).child(SweepPaths.RESUME).child(f"{trial_id}.final")
+        if self.tracker.has_artifacts(run_id) or (final.is_local and not final.exists("artifacts")):
+            self.tracker.finish_trial_run(run_id)
+        elif final.is_local:
+            self.tracker.finish_trial_run(run_id, final.local_path("artifacts"))
+        else:
+            with tempfile.TemporaryDirectory(prefix="prunetune-artifacts-") as tmp:
+                local = None
+                with contextlib.suppress(FileNotFoundError):
+                    local = final.get_dir("artifacts", Path(tmp))
+                self.tracker.finish_trial_run(run_id, local)
 
     def _close_failed(self, run_id: str, error: str) -> None:
         self.flush()
-        self.tracker.set_tags(run_id, {"prunetune.error": error[:5000]})
-        self.tracker.end_run(run_id, "FAILED")
+        self.tracker.fail_trial_run(run_id, error)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.run_for(trial)
@@ -293,8 +287,7 @@ class MlflowLogger(tune.Callback):
         elif last.get(FINAL_FLAG):
             self._close_finished(run_id, trial.trial_id)
         else:  # stopped early by ASHA, before its final evaluation
-            self.tracker.set_tags(run_id, {"prunetune.state": "stopped_early"})
-            self.tracker.end_run(run_id, "KILLED")
+            self.tracker.stop_trial_run(run_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # Tune saw an error: the trial's worker or node died, after every retry.
@@ -306,30 +299,24 @@ class MlflowLogger(tune.Callback):
     def close_restored(self, results) -> None:
         """After a restore: close the runs of trials that finished while the driver was down
         (their results are in Tune's state; their MLflow runs may still say RUNNING)."""
-        runs = tracking.child_runs(self.tracker, self.experiment, self.parent_run_id)
+        runs = self.tracker.trial_runs(self.experiment, self.parent_run_id)
         for result in results:
             metrics = result.metrics or {}
             run = runs.get(metrics.get("trial_id"))
-            if metrics.get(FINAL_FLAG) and run is not None and run.info.status == "RUNNING":
+            if metrics.get(FINAL_FLAG) and run is not None and run.status == "RUNNING":
                 self._reattach(metrics["trial_id"], run)
                 if failed(metrics):
-                    self._close_failed(run.info.run_id, metrics[ERROR_KEY])
+                    self._close_failed(run.run_id, metrics[ERROR_KEY])
                 else:
                     self._log_final(metrics["trial_id"], metrics)
-                    self._close_finished(run.info.run_id, metrics["trial_id"])
-
-
-def _is_metric_name(key: str) -> bool:
-    return not key.startswith(("config", "trial_id", "date", "hostname", "node_ip", "pid", "time_", "timestamp",
-                               "training_iteration", "iterations_since_restore", "done", "checkpoint_dir_name",
-                               "should_checkpoint", "experiment_tag", "prunetune_"))
+                    self._close_finished(run.run_id, metrics["trial_id"])
 
 
 def _error_text(trial) -> str:
     """What Tune recorded of a trial's failure, in one line."""
     path = getattr(trial, "error_file", None)
     text = Path(path).read_text() if path and Path(path).is_file() else ""
-    return (_death_reason(text) or "trial failed")[:5000]
+    return (_death_reason(text) or "trial failed")[:ERROR_CHARS]
 
 
 def _death_reason(text: str) -> str:
@@ -628,11 +615,13 @@ class _OptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def _optuna_searcher(loaded: LoadedSpec, objectives: list[tuple[str, str]], seed: int, replicates: int = 1):
+def _optuna_searcher(loaded: LoadedSpec, objectives: list[tuple[str, str]], seed: int, replicates: int = 1,
+                     study_name: str | None = None, storage=None):
     # Objectives are always given as a list: OptunaSearch then reads them only from a trial's
     # last result (our final report), not from every per-epoch report.
     optuna_search = _OptunaSearch(space=search.DefineByRun(loaded), metric=[m for m, _ in objectives],
-                                  mode=[d for _, d in objectives], sampler=search.make_sampler(loaded, seed))
+                                  mode=[d for _, d in objectives], sampler=search.make_sampler(loaded, seed),
+                                  study_name=study_name, storage=storage)
     return optuna_search if replicates == 1 else _Replicates(optuna_search, replicates)
 
 
@@ -681,20 +670,20 @@ def drop_unrecorded_runs(tracker: tracking.Tracker, experiment: str, parent: str
     then died before Tune recorded the trial (it snapshots every second), and the resumed sweep
     sampled another trial in its place. One child run per trial of the sweep remains."""
     known = {t.trial_id for t in trials}
-    for trial_id, run in tracking.child_runs(tracker, experiment, parent).items():
+    for trial_id, run in tracker.trial_runs(experiment, parent).items():
         if trial_id not in known:
-            tracker.client.delete_run(run.info.run_id)
-            echo(f"dropped MLflow run {run.info.run_id} ({run.info.status.lower()}): its trial {trial_id} "
+            tracker.delete_run(run.run_id)
+            echo(f"dropped MLflow run {run.run_id} ({run.status.lower()}): its trial {trial_id} "
                  "was not recorded before the driver stopped, and another trial took its place")
 
 
 def _rows(trials, tracker: tracking.Tracker, experiment: str, parent: str, objectives) -> list[dict]:
-    runs = tracking.child_runs(tracker, experiment, parent)
+    runs = tracker.trial_runs(experiment, parent)
     rows = []
     for t in trials:
         last = t.last_result or {}
         run = runs.get(t.trial_id)
-        row = {"trial_id": t.trial_id, "run_id": run.info.run_id if run else None,
+        row = {"trial_id": t.trial_id, "run_id": run.run_id if run else None,
                "state": "ERROR" if failed(last) else t.status, **dict(t.config)}
         for metric, _ in objectives:
             row[metric] = last.get(metric) if succeeded(last) else None

@@ -1,0 +1,101 @@
+"""Optuna at the edge: the sweep's study in an RDB storage beside the tracking store, and what
+Optuna knows about it (parameter importances, the Pareto front) for the report.
+
+Ray Tune's OptunaSearch asks and tells through this storage, so `optuna.load_study(study_name=
+<sweep name>, storage=<url>)` and `optuna-dashboard <url>` open the sweep's study, and a resumed
+sweep continues the same study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def storage_url(tracking_uri: str) -> str:
+    """Beside a SQLite tracking store (`…/mlflow.db` → `…/optuna.db`); with a tracking server, in
+    `mlruns/optuna.db` under the working directory (the driver is the study's only writer)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).with_name('optuna.db')}"
+    return f"sqlite:///{Path('mlruns/optuna.db').resolve()}"
+
+
+def _quiet():
+    """optuna (its log lines go where prunetune puts library logs: the sweep's log file)."""
+    import optuna
+
+    return optuna
+
+
+def storage(url: str):
+    """An RDB storage (the file and its tables made on first use)."""
+    optuna = _quiet()
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url)
+
+
+def exists(url: str, name: str) -> bool:
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        return False
+    optuna = _quiet()
+    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage(url)))
+
+
+def delete(url: str, name: str) -> None:
+    """Delete a study (a sweep started over, or a new sweep of a name whose state is gone)."""
+    if exists(url, name):
+        _quiet().delete_study(study_name=name, storage=storage(url))
+
+
+def fail_unfinished(url: str, name: str) -> int:
+    """Mark FAIL the study's trials still RUNNING once the sweep has ended (asked by a driver
+    that was killed before it could tell); returns how many."""
+    if not exists(url, name):
+        return 0
+    optuna = _quiet()
+    store = storage(url)
+    study = optuna.load_study(study_name=name, storage=store)
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        store.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def load(url: str, name: str):
+    """The sweep's study, or None (a sweep from before studies were stored)."""
+    if not exists(url, name):
+        return None
+    return _quiet().load_study(study_name=name, storage=storage(url))
+
+
+def importances(study, objectives: list[str]):
+    """Optuna's parameter importances (its default evaluator, fANOVA) for each objective: rows
+    (objective, param, importance). Empty where fewer than two trials completed or no searched
+    param varied."""
+    import warnings
+
+    import pandas as pd
+
+    optuna = _quiet()
+    rows = []
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(done) < 2:
+        return pd.DataFrame(columns=["objective", "param", "importance"])
+    for i, name in enumerate(objectives):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning and friends
+            try:
+                values = optuna.importance.get_param_importances(
+                    study, target=(lambda t, i=i: t.values[i]))
+            except (RuntimeError, ValueError):  # nothing varied, or too few distinct values
+                continue
+        rows += [{"objective": name, "param": p, "importance": float(v)} for p, v in values.items()]
+    return pd.DataFrame(rows, columns=["objective", "param", "importance"])
+
+
+def pareto_front(study, objectives: list[str]):
+    """The study's best trials (its Pareto front with several objectives): number, params, values."""
+    import pandas as pd
+
+    rows = [{"trial": t.number, **{f"param:{k}": v for k, v in t.params.items()},
+             **dict(zip(objectives, t.values))} for t in study.best_trials]
+    return pd.DataFrame(rows)
