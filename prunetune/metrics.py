@@ -1,5 +1,5 @@
 """Every metric name prunetune reports, in one torch-free place: what a trial logs per epoch and
-at the end (DESIGN.md's lists), which spec makes a final metric exist (objectives must name one
+at the end (the lists in README's "What a trial records"), which spec makes a final metric exist (objectives must name one
 every trial reports), the report's axis labels, and which keys of a Tune result are not metrics."""
 
 from __future__ import annotations

@@ -493,7 +493,7 @@ def run_trial(spec: Spec, out_dir: str | Path, report: Report | None = None,
     """Run one trial of a resolved spec; write its artifacts under `out_dir`.
 
     `report(metrics, epoch)` receives the per-epoch metrics (train_loss, train_acc, val_loss,
-    val_acc, sparsity, lr, epoch_seconds). Returns the final metrics (DESIGN.md's list).
+    val_acc, sparsity, lr, epoch_seconds). Returns the final metrics (`metrics.FINAL_METRICS`).
     Bad input (data, layers, weights) raises UserError before any training.
     """
     return Trial(spec, report).run(out_dir, cache)

@@ -183,7 +183,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from prunetune.sweep._tune import (MlflowLogger, Progress, _graceful_ctrl_c, _optuna_searcher, _rows,
-                                       _trainable, check_nodes, check_resources, drop_unrecorded_runs, ray_init)
+                                       _trainable, check_nodes, check_resources, drop_unrecorded_runs, ray_init,
+                                       warm_worker)
 
     log.adopt()  # Ray's loggers, now that it is imported
     # Ray starts its processes (seconds, mostly waiting) while MLflow is imported and its client
@@ -191,6 +192,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
         ray_init(address)
+        if address is None and os.environ.get("PRUNETUNE_WARM_WORKER", "1") == "1":
+            warm_worker()  # a worker imports torch while the driver sets up (this machine only)
         tracker = client.result()
     log.adopt()
     check_resources(res.cpus_per_trial, res.gpus_per_trial)

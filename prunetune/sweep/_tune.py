@@ -508,6 +508,17 @@ def check_resources(cpus: float, gpus: float) -> None:
 
 
 @ray.remote(num_cpus=0)
+def _warm_worker() -> None:
+    """Import what a trial needs (torch above all: seconds) in a worker process of the pool, while
+    the driver is still setting up; Ray hands that idle worker to the first trial's actor."""
+    import prunetune.trial  # noqa: F401
+
+
+def warm_worker() -> None:
+    _warm_worker.remote()
+
+
+@ray.remote(num_cpus=0)
 def _node_problems(storage: str, probe: str, node: str, expected: dict) -> list[str]:
     return nodecheck.problems(storage, probe, node, expected)
 
