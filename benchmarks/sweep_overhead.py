@@ -5,7 +5,8 @@ concurrency speedup, against the same trials run one after another in one proces
 
 Three ways to run the same trials, each in a subprocess with a fresh dense cache and tracking
 store (the cache keeps only MLflow's migrated empty store, made once per machine), all timed end to end (imports and start-up included):
-  baseline  one process, `run_trial` for each configuration in turn (what `prunetune trial` does)
+  baseline  one process, `run_trial` for each configuration in turn (what `prunetune trial` does),
+            with one torch thread, as each sweep trial has (cpus_per_trial: 1)
   sweep×1   `prunetune sweep` with max_concurrent 1 (a grid over the same configurations)
   sweep×2   the same with max_concurrent 2
 each with N and 2N trials, the six runs interleaved within each repeat. Medians (and minima) of
@@ -40,6 +41,8 @@ resources: {{cpus_per_trial: 1, max_concurrent: {concurrent}}}
 
 BASELINE = """
 import sys, tempfile
+import torch
+torch.set_num_threads(1)  # the sweep's trials have cpus_per_trial: 1, so one thread each
 from prunetune import spec
 from prunetune.trial import run_trial
 loaded = spec.load(sys.argv[1])
