@@ -7,15 +7,20 @@ sweep continues the same study."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
-def storage_url(tracking_uri: str) -> str:
-    """Beside a SQLite tracking store (`…/mlflow.db` → `…/optuna.db`); with a tracking server, in
-    `mlruns/optuna.db` under the working directory (the driver is the study's only writer)."""
+def storage_url(tracking_uri: str) -> str | None:
+    """Where the sweep's study is stored: `$PRUNETUNE_OPTUNA_STORAGE` (any Optuna RDB URL, e.g. a
+    PostgreSQL the cluster shares) when set, else beside a SQLite tracking store (`…/mlflow.db` →
+    `…/optuna.db`). With an MLflow server and no such URL: None, and the study stays in memory,
+    saved with the sweep's state (it resumes; nothing is written to the driver's disk)."""
+    if os.environ.get("PRUNETUNE_OPTUNA_STORAGE"):
+        return os.environ["PRUNETUNE_OPTUNA_STORAGE"]
     if tracking_uri.startswith("sqlite:///"):
         return f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).with_name('optuna.db')}"
-    return f"sqlite:///{Path('mlruns/optuna.db').resolve()}"
+    return None
 
 
 def _quiet():
@@ -25,28 +30,32 @@ def _quiet():
     return optuna
 
 
-def storage(url: str):
-    """An RDB storage (the file and its tables made on first use)."""
+def storage(url: str | None):
+    """An RDB storage (the file and its tables made on first use); None: Optuna's in-memory one."""
+    if url is None:
+        return None
     optuna = _quiet()
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(url)
 
 
-def exists(url: str, name: str) -> bool:
+def exists(url: str | None, name: str) -> bool:
+    if url is None:
+        return False
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         return False
     optuna = _quiet()
     return any(s.study_name == name for s in optuna.get_all_study_summaries(storage(url)))
 
 
-def delete(url: str, name: str) -> None:
+def delete(url: str | None, name: str) -> None:
     """Delete a study (a sweep started over, or a new sweep of a name whose state is gone)."""
     if exists(url, name):
         _quiet().delete_study(study_name=name, storage=storage(url))
 
 
-def fail_unfinished(url: str, name: str) -> int:
+def fail_unfinished(url: str | None, name: str) -> int:
     """Mark FAIL the study's trials still RUNNING once the sweep has ended (asked by a driver
     that was killed before it could tell); returns how many."""
     if not exists(url, name):
@@ -60,7 +69,7 @@ def fail_unfinished(url: str, name: str) -> int:
     return len(stale)
 
 
-def load(url: str, name: str):
+def load(url: str | None, name: str):
     """The sweep's study, or None (a sweep from before studies were stored)."""
     if not exists(url, name):
         return None

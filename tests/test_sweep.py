@@ -162,6 +162,12 @@ def test_failing_trial_does_not_stop_the_sweep(tmp_path):
     failed = next(run for run in children if run.info.status == "FAILED")
     assert "non-finite" in failed.data.tags["prunetune.error"]
     assert failed.data.params["train.lr"] == "1000000000000.0"
+    # the stored Optuna study holds the failed trial as FAIL, with its params
+    import optuna
+
+    study = optuna.load_study(study_name="failing", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    by_state = {t.state.name: t.params["train.lr"] for t in study.get_trials(deepcopy=False)}
+    assert by_state == {"FAIL": 1.0e12, "COMPLETE": 0.05}
 
 
 def test_four_concurrent_trials_on_sqlite_lose_no_metric(tmp_path):
@@ -393,6 +399,14 @@ def test_two_objectives_nsga2_and_asha(tmp_path):
             assert run.info.status == "FINISHED"
             assert {"test_acc", "nonzero_params"} <= set(run.data.metrics)
     assert "nonzero_params" in r.stdout  # both objectives in the summary table
+    # in the stored study: a trial stopped early is PRUNED, a finished one COMPLETE with both values
+    import optuna
+
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    states = sorted(t.state.name for t in study.get_trials(deepcopy=False))
+    killed = sum(run.info.status == "KILLED" for run in children)
+    assert states == sorted(["PRUNED"] * killed + ["COMPLETE"] * (4 - killed))
+    assert all(len(t.values) == 2 for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
 
 
 def test_ui_serves_the_store_on_localhost(tmp_path):
