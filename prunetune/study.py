@@ -23,8 +23,8 @@ def storage_url(tracking_uri: str) -> str | None:
     return None
 
 
-def _quiet():
-    """optuna (its log lines go where prunetune puts library logs: the sweep's log file)."""
+def _optuna():
+    """optuna, imported on first use (its log lines go where prunetune puts library logs)."""
     import optuna
 
     return optuna
@@ -34,7 +34,7 @@ def storage(url: str | None):
     """An RDB storage (the file and its tables made on first use); None: Optuna's in-memory one."""
     if url is None:
         return None
-    optuna = _quiet()
+    optuna = _optuna()
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(url)
@@ -45,14 +45,14 @@ def exists(url: str | None, name: str) -> bool:
         return False
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         return False
-    optuna = _quiet()
+    optuna = _optuna()
     return any(s.study_name == name for s in optuna.get_all_study_summaries(storage(url)))
 
 
 def delete(url: str | None, name: str) -> None:
     """Delete a study (a sweep started over, or a new sweep of a name whose state is gone)."""
     if exists(url, name):
-        _quiet().delete_study(study_name=name, storage=storage(url))
+        _optuna().delete_study(study_name=name, storage=storage(url))
 
 
 def fail_unfinished(url: str | None, name: str) -> int:
@@ -60,7 +60,7 @@ def fail_unfinished(url: str | None, name: str) -> int:
     that was killed before it could tell); returns how many."""
     if not exists(url, name):
         return 0
-    optuna = _quiet()
+    optuna = _optuna()
     store = storage(url)
     study = optuna.load_study(study_name=name, storage=store)
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
@@ -73,7 +73,7 @@ def load(url: str | None, name: str):
     """The sweep's study, or None (a sweep from before studies were stored)."""
     if not exists(url, name):
         return None
-    return _quiet().load_study(study_name=name, storage=storage(url))
+    return _optuna().load_study(study_name=name, storage=storage(url))
 
 
 def importances(study, objectives: list[str]):
@@ -84,7 +84,7 @@ def importances(study, objectives: list[str]):
 
     import pandas as pd
 
-    optuna = _quiet()
+    optuna = _optuna()
     rows = []
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(done) < 2:

@@ -46,6 +46,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def epoch_reports(history: list[dict]):
+    """A history's rows as the (metrics, epoch) pairs a trial reported."""
+    for row in history:
+        row = dict(row)
+        epoch = row.pop("epoch")
+        yield row, epoch
+
+
 def final_step(history: list[dict]) -> int:
     """The MLflow step of the final metrics: one past the last reported epoch."""
     return history[-1]["epoch"] + 1 if history else 0
@@ -426,10 +434,8 @@ class Trial:
 
     def _replay(self, rows: list[dict]) -> None:
         """Report epochs of the history again (receivers skip what they already hold)."""
-        for row in rows:
-            row = dict(row)
-            epoch = row.pop("epoch")
-            self.report(row, epoch)
+        for metrics, epoch in epoch_reports(rows):
+            self.report(metrics, epoch)
 
     # -- checkpoints (resume) -----------------------------------------------------------------
     @property

@@ -69,11 +69,13 @@ random_scores = WeightScore(_random)  # uniform random: the random-pruning basel
 
 # -- at initialisation -------------------------------------------------------------------------
 
-def _gradients(model: nn.Module, batches: Batches, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The loss's gradient with respect to `params`, summed over the batches."""
+def _gradients(model: nn.Module, batches: Batches, params: dict[str, torch.Tensor],
+               temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """The loss's gradient (logits divided by `temperature`) with respect to `params`, summed
+    over the batches."""
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     for x, y in batches():
-        g = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+        g = torch.autograd.grad(F.cross_entropy(model(x) / temperature, y), list(params.values()))
         for n, gi in zip(params, g):
             grads[n] += gi
     return grads
@@ -128,10 +130,7 @@ class Grasp(_ScoredThroughModel):
     def scores(self, masks, layers, context):
         model, T = context.model, self.temperature
         weights = [masks.weights[n] for n in layers]
-        g = [torch.zeros_like(w) for w in weights]
-        for x, y in context.batches():  # g: the gradient, no graph kept
-            for gi, d in zip(g, torch.autograd.grad(F.cross_entropy(model(x) / T, y), weights)):
-                gi += d
+        g = list(_gradients(model, context.batches, dict(zip(layers, weights)), T).values())  # no graph kept
         hg = [torch.zeros_like(w) for w in weights]
         for x, y in context.batches():  # Hg: the gradient of gᵀ∇L
             grad = torch.autograd.grad(F.cross_entropy(model(x) / T, y), weights, create_graph=True)
@@ -159,7 +158,8 @@ class Synflow:
             p.requires_grad_(True)
         ones = torch.ones_like(context.example, dtype=torch.float64)
         names = dict(context.model.named_parameters())
-        weight_names = {n: _param_name(context.model, masks.weights[n]) for n in layers}
+        name_of = {id(p): n for n, p in names.items()}
+        weight_names = {n: name_of[id(masks.weights[n])] for n in layers}
         # each layer's (layer scope) or the layers' (global) density falls from where it starts
         starts = {n: masks.sparsity([n]) for n in layers} if scope == "layer" else {"": masks.sparsity(layers)}
         for k in range(1, rounds + 1):
@@ -173,13 +173,6 @@ class Synflow:
             for key, start in starts.items():
                 group = [key] if key else list(layers)
                 masks.prune_scores(_round_target(start, target, k, rounds), scores, group, scope)
-
-
-def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
-    for n, p in model.named_parameters():
-        if p is tensor:
-            return n
-    raise ValueError("a pruned weight is not a parameter of the model")
 
 
 def _round_target(start: float, target: float, k: int, rounds: int) -> float:

@@ -64,7 +64,7 @@ def _trainable(config: dict, *, raw: dict, shared: dict, storage: str, sweep: st
     loaded for (`data`); a trial whose data spec differs (a searched data key) loads its own."""
     import torch
 
-    from prunetune.trial import DenseCache, Trial, final_step
+    from prunetune.trial import DenseCache, Trial, epoch_reports, final_step
 
     torch.set_num_threads(max(1, int(cpus)))
     store = Storage(storage)
@@ -80,10 +80,8 @@ def _trainable(config: dict, *, raw: dict, shared: dict, storage: str, sweep: st
         # The trial had finished when the driver died, before Tune recorded it: report its
         # history again (the driver may not have written all of it) and its final result.
         history = state.read_json(f"{final_rel}/artifacts/history.json")
-        for row in history:
-            row = dict(row)
-            epoch = row.pop("epoch")
-            tune.report({**row, **where, "epoch": epoch})
+        for metrics, epoch in epoch_reports(history):
+            tune.report({**metrics, **where, "epoch": epoch})
         report_final(state.read_json(f"{final_rel}/artifacts/metrics.json"), final_step(history))
         return
     work = Path(tempfile.mkdtemp(prefix=f"prunetune-{tid}-"))
