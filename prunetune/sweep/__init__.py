@@ -176,25 +176,46 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     log = log or LogCapture()
     paths, uri, dataset = prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri, storage=storage)
     spec = loaded.fixed_spec()
-    res = spec.resources
     address = address or os.environ.get("RAY_ADDRESS") or None
     _ray_environment(address)
+    from prunetune.sweep._ray import ray_init
+
+    log.adopt()  # Ray's loggers, now that it is imported
+    # Ray starts its processes (seconds, mostly waiting) while Tune and MLflow are imported and
+    # the MLflow client made; the store itself is touched only after the checks, so bad input
+    # writes nothing. (Ray must start in the main thread.)
+    connected = False
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            imported = pool.submit(_import_tune)
+            client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
+            connected = ray_init(address)
+            imported.result()
+            tracker = client.result()
+        return _run(loaded, spec_file, paths, uri, dataset, tracker, address=address, resume=resume,
+                    restart=restart, echo=echo, log=log)
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()  # stops the Ray this sweep started (now, not in an exit hook)
+
+
+def _run(loaded: LoadedSpec, spec_file: Path | None, paths: SweepPaths, uri: str, dataset, tracker, *,
+         address: str | None, resume: bool, restart: bool, echo: Callable[[str], None], log) -> SweepResult:
+    """The sweep, once Ray is up and the tracker made."""
+    spec = loaded.fixed_spec()
+    res = spec.resources
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from prunetune.sweep._ray import trials_take_preloaded_workers
     from prunetune.sweep._tune import (MlflowLogger, Progress, _graceful_ctrl_c, _optuna_searcher, _rows,
-                                       _trainable, check_nodes, check_resources, drop_unrecorded_runs, ray_init,
-                                       warm_worker)
+                                       _trainable, check_nodes, check_resources, drop_unrecorded_runs)
 
-    log.adopt()  # Ray's loggers, now that it is imported
-    # Ray starts its processes (seconds, mostly waiting) while MLflow is imported and its client
-    # made; the store itself is touched only after the checks, so bad input writes nothing.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
-        ray_init(address)
-        if address is None and os.environ.get("PRUNETUNE_WARM_WORKER", "1") == "1":
-            warm_worker()  # a worker imports torch while the driver sets up (this machine only)
-        tracker = client.result()
+    if address is None:
+        trials_take_preloaded_workers()
+
     log.adopt()
     check_resources(res.cpus_per_trial, res.gpus_per_trial)
     check_nodes(paths.storage, loaded, res.cpus_per_trial, res.gpus_per_trial, local=address is None)
@@ -288,6 +309,12 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     return result
 
 
+def _import_tune() -> None:
+    import ray.tune.schedulers  # noqa: F401
+
+    import prunetune.sweep._tune  # noqa: F401
+
+
 def _ray_environment(address: str | None) -> None:
     """Settings Ray reads from the environment when it is imported."""
     if address and "RAY_AUTH_MODE" not in os.environ:
@@ -308,6 +335,10 @@ def _ray_environment(address: str | None) -> None:
     # Tune's default result loggers (CSV, JSON, TensorBoard) write every report of every trial;
     # MLflow has them all. TensorBoardX alone costs the driver 3 s of imports (torch among them).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if address is None:
+        # what Tune would set for its trial actors (see _ray.trials_take_preloaded_workers); a
+        # local Ray's workers inherit it from here
+        os.environ.setdefault("PL_DISABLE_FORK", "1")
 
 
 def locate(target: Path, tracking_uri: str | None = None, storage: str | None = None):

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import pickle
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -450,48 +448,6 @@ def _clock(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _address_host_port(address: str) -> tuple[str, int] | None:
-    """The GCS host and port an address names ("auto": the cluster `ray start` recorded here)."""
-    if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-
-        try:
-            address = canonicalize_bootstrap_address_or_die("auto")
-        except (ConnectionError, ValueError) as exc:
-            raise UserError(f"--address auto: no Ray cluster was started on this machine ({exc}); "
-                            "start one with `ray start --head` or give HOST:PORT") from None
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    return (host, int(port)) if host and port.isdigit() else None
-
-
-def ray_init(address: str | None) -> None:
-    """Attach to the cluster at `address` (--address or $RAY_ADDRESS; "auto" is Ray's meaning: the
-    one started on this machine), or start a fresh local Ray, whatever other clusters or stale
-    records of them this machine holds."""
-    if ray.is_initialized():
-        return
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False)
-    if address:
-        host_port = _address_host_port(address)
-        if host_port is None:
-            raise UserError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
-        try:  # Ray itself waits minutes for a head that does not answer
-            socket.create_connection(host_port, timeout=10).close()
-        except OSError as exc:
-            raise UserError(f"--address {address}: no Ray cluster answers at {host_port[0]}:{host_port[1]} "
-                            f"({exc.strerror or exc}); check the address and that the head node runs "
-                            "(`ray status` on it)") from None
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--address: cannot attach to a Ray cluster at {address} ({exc})") from None
-    else:
-        # Tune runs trainables in a runtime env of their own, so the default workers Ray would
-        # prestart (one per CPU) are never used: they only compete with start-up for the CPUs.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 _system_config={"enable_worker_prestart": False}, **kwargs)
-
-
 def _fits(node: dict, cpus: float, gpus: float) -> bool:
     return node["Resources"].get("CPU", 0) >= cpus and node["Resources"].get("GPU", 0) >= gpus
 
@@ -503,17 +459,6 @@ def check_resources(cpus: float, gpus: float) -> None:
         have = ", ".join(f"{n['Resources'].get('CPU', 0):g} CPU / {n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
         raise UserError(f"resources: no Ray node can give a trial {cpus:g} CPU and {gpus:g} GPU "
                         f"(nodes: {have or 'none'}); lower resources.cpus_per_trial / gpus_per_trial")
-
-
-@ray.remote(num_cpus=0)
-def _warm_worker() -> None:
-    """Import what a trial needs (torch above all: seconds) in a worker process of the pool, while
-    the driver is still setting up; Ray hands that idle worker to the first trial's actor."""
-    import prunetune.trial  # noqa: F401
-
-
-def warm_worker() -> None:
-    _warm_worker.remote()
 
 
 @ray.remote(num_cpus=0)

@@ -1,0 +1,124 @@
+"""Starting or attaching to Ray. Imports Ray's core only (not Tune), so the driver can start Ray
+while Tune, MLflow and the rest are imported in a thread beside it.
+
+A fresh local Ray (no --address) is started for one sweep and stopped with it, so two things make
+its start cheaper (both measured in benchmarks/README.md, "Where a sweep's time goes"):
+
+- Workers preload what a trial imports (torch, Tune, prunetune's trial code and figures, about
+  5 s of imports). Ray starts its pool of idle workers as the driver connects; Tune's first trial
+  actors take those workers, so the first trials start with everything imported.
+- Only the processes a one-sweep cluster uses are started. `ray.init` has no switch for three of
+  them (`ray start` has `--no-monitor` and `--include-log-monitor`): the dashboard's API server
+  (with `include_dashboard=False` it serves only usage statistics), the autoscaler monitor (this
+  cluster never scales) and the log monitor (worker output is not forwarded: `log_to_driver` is
+  off). Together they cost about 2 s of start-up and 3 s of CPU. They are left out through Ray's
+  own start-up parameters where this Ray version has them; otherwise Ray starts as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+
+import ray
+
+from prunetune.errors import UserError
+
+# what a trial worker imports, preloaded by the workers of a fresh local Ray
+PRELOAD = ("prunetune.trial", "prunetune.figures", "prunetune.sweep._tune")
+
+
+def address_host_port(address: str) -> tuple[str, int] | None:
+    """The GCS host and port an address names ("auto": the cluster `ray start` recorded here)."""
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except (ConnectionError, ValueError) as exc:
+            raise UserError(f"--address auto: no Ray cluster was started on this machine ({exc}); "
+                            "start one with `ray start --head` or give HOST:PORT") from None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def ray_init(address: str | None) -> bool:
+    """Attach to the cluster at `address` (--address or $RAY_ADDRESS; "auto" is Ray's meaning: the
+    one started on this machine), or start a fresh local Ray, whatever other clusters or stale
+    records of them this machine holds. False when this process was already connected (the
+    caller then leaves the connection as it found it)."""
+    if ray.is_initialized():
+        return False
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False)
+    if address:
+        host_port = address_host_port(address)
+        if host_port is None:
+            raise UserError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+        try:  # Ray itself waits minutes for a head that does not answer
+            socket.create_connection(host_port, timeout=10).close()
+        except OSError as exc:
+            raise UserError(f"--address {address}: no Ray cluster answers at {host_port[0]}:{host_port[1]} "
+                            f"({exc.strerror or exc}); check the address and that the head node runs "
+                            "(`ray status` on it)") from None
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--address: cannot attach to a Ray cluster at {address} ({exc})") from None
+        return True
+    # Ray starts idle workers (one per CPU) as the driver connects; the ones it would start
+    # with the raylet, before any driver, cannot take Tune's actors and are not started.
+    config: dict = {"enable_worker_prestart": False}
+    if os.environ.get("PRUNETUNE_PRELOAD", "1") == "1":
+        config["preload_python_modules"] = list(PRELOAD)
+    with _one_sweep_head():
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _system_config=config,
+                 **kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def _one_sweep_head():
+    """While a fresh local Ray starts: no dashboard API server, autoscaler monitor or log monitor
+    (see the module's text). Uses Ray's start-up parameters (`RayParams.no_monitor` and
+    `include_log_monitor`, which `ray start` sets) and skips `Node.start_api_server`; when this
+    Ray has none of them, nothing changes. PRUNETUNE_LEAN_RAY=0 starts Ray as usual."""
+    try:
+        from ray._private import node as ray_node
+        from ray._private import parameter as ray_parameter
+
+        params_init, start_api_server = ray_parameter.RayParams.__init__, ray_node.Node.start_api_server
+    except (ImportError, AttributeError):
+        params_init = start_api_server = None
+    if params_init is None or os.environ.get("PRUNETUNE_LEAN_RAY", "1") != "1":
+        yield
+        return
+
+    def lean_params(self, *args, **kwargs):
+        params_init(self, *args, **kwargs)
+        self.no_monitor, self.include_log_monitor = True, False
+
+    ray_parameter.RayParams.__init__ = lean_params
+    ray_node.Node.start_api_server = lambda self, **kwargs: None
+    try:
+        yield
+    finally:
+        ray_parameter.RayParams.__init__, ray_node.Node.start_api_server = params_init, start_api_server
+
+
+def trials_take_preloaded_workers() -> None:
+    """Tune creates its trial actors with a runtime env that only sets environment variables
+    (`PL_DISABLE_FORK`, and those of the driver's AWS_* and RAY_* variables it propagates). On a
+    fresh local Ray every worker inherits the driver's environment, so those variables are there
+    anyway; but an actor with a runtime env of its own cannot take one of Ray's idle workers: Ray
+    starts a new process for it, which imports everything again (about 4 s). Call after importing
+    Tune, for a fresh local Ray only; where this Tune has no such table, nothing changes."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        return
+    if isinstance(getattr(class_cache, "DEFAULT_ENV_VARS", None), dict) and \
+            isinstance(getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None), set):
+        class_cache.DEFAULT_ENV_VARS = {}
+        class_cache.ENV_VARS_TO_PROPAGATE = set()
