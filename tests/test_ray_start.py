@@ -1,0 +1,102 @@
+"""How a sweep starts its own local Ray (prunetune/sweep/_ray.py): only the processes a one-sweep
+cluster uses, and idle workers that have imported what a trial needs, which Tune's trial actors
+take. Real Ray, started and stopped here."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+from ray._private import ray_constants
+
+from prunetune.sweep import _ray
+
+
+def _now() -> float:
+    """Seconds since boot, the clock /proc gives process start times in."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def _probe_class():
+    """An actor class that reports what its process had imported when it was created, and when
+    that process started (made in a function, so Ray ships it by value: the workers cannot import
+    this test module)."""
+    names = ("torch", *_ray.PRELOAD)
+
+    class Probe:
+        def __init__(self):
+            import os
+            import sys
+
+            self.found = {name: name in sys.modules for name in names}
+            with open("/proc/self/stat") as f:  # field 22: start time, in clock ticks since boot
+                self.started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+
+        def report(self):
+            return self.found, self.started
+
+    return Probe
+
+
+@pytest.fixture
+def tune_class_cache(monkeypatch):
+    """Tune's actor-class table, restored after the test (trials_take_preloaded_workers edits it)."""
+    from ray.tune.execution import class_cache
+
+    monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", dict(class_cache.DEFAULT_ENV_VARS))
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
+    return class_cache
+
+
+def _start(monkeypatch, **env):
+    for key, value in {"PRUNETUNE_PRELOAD": "1", "PRUNETUNE_LEAN_RAY": "1", **env}.items():
+        monkeypatch.setenv(key, value)
+    assert not ray.is_initialized()
+    assert _ray.ray_init(None) is True
+
+
+def test_a_sweeps_local_ray_runs_only_what_one_sweep_uses(monkeypatch):
+    _start(monkeypatch, PRUNETUNE_PRELOAD="0")
+    try:
+        started = set(ray._private.worker._global_node.all_processes)
+        assert ray_constants.PROCESS_TYPE_RAYLET in started and ray_constants.PROCESS_TYPE_GCS_SERVER in started
+        for left_out in (ray_constants.PROCESS_TYPE_DASHBOARD, ray_constants.PROCESS_TYPE_MONITOR,
+                         ray_constants.PROCESS_TYPE_LOG_MONITOR):
+            assert left_out not in started
+        assert ray.get(ray.remote(lambda: 1 + 1).remote()) == 2
+        assert _ray.ray_init(None) is False  # already connected: left as found
+    finally:
+        ray.shutdown()
+    # the start-up hooks are Ray's own again: a plain ray.init starts everything
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert ray_constants.PROCESS_TYPE_LOG_MONITOR in ray._private.worker._global_node.all_processes
+    finally:
+        ray.shutdown()
+
+
+def test_tunes_first_trial_actor_takes_a_worker_that_preloaded_the_trials_imports(monkeypatch, tune_class_cache):
+    _start(monkeypatch)
+    try:
+        _ray.trials_take_preloaded_workers()
+        requested = _now()
+        probe = tune_class_cache._ActorClassCache().get(_probe_class()).options(num_cpus=1).remote()
+        found, started = ray.get(probe.report.remote(), timeout=120)
+        assert started < requested  # one of the idle workers Ray started as the driver connected
+        assert found == {"torch": True, **{name: True for name in _ray.PRELOAD}}
+    finally:
+        ray.shutdown()
+
+
+def test_with_tunes_own_runtime_env_the_actor_gets_a_fresh_worker(monkeypatch, tune_class_cache):
+    """The reason for trials_take_preloaded_workers: Tune's env-var runtime env keeps its actors
+    off the idle, preloaded workers (Ray starts a new process, which imports it all again)."""
+    _start(monkeypatch)
+    try:
+        requested = _now()
+        probe = tune_class_cache._ActorClassCache().get(_probe_class()).options(num_cpus=1).remote()
+        _, started = ray.get(probe.report.remote(), timeout=120)
+        assert started >= requested - 0.02  # a new process (the clock ticks are 10 ms)
+    finally:
+        ray.shutdown()
