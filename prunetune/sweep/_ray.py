@@ -11,7 +11,7 @@ its start cheaper (both measured in benchmarks/README.md, "Where a sweep's time 
   them (`ray start` has `--no-monitor` and `--include-log-monitor`): the dashboard's API server
   (with `include_dashboard=False` it serves only usage statistics), the autoscaler monitor (this
   cluster never scales) and the log monitor (worker output is not forwarded: `log_to_driver` is
-  off). Together they cost about 2 s of start-up and 3 s of CPU. They are left out through Ray's
+  off). Together they cost about 2 s of start-up and 2.6 s of CPU. They are left out through Ray's
   own start-up parameters where this Ray version has them; otherwise Ray starts as usual.
 """
 
