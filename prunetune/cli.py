@@ -73,7 +73,9 @@ spec_argument = click.argument("spec_path", metavar="SPEC", type=click.Path(dir_
 def main():
     """Sweep neural-network pruning schedules with Ray Tune, Optuna and MLflow."""
     # At exit Python's garbage collector walks every object the libraries made (Ray, Tune,
-    # MLflow, pandas): about 1 s after a sweep. Nothing is left to collect by then.
+    # MLflow, pandas): about 1 s after a sweep. Nothing is left to collect by then. (Registered
+    # once, however often main runs in one process.)
+    atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
 
 

@@ -40,28 +40,33 @@ def storage(url: str | None):
     return optuna.storages.RDBStorage(url)
 
 
-def exists(url: str | None, name: str) -> bool:
+def _stored(url: str | None, name: str):
+    """The RDB storage that holds study `name`, or None (no URL, no file yet, or no such study).
+    Made once per call: each RDBStorage checks its schema when it is made."""
     if url is None:
-        return False
+        return None
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        return False
-    optuna = _optuna()
-    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage(url)))
+        return None
+    store = storage(url)
+    return store if any(s.study_name == name for s in _optuna().get_all_study_summaries(store)) else None
 
 
-def delete(url: str | None, name: str) -> None:
-    """Delete a study (a sweep started over, or a new sweep of a name whose state is gone)."""
-    if exists(url, name):
-        _optuna().delete_study(study_name=name, storage=storage(url))
+def delete(url: str | None, name: str) -> bool:
+    """Delete a study (a sweep started over, or a new sweep of a name whose state is gone);
+    whether there was one."""
+    store = _stored(url, name)
+    if store is not None:
+        _optuna().delete_study(study_name=name, storage=store)
+    return store is not None
 
 
 def fail_unfinished(url: str | None, name: str) -> int:
     """Mark FAIL the study's trials still RUNNING once the sweep has ended (asked by a driver
     that was killed before it could tell); returns how many."""
-    if not exists(url, name):
+    store = _stored(url, name)
+    if store is None:
         return 0
     optuna = _optuna()
-    store = storage(url)
     study = optuna.load_study(study_name=name, storage=store)
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for t in stale:
@@ -71,9 +76,8 @@ def fail_unfinished(url: str | None, name: str) -> int:
 
 def load(url: str | None, name: str):
     """The sweep's study, or None (a sweep from before studies were stored)."""
-    if not exists(url, name):
-        return None
-    return _optuna().load_study(study_name=name, storage=storage(url))
+    store = _stored(url, name)
+    return None if store is None else _optuna().load_study(study_name=name, storage=store)
 
 
 def importances(study, objectives: list[str]):

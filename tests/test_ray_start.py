@@ -5,6 +5,7 @@ take. Real Ray, started and stopped here."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -40,23 +41,30 @@ def _probe_class():
 
 
 @pytest.fixture
-def tune_class_cache(monkeypatch):
-    """Tune's actor-class table, restored after the test (trials_take_preloaded_workers edits it)."""
+def tune(monkeypatch):
+    """Tune's actor-class table (`table`; ray_init empties its env vars for a fresh local Ray),
+    restored after the test; `own_env()` puts Tune's own values back during it."""
     from ray.tune.execution import class_cache
 
-    monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", dict(class_cache.DEFAULT_ENV_VARS))
-    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
-    return class_cache
+    own = dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)
+
+    def own_env():
+        monkeypatch.setattr(class_cache, "DEFAULT_ENV_VARS", dict(own[0]))
+        monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(own[1]))
+
+    own_env()
+    return SimpleNamespace(table=class_cache, own_env=own_env)
 
 
 def _start(monkeypatch, **env):
     for key, value in {"PRUNETUNE_PRELOAD": "1", "PRUNETUNE_LEAN_RAY": "1", **env}.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PL_DISABLE_FORK", raising=False)  # ray_init sets it; gone again after the test
     assert not ray.is_initialized()
     assert _ray.ray_init(None) is True
 
 
-def test_a_sweeps_local_ray_runs_only_what_one_sweep_uses(monkeypatch):
+def test_a_sweeps_local_ray_runs_only_what_one_sweep_uses(monkeypatch, tune):
     _start(monkeypatch, PRUNETUNE_PRELOAD="0")
     try:
         started = set(ray._private.worker._global_node.all_processes)
@@ -76,12 +84,11 @@ def test_a_sweeps_local_ray_runs_only_what_one_sweep_uses(monkeypatch):
         ray.shutdown()
 
 
-def test_tunes_first_trial_actor_takes_a_worker_that_preloaded_the_trials_imports(monkeypatch, tune_class_cache):
+def test_tunes_first_trial_actor_takes_a_worker_that_preloaded_the_trials_imports(monkeypatch, tune):
     _start(monkeypatch)
     try:
-        _ray.trials_take_preloaded_workers()
         requested = _now()
-        probe = tune_class_cache._ActorClassCache().get(_probe_class()).options(num_cpus=1).remote()
+        probe = tune.table._ActorClassCache().get(_probe_class()).options(num_cpus=1).remote()
         found, started = ray.get(probe.report.remote(), timeout=120)
         assert started < requested  # one of the idle workers Ray started as the driver connected
         assert found == {"torch": True, **{name: True for name in _ray.PRELOAD}}
@@ -89,13 +96,14 @@ def test_tunes_first_trial_actor_takes_a_worker_that_preloaded_the_trials_import
         ray.shutdown()
 
 
-def test_with_tunes_own_runtime_env_the_actor_gets_a_fresh_worker(monkeypatch, tune_class_cache):
-    """The reason for trials_take_preloaded_workers: Tune's env-var runtime env keeps its actors
-    off the idle, preloaded workers (Ray starts a new process, which imports it all again)."""
+def test_with_tunes_own_runtime_env_the_actor_gets_a_fresh_worker(monkeypatch, tune):
+    """Why ray_init empties Tune's env-var table: with Tune's own runtime env its actors keep off
+    the idle, preloaded workers (Ray starts a new process, which imports it all again)."""
     _start(monkeypatch)
     try:
+        tune.own_env()
         requested = _now()
-        probe = tune_class_cache._ActorClassCache().get(_probe_class()).options(num_cpus=1).remote()
+        probe = tune.table._ActorClassCache().get(_probe_class()).options(num_cpus=1).remote()
         _, started = ray.get(probe.report.remote(), timeout=120)
         assert started >= requested - 0.02  # a new process (the clock ticks are 10 ms)
     finally:

@@ -209,12 +209,8 @@ def _run(loaded: LoadedSpec, spec_file: Path | None, paths: SweepPaths, uri: str
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from prunetune.sweep._ray import trials_take_preloaded_workers
     from prunetune.sweep._tune import (MlflowLogger, Progress, _graceful_ctrl_c, _optuna_searcher, _rows,
                                        _trainable, check_nodes, check_resources, drop_unrecorded_runs)
-
-    if address is None:
-        trials_take_preloaded_workers()
 
     log.adopt()
     check_resources(res.cpus_per_trial, res.gpus_per_trial)
@@ -226,9 +222,8 @@ def _run(loaded: LoadedSpec, spec_file: Path | None, paths: SweepPaths, uri: str
     study_url = study.storage_url(uri)
     if not resume:
         # a new study of this name: an old one (its sweep's state gone, or started over) goes
-        if study.exists(study_url, spec.name):
+        if study.delete(study_url, spec.name):
             echo(f"deleted the old Optuna study {spec.name!r} in {study_url} (its sweep starts over)")
-            study.delete(study_url, spec.name)
     if resume:
         parent = paths.read_meta()["parent_run_id"]
         tracker.reopen_run(parent)
@@ -335,10 +330,6 @@ def _ray_environment(address: str | None) -> None:
     # Tune's default result loggers (CSV, JSON, TensorBoard) write every report of every trial;
     # MLflow has them all. TensorBoardX alone costs the driver 3 s of imports (torch among them).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    if address is None:
-        # what Tune would set for its trial actors (see _ray.trials_take_preloaded_workers); a
-        # local Ray's workers inherit it from here
-        os.environ.setdefault("PL_DISABLE_FORK", "1")
 
 
 def locate(target: Path, tracking_uri: str | None = None, storage: str | None = None):

@@ -30,7 +30,7 @@ from prunetune.errors import UserError
 PRELOAD = ("prunetune.trial", "prunetune.figures", "prunetune.sweep._tune")
 
 
-def address_host_port(address: str) -> tuple[str, int] | None:
+def _address_host_port(address: str) -> tuple[str, int] | None:
     """The GCS host and port an address names ("auto": the cluster `ray start` recorded here)."""
     if address == "auto":
         from ray._private.services import canonicalize_bootstrap_address_or_die
@@ -53,7 +53,7 @@ def ray_init(address: str | None) -> bool:
         return False
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False)
     if address:
-        host_port = address_host_port(address)
+        host_port = _address_host_port(address)
         if host_port is None:
             raise UserError(f"--address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
         try:  # Ray itself waits minutes for a head that does not answer
@@ -72,9 +72,12 @@ def ray_init(address: str | None) -> bool:
     config: dict = {"enable_worker_prestart": False}
     if os.environ.get("PRUNETUNE_PRELOAD", "1") == "1":
         config["preload_python_modules"] = list(PRELOAD)
+    # what Tune sets for its trial actors (see _trials_take_idle_workers): the workers inherit it
+    os.environ.setdefault("PL_DISABLE_FORK", "1")
     with _one_sweep_head():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _system_config=config,
                  **kwargs)
+    _trials_take_idle_workers()
     return True
 
 
@@ -107,13 +110,14 @@ def _one_sweep_head():
         ray_parameter.RayParams.__init__, ray_node.Node.start_api_server = params_init, start_api_server
 
 
-def trials_take_preloaded_workers() -> None:
+def _trials_take_idle_workers() -> None:
     """Tune creates its trial actors with a runtime env that only sets environment variables
     (`PL_DISABLE_FORK`, and those of the driver's AWS_* and RAY_* variables it propagates). On a
     fresh local Ray every worker inherits the driver's environment, so those variables are there
-    anyway; but an actor with a runtime env of its own cannot take one of Ray's idle workers: Ray
-    starts a new process for it, which imports everything again (about 4 s). Call after importing
-    Tune, for a fresh local Ray only; where this Tune has no such table, nothing changes."""
+    anyway; but an actor with a runtime env of its own cannot take one of Ray's idle (preloaded)
+    workers: Ray starts a new process for it, which imports everything again (about 4 s). So this
+    empties Tune's table, for this process; where this Tune has no such table, nothing changes.
+    (Imports Tune: the driver has it imported, in its thread, by the time Ray is up.)"""
     try:
         from ray.tune.execution import class_cache
     except ImportError:
