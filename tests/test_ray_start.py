@@ -5,6 +5,7 @@ take. Real Ray, started and stopped here."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -106,5 +107,42 @@ def test_with_tunes_own_runtime_env_the_actor_gets_a_fresh_worker(monkeypatch, t
         probe = tune.table._ActorClassCache().get(_probe_class()).options(num_cpus=1).remote()
         _, started = ray.get(probe.report.remote(), timeout=120)
         assert started >= requested - 0.02  # a new process (the clock ticks are 10 ms)
+    finally:
+        ray.shutdown()
+
+
+def _idle_workers() -> int:
+    """The idle workers the raylet has started (their process title is `ray::IDLE`), once it has
+    started any (they start together, as the driver connects)."""
+    raylet = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+    def count() -> int:
+        n = 0
+        for proc in Path("/proc").iterdir():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                n += ppid == raylet and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE")
+            except (OSError, ValueError, IndexError):
+                continue  # not a process, or it ended
+        return n
+
+    deadline = time.monotonic() + 60
+    while count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # any others would have started with the first
+    return count()
+
+
+@pytest.mark.parametrize("workers, started", [(None, 3), (1, 1)])
+def test_a_sweeps_local_ray_starts_no_more_idle_workers_than_trials_run_at_once(monkeypatch, tune, workers,
+                                                                                 started):
+    """Ray starts one idle worker per CPU (three here); a sweep asks for no more than its
+    max_concurrent trials need (each preloaded worker holds 0.8 GB)."""
+    for key, value in {"PRUNETUNE_PRELOAD": "0", "PRUNETUNE_LEAN_RAY": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(_ray.os, "cpu_count", lambda: 3)
+    assert _ray.ray_init(None, workers=workers) is True
+    try:
+        assert _idle_workers() == started
     finally:
         ray.shutdown()

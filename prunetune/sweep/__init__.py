@@ -189,7 +189,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             imported = pool.submit(_import_tune)
             client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
-            connected = ray_init(address)
+            connected = ray_init(address, workers=spec.resources.max_concurrent)
             imported.result()
             tracker = client.result()
         return _run(loaded, spec_file, paths, uri, dataset, tracker, address=address, resume=resume,

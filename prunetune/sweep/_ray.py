@@ -6,7 +6,8 @@ its start cheaper (both measured in benchmarks/README.md, "Where a sweep's time 
 
 - Workers preload what a trial imports (torch, Tune, prunetune's trial code and figures, about
   5 s of imports). Ray starts its pool of idle workers as the driver connects; Tune's first trial
-  actors take those workers, so the first trials start with everything imported.
+  actors take those workers, so the first trials start with everything imported. Ray would start
+  one per CPU; no more are started than the sweep's trials can use at once.
 - Only the processes a one-sweep cluster uses are started. `ray.init` has no switch for three of
   them (`ray start` has `--no-monitor` and `--include-log-monitor`): the dashboard's API server
   (with `include_dashboard=False` it serves only usage statistics), the autoscaler monitor (this
@@ -44,11 +45,13 @@ def _address_host_port(address: str) -> tuple[str, int] | None:
     return (host, int(port)) if host and port.isdigit() else None
 
 
-def ray_init(address: str | None) -> bool:
+def ray_init(address: str | None, workers: int | None = None) -> bool:
     """Attach to the cluster at `address` (--address or $RAY_ADDRESS; "auto" is Ray's meaning: the
     one started on this machine), or start a fresh local Ray, whatever other clusters or stale
-    records of them this machine holds. False when this process was already connected (the
-    caller then leaves the connection as it found it)."""
+    records of them this machine holds. `workers`: how many trials run at once at most, so how
+    many idle workers a fresh local Ray starts for them (default: one per CPU, Ray's own). False
+    when this process was already connected (the caller then leaves the connection as it found
+    it)."""
     if ray.is_initialized():
         return False
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False)
@@ -68,13 +71,15 @@ def ray_init(address: str | None) -> bool:
             raise UserError(f"--address: cannot attach to a Ray cluster at {address} ({exc})") from None
         return True
     # Ray starts idle workers (one per CPU) as the driver connects; the ones it would start
-    # with the raylet, before any driver, cannot take Tune's actors and are not started.
+    # with the raylet, before any driver, cannot take Tune's actors and are not started. Each
+    # preloaded one holds 0.8 GB and 3 s of CPU to start: no more are started than trials can
+    # run at once (more start on demand, preloaded too, if the sweep asks for them).
     config: dict = {"enable_worker_prestart": False}
     if os.environ.get("PRUNETUNE_PRELOAD", "1") == "1":
         config["preload_python_modules"] = list(PRELOAD)
     # what Tune sets for its trial actors (see _trials_take_idle_workers): the workers inherit it
     os.environ.setdefault("PL_DISABLE_FORK", "1")
-    with _one_sweep_head():
+    with _one_sweep_head(workers):
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _system_config=config,
                  **kwargs)
     _trials_take_idle_workers()
@@ -82,16 +87,20 @@ def ray_init(address: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def _one_sweep_head():
+def _one_sweep_head(workers: int | None = None):
     """While a fresh local Ray starts: no dashboard API server, autoscaler monitor or log monitor
-    (see the module's text). Uses Ray's start-up parameters (`RayParams.no_monitor` and
-    `include_log_monitor`, which `ray start` sets) and skips `Node.start_api_server`; when this
-    Ray has none of them, nothing changes. PRUNETUNE_LEAN_RAY=0 starts Ray as usual."""
+    (see the module's text), and at most `workers` idle workers started as the driver connects.
+    Uses Ray's start-up parameters (`RayParams.no_monitor` and `include_log_monitor`, which `ray
+    start` sets, and the raylet's `--num_prestart_python_workers`, which Ray sets to the number of
+    CPUs) and skips `Node.start_api_server`; when this Ray has none of them, nothing changes.
+    PRUNETUNE_LEAN_RAY=0 starts Ray as usual."""
     try:
         from ray._private import node as ray_node
         from ray._private import parameter as ray_parameter
+        from ray._private import services
 
         params_init, start_api_server = ray_parameter.RayParams.__init__, ray_node.Node.start_api_server
+        start_process = services.start_ray_process
     except (ImportError, AttributeError):
         params_init = start_api_server = None
     if params_init is None or os.environ.get("PRUNETUNE_LEAN_RAY", "1") != "1":
@@ -102,12 +111,27 @@ def _one_sweep_head():
         params_init(self, *args, **kwargs)
         self.no_monitor, self.include_log_monitor = True, False
 
+    def fewer_workers(command, *args, **kwargs):
+        if workers is not None:
+            command = [_fewer(arg, workers) for arg in command]
+        return start_process(command, *args, **kwargs)
+
     ray_parameter.RayParams.__init__ = lean_params
     ray_node.Node.start_api_server = lambda self, **kwargs: None
+    services.start_ray_process = fewer_workers
     try:
         yield
     finally:
         ray_parameter.RayParams.__init__, ray_node.Node.start_api_server = params_init, start_api_server
+        services.start_ray_process = start_process
+
+
+def _fewer(arg: str, workers: int) -> str:
+    """The raylet's argument for how many idle workers it starts, bounded by `workers`."""
+    flag = "--num_prestart_python_workers="
+    if isinstance(arg, str) and arg.startswith(flag) and arg[len(flag):].isdigit():
+        return f"{flag}{min(int(arg[len(flag):]), max(1, workers))}"
+    return arg
 
 
 def _trials_take_idle_workers() -> None:
