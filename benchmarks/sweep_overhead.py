@@ -14,6 +14,14 @@ the repeats. The difference between 2N and N trials cancels what a sweep pays on
 MLflow start-up, the first worker's imports, the shared dense phase), so the report separates the
 per-trial overhead (slope) from the fixed start-up cost. It also reads each sweep×1 trial's own
 `trial_seconds` back from MLflow: the rest of the wall time is the machinery's.
+
+Concurrency is printed three ways. The slope ratio (time per extra trial at ×1 over ×2, from the
+medians) is what the goal names, but it is a quotient of two differences of noisy wall times; so
+the same ratio is also taken within each repeat (its runs are minutes apart) and its median
+printed; and the steady state is read from the trials' own MLflow run times in the 2N-trial
+sweeps: a trial's cycle is from its start to the start of the trial that takes its place (the
+first start after it ends), so cycle / concurrency is the time each further trial costs once the
+first trials (the dense phase, and the wait for it) are past.
 """
 
 from __future__ import annotations
@@ -61,6 +69,24 @@ def trial_seconds(cwd: Path) -> float:
     return sum(r.data.metrics.get("trial_seconds", 0.0) for r in runs if r.data.tags.get("prunetune.kind") == "trial")
 
 
+def trial_cost(cwd: Path, concurrent: int) -> float:
+    """Median steady-state cost of one more trial (s): each trial's cycle (its start to the start
+    of the trial that follows it on its slot) over the concurrency, skipping the first
+    `concurrent` trials (the dense phase, and the wait for it)."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("overhead").experiment_id])
+    spans = sorted((r.info.start_time / 1e3, r.info.end_time / 1e3) for r in runs
+                   if r.data.tags.get("prunetune.kind") == "trial")
+    cycles = []
+    for start, end in spans[concurrent:]:
+        following = [s for s, _ in spans if s >= end]
+        if following:
+            cycles.append(min(following) - start)
+    return statistics.median(cycles) / concurrent
+
+
 def fresh_cache() -> str:
     """A new cache (so each run trains its own dense phase) holding the one thing a user's second
     sweep finds there: MLflow's migrated empty store, which a first sweep makes once (~5 s)."""
@@ -92,6 +118,7 @@ def main() -> None:
     times: dict[tuple[str, int], list[float]] = {(m, n): [] for n in sizes for m in ("baseline", "sweep×1", "sweep×2")}
     outside: dict[int, list[float]] = {n: [] for n in sizes}  # sweep×1 wall − Σ trial_seconds
     base_outside: dict[int, list[float]] = {n: [] for n in sizes}  # the same for the baseline
+    cost: dict[str, list[float]] = {"sweep×1": [], "sweep×2": []}  # steady-state cost per trial, 2N trials
     for repeat in range(args.repeats):
         for mode, n in times:
             sparsities = [round(0.5 + 0.4 * i / (n - 1), 4) for i in range(n)]
@@ -110,6 +137,9 @@ def main() -> None:
             if mode == "sweep×1":
                 outside[n].append(times[mode, n][-1] - trial_seconds(work))
                 extra = f" ({outside[n][-1]:.1f} s outside the trials' own trial_seconds)"
+            if mode != "baseline" and n == sizes[1]:
+                cost[mode].append(trial_cost(work, 2 if mode == "sweep×2" else 1))
+                extra += f" (steady state: {cost[mode][-1]:.2f} s per trial)"
             print(f"repeat {repeat + 1}: {mode:9s} {n:2d} trials {times[mode, n][-1]:6.1f} s{extra}", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     n1, n2 = sizes
@@ -130,6 +160,14 @@ def main() -> None:
     print(f"overhead per trial, all included, at {n2} trials: {(med['sweep×1', n2] - med['baseline', n2]) / n2:+.2f} s")
     print(f"2-trial concurrency speedup per extra trial (slope ×1 / slope ×2): "
           f"{slope['sweep×1'] / slope['sweep×2']:.2f}× (target ≥ 1.7×)")
+    per_repeat = [(times["sweep×1", n2][i] - times["sweep×1", n1][i]) / (times["sweep×2", n2][i] - times["sweep×2", n1][i])
+                  for i in range(args.repeats)]
+    print(f"  the same within each repeat: {', '.join(f'{r:.2f}×' for r in per_repeat)}; "
+          f"median {statistics.median(per_repeat):.2f}×")
+    steady = [a / b for a, b in zip(cost["sweep×1"], cost["sweep×2"])]
+    print(f"  steady state, from the trials' run times ({n2}-trial sweeps): sweep×1 "
+          f"{statistics.median(cost['sweep×1']):.2f} s per trial, sweep×2 {statistics.median(cost['sweep×2']):.2f} s; "
+          f"per repeat {', '.join(f'{r:.2f}×' for r in steady)}; median {statistics.median(steady):.2f}×")
     print(f"2-trial concurrency speedup, whole sweep of {n2}: {med['sweep×1', n2] / med['sweep×2', n2]:.2f}×")
 
 
