@@ -10,6 +10,9 @@ Ray's object store):
   digits    the same sweep on the bundled digits upsampled to `--size` px: the framework's own
             memory (torch, Ray, the model's activations at that size), less its 0.09 GB of data
   ham       the HAM10000 set at `--size` px
+and, for scale, the floor under any trial of this model: a bare process (no Ray, no data, no
+prunetune) that imports torch and takes three training steps of the same model on one random
+batch of 32 at `--size` px (torch itself, and the activations that training at that size keeps).
 The goal: a trial's peak ≤ 1.5 × the decoded arrays + 1.2 GB of framework, the trials of a node
 sharing one copy of the decoded arrays, and a driver that does not keep the whole dataset.
 """
@@ -90,6 +93,32 @@ def kind(pid: int, driver: int) -> str | None:
     return None
 
 
+FLOOR = """
+import sys
+import torch
+from prunetune.models import SimpleCNN
+torch.set_num_threads(1)
+size = int(sys.argv[1])
+model = SimpleCNN(7, 3)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x, y = torch.randn(32, 3, size, size), torch.randint(0, 7, (32,))
+for _ in range(3):
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+print(int(status["VmHWM"].split()[0]) * 1024, int(status["VmRSS"].split()[0]) * 1024)
+"""
+
+
+def floor_peak(size: int) -> tuple[int, int]:
+    """A bare torch process training the model at `size` px: its peak and its final VmRSS (bytes)."""
+    out = subprocess.run([sys.executable, "-c", FLOOR, str(size)], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout.split()
+    return int(out[0]), int(out[1])
+
+
 def sweep_peaks(spec: Path, cwd: Path) -> dict[str, dict[str, int]]:
     env = {**os.environ, "PRUNETUNE_CACHE": str(cwd / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", str(spec)], cwd=cwd, env=env,
@@ -144,6 +173,10 @@ def main() -> None:
     digits = 1797 * args.size * args.size  # the reference's own decoded data (one channel)
     framework = max((v.get("VmRSS", 0) for k, v in results["digits"].items() if k.startswith("trial")), default=0)
     framework -= digits
+    floor, after = floor_peak(args.size)
+    print(f"floor (a bare torch process training the model at {args.size} px, batch 32): peak VmRSS "
+          f"{floor / gb:.2f} GB, of which the activations training keeps {(floor - after) / gb:.2f} GB "
+          f"(its VmRSS after the steps: {after / gb:.2f} GB)")
     print(f"framework (a digits trial worker's peak VmRSS at {args.size} px, less its 0.09 GB of data: torch, Ray, "
           f"the model's activations at batch 32): {framework / gb:.2f} GB")
     for name in runs:
