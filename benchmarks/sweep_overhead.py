@@ -22,11 +22,16 @@ printed; and the steady state is read from the trials' own MLflow run times in t
 sweeps: a trial's cycle is from its start to the start of the trial that takes its place (the
 first start after it ends), so cycle / concurrency is the time each further trial costs once the
 first trials (the dense phase, and the wait for it) are past.
+
+The per-trial overhead is likewise printed twice: as the difference of slopes, and trial by trial
+at the steady state: each sweep×1 trial's cycle against the baseline's wall time for the same
+configuration (its figures and artifacts included in both), median per repeat.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -53,10 +58,14 @@ import torch
 torch.set_num_threads(1)  # the sweep's trials have cpus_per_trial: 1, so one thread each
 from prunetune import spec
 from prunetune.trial import run_trial
+import json, time
 loaded = spec.load(sys.argv[1])
-total = 0.0
+total, walls = 0.0, {}
 for s in loaded.space["schedule.sparsity"].args:
+    start = time.perf_counter()
     total += run_trial(loaded.resolve({"schedule.sparsity": s}), tempfile.mkdtemp()).metrics["trial_seconds"]
+    walls[float(s)] = time.perf_counter() - start  # the whole trial: its artifacts and figures too
+print(f"walls {json.dumps(list(walls.items()))}")
 print(f"trial_seconds {total}")
 """
 
@@ -69,22 +78,27 @@ def trial_seconds(cwd: Path) -> float:
     return sum(r.data.metrics.get("trial_seconds", 0.0) for r in runs if r.data.tags.get("prunetune.kind") == "trial")
 
 
-def trial_cost(cwd: Path, concurrent: int) -> float:
-    """Median steady-state cost of one more trial (s): each trial's cycle (its start to the start
-    of the trial that follows it on its slot) over the concurrency, skipping the first
-    `concurrent` trials (the dense phase, and the wait for it)."""
+def trial_cycles(cwd: Path, concurrent: int) -> dict[float, float]:
+    """Each trial's cycle (s), by its sparsity: from its start to the start of the trial that
+    follows it on its slot (the first start after it ends), skipping the first `concurrent` trials
+    (the dense phase, and the wait for it) and the last ones (nothing follows them)."""
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("overhead").experiment_id])
-    spans = sorted((r.info.start_time / 1e3, r.info.end_time / 1e3) for r in runs
-                   if r.data.tags.get("prunetune.kind") == "trial")
-    cycles = []
-    for start, end in spans[concurrent:]:
-        following = [s for s, _ in spans if s >= end]
+    spans = sorted((r.info.start_time / 1e3, r.info.end_time / 1e3, float(r.data.params["schedule.sparsity"]))
+                   for r in runs if r.data.tags.get("prunetune.kind") == "trial")
+    cycles = {}
+    for start, end, sparsity in spans[concurrent:]:
+        following = [s for s, _, _ in spans if s >= end]
         if following:
-            cycles.append(min(following) - start)
-    return statistics.median(cycles) / concurrent
+            cycles[sparsity] = min(following) - start
+    return cycles
+
+
+def trial_cost(cwd: Path, concurrent: int) -> float:
+    """Median steady-state cost of one more trial (s): the trials' cycles over the concurrency."""
+    return statistics.median(trial_cycles(cwd, concurrent).values()) / concurrent
 
 
 def fresh_cache() -> str:
@@ -119,6 +133,8 @@ def main() -> None:
     outside: dict[int, list[float]] = {n: [] for n in sizes}  # sweep×1 wall − Σ trial_seconds
     base_outside: dict[int, list[float]] = {n: [] for n in sizes}  # the same for the baseline
     cost: dict[str, list[float]] = {"sweep×1": [], "sweep×2": []}  # steady-state cost per trial, 2N trials
+    walls: dict[float, float] = {}  # the baseline's wall per trial (2N trials), this repeat
+    direct: list[float] = []  # per repeat: median over configurations of sweep×1 cycle − baseline wall
     for repeat in range(args.repeats):
         for mode, n in times:
             sparsities = [round(0.5 + 0.4 * i / (n - 1), 4) for i in range(n)]
@@ -132,6 +148,9 @@ def main() -> None:
             times[mode, n].append(elapsed)
             extra = ""
             if mode == "baseline":
+                if n == sizes[1]:
+                    first = json.loads(out.split("walls ")[1].splitlines()[0])
+                    walls = dict(first[1:])  # the first trial trains the dense phase
                 base_outside[n].append(elapsed - float(out.split("trial_seconds ")[-1]))
                 extra = f" ({base_outside[n][-1]:.1f} s outside the trials' own trial_seconds)"
             if mode == "sweep×1":
@@ -140,6 +159,10 @@ def main() -> None:
             if mode != "baseline" and n == sizes[1]:
                 cost[mode].append(trial_cost(work, 2 if mode == "sweep×2" else 1))
                 extra += f" (steady state: {cost[mode][-1]:.2f} s per trial)"
+            if mode == "sweep×1" and n == sizes[1]:
+                cycles = trial_cycles(work, 1)
+                direct.append(statistics.median(cycles[k] - walls[k] for k in cycles if k in walls))
+                extra += f" (each trial {direct[-1]:+.2f} s beyond the same trial in the baseline)"
             print(f"repeat {repeat + 1}: {mode:9s} {n:2d} trials {times[mode, n][-1]:6.1f} s{extra}", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     n1, n2 = sizes
@@ -155,6 +178,9 @@ def main() -> None:
           f"sweep×2 {slope['sweep×2']:.2f} s")
     print(f"per-trial overhead of the sweep (slope sweep×1 − slope baseline): "
           f"{slope['sweep×1'] - slope['baseline']:+.2f} s (target ≤ 0.5 s)")
+    print(f"  the same, trial by trial at the steady state ({n2} trials: each sweep×1 trial's cycle against the "
+          f"baseline's wall time for the same configuration, figures and artifacts in both): per repeat "
+          f"{', '.join(f'{d:+.2f}' for d in direct)} s; median {statistics.median(direct):+.2f} s")
     fixed = (med["sweep×1", n1] - n1 * slope["sweep×1"]) - (med["baseline", n1] - n1 * slope["baseline"])
     print(f"fixed start-up cost of a sweep beyond the baseline's: {fixed:.1f} s (target ≤ 6 s)")
     print(f"overhead per trial, all included, at {n2} trials: {(med['sweep×1', n2] - med['baseline', n2]) / n2:+.2f} s")

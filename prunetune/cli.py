@@ -272,7 +272,7 @@ def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str 
     from prunetune.analysis import similarity
     from prunetune.sweep import locate
 
-    spec, parent, uri = locate(target, tracking_uri, storage)
+    spec, parent, uri, _ = locate(target, tracking_uri, storage)
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
     selected = results.select_runs(tracker, spec, parent, list(runs), top if top is not None else spec.analysis.cka.top)
     if len(selected) < 1:
@@ -293,14 +293,14 @@ def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str 
 def report(target: Path, out: Path | None, tracking_uri: str | None, storage: str | None):
     """The sweep's results table, its summary by method and sparsity, and figures."""
     from prunetune import results, tracking
-    from prunetune.sweep import locate, study_url
+    from prunetune.sweep import locate
 
-    spec, parent, uri = locate(target, tracking_uri, storage)
+    spec, parent, uri, study_url = locate(target, tracking_uri, storage)
     if parent is None:
         raise UserError(f"report: no sweep found for {spec.name!r}; run `prunetune sweep` first")
     tracker = tracking.Tracker(uri, spec.tracking.artifacts)
     out = out or Path("reports") / spec.name
-    files = results.report(tracker, spec, parent, out, study_url(target, spec, uri, storage))
+    files = results.report(tracker, spec, parent, out, study_url)
     click.echo(files[1].read_text())
     click.echo(f"wrote {', '.join(f.name for f in files)} to {out}/ (also logged to the sweep's run {parent}, "
                "artifacts report/)")

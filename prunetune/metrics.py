@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prunetune import registry
+
 # Per epoch (MLflow step = the epoch index across all phases).
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds",
              "distill_loss")  # distill_loss: with distill only
@@ -36,7 +38,8 @@ def unavailable(metric: str, spec: Any, searched: set[str] | dict) -> str | None
         return "a structured schedule.criterion with schedule.remove: true (neither searched)"
     if metric == "teacher_test_acc" and spec.distill is None:
         return "distill"
-    if metric == "nm_valid" and not (spec.schedule.criterion == "l1_nm" and "schedule.criterion" not in searched):
+    pattern = registry.is_pattern(spec.schedule.criterion) and "schedule.criterion" not in searched
+    if metric == "nm_valid" and not pattern:
         return "schedule.criterion l1_nm (not searched)"
     return None
 

@@ -65,6 +65,12 @@ def is_structured(name: str) -> bool:
     return name in CRITERIA and CRITERIA[name].structured
 
 
+def is_pattern(name: str) -> bool:
+    """A criterion that keeps a fixed N:M pattern (its sparsity is 1 − N/M; `schedule.remove`
+    exports the semi-structured model)."""
+    return name in CRITERIA and CRITERIA[name].needs == "pattern"
+
+
 def lookup(registry: dict[str, str], name: str) -> Any:
     """Import and return the implementation registered under `name`."""
     entry = registry[name]

@@ -240,12 +240,12 @@ class Spec(_Strict):
             raise ValueError(f"schedule.method {s.method} re-grows pruned weights from zero, which a pruned "
                              f"channel cannot (its whole group is zero, so are its gradients); use "
                              f"l1_unstructured or random with {s.method}")
-        if s.criterion == "l1_nm":
+        if registry.is_pattern(s.criterion):
             n, m = s.n_m
             if abs(s.sparsity - (1 - n / m)) > 1e-9:
-                raise ValueError(f"schedule.sparsity must be 1 − N/M = {1 - n / m:g} with criterion l1_nm and "
-                                 f"schedule.n_m {s.n_m} (got {s.sparsity:g}): the N:M pattern fixes it")
-        if s.mask_control == "shuffle" and (registry.is_structured(s.criterion) or s.criterion == "l1_nm"):
+                raise ValueError(f"schedule.sparsity must be 1 − N/M = {1 - n / m:g} with criterion {s.criterion} "
+                                 f"and schedule.n_m {s.n_m} (got {s.sparsity:g}): the N:M pattern fixes it")
+        if s.mask_control == "shuffle" and (registry.is_structured(s.criterion) or registry.is_pattern(s.criterion)):
             raise ValueError(f"schedule.mask_control shuffle permutes single weights, which would break "
                              f"criterion {s.criterion}'s pattern; use it with an unstructured criterion")
         if s.method == "gradual" and s.end_epoch <= s.start_epoch:
@@ -613,7 +613,7 @@ def _check_structured(raw: dict, space: dict[str, SearchEntry]) -> None:
     if registry.is_structured(criterion):
         return
     structured = ", ".join(registry.structured_criteria())
-    if raw.get("schedule", {}).get("remove") is True and criterion != "l1_nm":
+    if raw.get("schedule", {}).get("remove") is True and not registry.is_pattern(criterion):
         raise UserError(f"spec key schedule.remove: needs a structured schedule.criterion ({structured}); "
                         f"got {criterion!r}")
     lasso = raw.get("train", {}).get("group_lasso", 0)

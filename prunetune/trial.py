@@ -218,7 +218,7 @@ class Trial:
     def _nm_layers(self) -> None:
         """l1_nm: the selected layers whose input dimension splits into groups of M hold the
         pattern (`sparsity` counts them); the others (a first conv on 1 or 3 channels) stay dense."""
-        if self.spec.schedule.criterion != "l1_nm":
+        if not registry.is_pattern(self.spec.schedule.criterion):
             return
         m = self.spec.schedule.n_m[1]
         modules = dict(self.model.named_modules())
@@ -390,7 +390,7 @@ class Trial:
             from prunetune.distill import teacher_accuracy
 
             m["teacher_test_acc"] = teacher_accuracy(self.distiller, self.data, 2 * self.trainer.batch_size)
-        if self.spec.schedule.criterion == "l1_nm":
+        if registry.is_pattern(self.spec.schedule.criterion):
             n_, m_ = self.spec.schedule.n_m
             m["nm_valid"] = float(all(nm_valid(self.masks.weights[n], n_, m_) for n in self.selected))
             if self.spec.schedule.remove:

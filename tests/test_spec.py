@@ -62,12 +62,24 @@ def error_of(tmp_path, text, sets=(), for_trial=False) -> str:
     ("name: a\nschedule: {criterion: l1_filter}\nsearch: {objectives: [{metric: measured_speedup, mode: max}]}\n",
      ["search.objectives", "measured_speedup", "schedule.remove"]),
     ("name: a\nsearch: {objectives: [{metric: teacher_test_acc, mode: max}]}\n", ["teacher_test_acc", "distill"]),
+    ("name: a\nschedule: {criterion: l1_nm, sparsity: 0.7}\n", ["schedule.sparsity", "1 − N/M = 0.5", "l1_nm"]),
+    ("name: a\nschedule: {criterion: l1_nm, sparsity: 0.5, mask_control: shuffle}\n",
+     ["schedule.mask_control", "l1_nm"]),
+    ("name: a\nsearch: {objectives: [{metric: nm_valid, mode: max}]}\n", ["nm_valid", "l1_nm"]),
 ])
 def test_bad_spec_is_one_clear_error(tmp_path, text, needles):
     message = error_of(tmp_path, text)
     assert "\n" not in message
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+def test_an_nm_criterion_may_remove(tmp_path):
+    """schedule.remove needs a criterion whose pruning has a shape to export: structured
+    (channels) or N:M (the semi-structured model); l1_nm qualifies, l1_unstructured does not."""
+    loaded = spec.load(write(tmp_path, "name: a\nschedule: {criterion: l1_nm, sparsity: 0.5, remove: true}\n"))
+    assert loaded.fixed_spec().schedule.remove is True
+    assert "schedule.remove" in error_of(tmp_path, "name: a\nschedule: {criterion: l1_unstructured, remove: true}\n")
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

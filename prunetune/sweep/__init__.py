@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from prunetune import search, study, tracking
 from prunetune.errors import UserError
@@ -332,9 +332,19 @@ def _ray_environment(address: str | None) -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
-def locate(target: Path, tracking_uri: str | None = None, storage: str | None = None):
-    """SPEC_OR_SWEEP → (the spec with search entries at a representative value, the sweep's
-    parent run id or None, the tracking URI)."""
+class Located(NamedTuple):
+    """What `prunetune cka` and `prunetune report` read of a sweep: its spec (search entries at a
+    representative value), its parent run (None before the sweep ran), the tracking URI, and its
+    Optuna study's storage (None for a sweep from before studies were stored)."""
+
+    spec: object
+    parent_run_id: str | None
+    tracking_uri: str
+    study_url: str | None
+
+
+def locate(target: Path, tracking_uri: str | None = None, storage: str | None = None) -> Located:
+    """SPEC_OR_SWEEP → the sweep, from its sweep.json (read once)."""
     from prunetune.spec import load
 
     if target.is_dir():
@@ -343,18 +353,8 @@ def locate(target: Path, tracking_uri: str | None = None, storage: str | None = 
             raise UserError(f"{target}: not a sweep directory (no {SweepPaths.META})")
         info = json.loads(meta.read_text())
         spec = load(None, raw=info["spec"]).fixed_spec()
-        return spec, info["parent_run_id"], tracking_uri or info["tracking_uri"]
+        return Located(spec, info["parent_run_id"], tracking_uri or info["tracking_uri"], info.get("optuna_storage"))
     spec = load(target).fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
-    meta = SweepPaths.of(storage_of(spec, storage), spec.name).read_meta()
-    return spec, (meta or {}).get("parent_run_id"), uri
-
-
-def study_url(target: Path, spec, uri: str, storage: str | None = None) -> str | None:
-    """Where the sweep's Optuna study is (its sweep.json says), or None for a sweep from before
-    studies were stored."""
-    if target.is_dir():
-        meta = json.loads((target / SweepPaths.META).read_text())
-    else:
-        meta = SweepPaths.of(storage_of(spec, storage), spec.name).read_meta() or {}
-    return meta.get("optuna_storage")
+    meta = SweepPaths.of(storage_of(spec, storage), spec.name).read_meta() or {}
+    return Located(spec, meta.get("parent_run_id"), uri, meta.get("optuna_storage"))
