@@ -97,8 +97,10 @@ def trial_cycles(cwd: Path, concurrent: int) -> dict[float, float]:
 
 
 def trial_cost(cwd: Path, concurrent: int) -> float:
-    """Median steady-state cost of one more trial (s): the trials' cycles over the concurrency."""
-    return statistics.median(trial_cycles(cwd, concurrent).values()) / concurrent
+    """Median steady-state cost of one more trial (s): the trials' cycles over the concurrency
+    (nan when too few trials ran to have one)."""
+    cycles = list(trial_cycles(cwd, concurrent).values())
+    return statistics.median(cycles) / concurrent if cycles else float("nan")
 
 
 def fresh_cache() -> str:
