@@ -52,12 +52,12 @@ def write_ham(root: Path, n: int) -> None:
 
 
 def status(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon, RssShmem of a process, in bytes."""
+    """VmRSS, VmHWM (its peak), RssAnon, RssShmem of a process, in bytes."""
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssShmem"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssShmem"):
                 out[key] = int(value.split()[0]) * 1024
     except OSError:
         pass
@@ -94,8 +94,9 @@ def kind(pid: int, driver: int) -> str | None:
 
 
 FLOOR = """
-import sys
+import os, sys
 import torch
+from benchmarks.memory import status
 from prunetune.models import SimpleCNN
 torch.set_num_threads(1)
 size = int(sys.argv[1])
@@ -107,8 +108,8 @@ for _ in range(3):
     opt.zero_grad()
     loss.backward()
     opt.step()
-status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
-print(int(status["VmHWM"].split()[0]) * 1024, int(status["VmRSS"].split()[0]) * 1024)
+now = status(os.getpid())
+print(now["VmHWM"], now["VmRSS"])
 """
 
 

@@ -70,37 +70,31 @@ print(f"trial_seconds {total}")
 """
 
 
-def trial_seconds(cwd: Path) -> float:
+def trial_runs(cwd: Path) -> list:
+    """The sweep's trial runs, from its MLflow store in `cwd`."""
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
     runs = c.search_runs([c.get_experiment_by_name("overhead").experiment_id])
-    return sum(r.data.metrics.get("trial_seconds", 0.0) for r in runs if r.data.tags.get("prunetune.kind") == "trial")
+    return [r for r in runs if r.data.tags.get("prunetune.kind") == "trial"]
+
+
+def trial_seconds(cwd: Path) -> float:
+    return sum(r.data.metrics.get("trial_seconds", 0.0) for r in trial_runs(cwd))
 
 
 def trial_cycles(cwd: Path, concurrent: int) -> dict[float, float]:
     """Each trial's cycle (s), by its sparsity: from its start to the start of the trial that
     follows it on its slot (the first start after it ends), skipping the first `concurrent` trials
     (the dense phase, and the wait for it) and the last ones (nothing follows them)."""
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
-    runs = c.search_runs([c.get_experiment_by_name("overhead").experiment_id])
     spans = sorted((r.info.start_time / 1e3, r.info.end_time / 1e3, float(r.data.params["schedule.sparsity"]))
-                   for r in runs if r.data.tags.get("prunetune.kind") == "trial")
+                   for r in trial_runs(cwd))
     cycles = {}
     for start, end, sparsity in spans[concurrent:]:
         following = [s for s, _, _ in spans if s >= end]
         if following:
             cycles[sparsity] = min(following) - start
     return cycles
-
-
-def trial_cost(cwd: Path, concurrent: int) -> float:
-    """Median steady-state cost of one more trial (s): the trials' cycles over the concurrency
-    (nan when too few trials ran to have one)."""
-    cycles = list(trial_cycles(cwd, concurrent).values())
-    return statistics.median(cycles) / concurrent if cycles else float("nan")
 
 
 def fresh_cache() -> str:
@@ -159,12 +153,14 @@ def main() -> None:
                 outside[n].append(times[mode, n][-1] - trial_seconds(work))
                 extra = f" ({outside[n][-1]:.1f} s outside the trials' own trial_seconds)"
             if mode != "baseline" and n == sizes[1]:
-                cost[mode].append(trial_cost(work, 2 if mode == "sweep×2" else 1))
+                # steady state: the cost of one more trial is its cycle over the concurrency
+                concurrent = 2 if mode == "sweep×2" else 1
+                cycles = trial_cycles(work, concurrent)
+                cost[mode].append(statistics.median(cycles.values()) / concurrent if cycles else float("nan"))
                 extra += f" (steady state: {cost[mode][-1]:.2f} s per trial)"
-            if mode == "sweep×1" and n == sizes[1]:
-                cycles = trial_cycles(work, 1)
-                direct.append(statistics.median(cycles[k] - walls[k] for k in cycles if k in walls))
-                extra += f" (each trial {direct[-1]:+.2f} s beyond the same trial in the baseline)"
+                if mode == "sweep×1":
+                    direct.append(statistics.median(cycles[k] - walls[k] for k in cycles if k in walls))
+                    extra += f" (each trial {direct[-1]:+.2f} s beyond the same trial in the baseline)"
             print(f"repeat {repeat + 1}: {mode:9s} {n:2d} trials {times[mode, n][-1]:6.1f} s{extra}", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     n1, n2 = sizes

@@ -23,17 +23,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def session_pids(sid: int) -> list[int]:
-    """PIDs of the processes in session `sid` (what we started with start_new_session)."""
+def _pids_where(field: int, value: int) -> list[int]:
+    """PIDs whose /proc/PID/stat has `value` at `field`, counted after the name: 0 state, 1 ppid,
+    2 pgrp, 3 session ..."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
-            continue
-        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session ...
+            continue  # it ended
+        if int(fields[field]) == value:
             pids.append(int(stat.parent.name))
     return pids
+
+
+def session_pids(sid: int) -> list[int]:
+    """PIDs of the processes in session `sid` (what we started with start_new_session)."""
+    return _pids_where(3, sid)
+
+
+def children(pid: int, title: bytes = b"") -> list[int]:
+    """PIDs of `pid`'s children whose command line (a Ray process's title) starts with `title`."""
+    found = []
+    for child in _pids_where(1, pid):
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes().startswith(title):
+                found.append(child)
+        except OSError:
+            continue  # it ended
+    return found
 
 
 def kill_session(proc: subprocess.Popen, timeout: float = 30) -> None:

@@ -5,13 +5,13 @@ take. Real Ray, started and stopped here."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import ray
 from ray._private import ray_constants
 
+import procs
 from prunetune.sweep import _ray
 
 
@@ -117,14 +117,7 @@ def _idle_workers() -> int:
     raylet = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
     def count() -> int:
-        n = 0
-        for proc in Path("/proc").iterdir():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                n += ppid == raylet and (proc / "cmdline").read_bytes().startswith(b"ray::IDLE")
-            except (OSError, ValueError, IndexError):
-                continue  # not a process, or it ended
-        return n
+        return len(procs.children(raylet, b"ray::IDLE"))
 
     deadline = time.monotonic() + 60
     while count() == 0 and time.monotonic() < deadline:
@@ -146,3 +139,17 @@ def test_a_sweeps_local_ray_starts_no_more_idle_workers_than_trials_run_at_once(
         assert _idle_workers() == started
     finally:
         ray.shutdown()
+
+
+def test_the_sweeps_ray_gives_tune_its_env_back_when_it_stops(monkeypatch, tune):
+    """Emptying Tune's actor table is for the sweep's own local Ray: once it stops, a later sweep
+    in this process that attaches to a cluster propagates Tune's env vars (PL_DISABLE_FORK, and
+    the driver's RAY_* and AWS_*) to its actors again."""
+    own = dict(tune.table.DEFAULT_ENV_VARS)
+    assert own  # Tune's own table sets PL_DISABLE_FORK
+    monkeypatch.setenv("PRUNETUNE_PRELOAD", "0")
+    monkeypatch.delenv("PL_DISABLE_FORK", raising=False)
+    with _ray.sweep_ray(None, workers=1):
+        assert ray.is_initialized() and tune.table.DEFAULT_ENV_VARS == {}
+    assert not ray.is_initialized()
+    assert tune.table.DEFAULT_ENV_VARS == own

@@ -13,6 +13,7 @@ or SIGKILL of the driver. On a cluster the storage is one that every node reache
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import time
@@ -178,27 +179,21 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     spec = loaded.fixed_spec()
     address = address or os.environ.get("RAY_ADDRESS") or None
     _ray_environment(address)
-    from prunetune.sweep._ray import ray_init
+    from prunetune.sweep._ray import sweep_ray
 
     log.adopt()  # Ray's loggers, now that it is imported
     # Ray starts its processes (seconds, mostly waiting) while Tune and MLflow are imported and
     # the MLflow client made; the store itself is touched only after the checks, so bad input
     # writes nothing. (Ray must start in the main thread.)
-    connected = False
-    try:
+    with contextlib.ExitStack() as stack:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             imported = pool.submit(_import_tune)
             client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
-            connected = ray_init(address, workers=spec.resources.max_concurrent)
+            stack.enter_context(sweep_ray(address, workers=spec.resources.max_concurrent))
             imported.result()
             tracker = client.result()
         return _run(loaded, spec_file, paths, uri, dataset, tracker, address=address, resume=resume,
                     restart=restart, echo=echo, log=log)
-    finally:
-        if connected:
-            import ray
-
-            ray.shutdown()  # stops the Ray this sweep started (now, not in an exit hook)
 
 
 def _run(loaded: LoadedSpec, spec_file: Path | None, paths: SweepPaths, uri: str, dataset, tracker, *,

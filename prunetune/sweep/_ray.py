@@ -45,6 +45,21 @@ def _address_host_port(address: str) -> tuple[str, int] | None:
     return (host, int(port)) if host and port.isdigit() else None
 
 
+@contextlib.contextmanager
+def sweep_ray(address: str | None, workers: int | None = None):
+    """Ray for one sweep (see `ray_init`). On exit it stops the Ray it started (now, not in an
+    exit hook) and gives Tune's actor table its own env vars back, so a later sweep in this
+    process that attaches to a cluster propagates them again; a connection it found open is left
+    as it was."""
+    started = ray_init(address, workers)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+        _give_tune_its_env_back()
+
+
 def ray_init(address: str | None, workers: int | None = None) -> bool:
     """Attach to the cluster at `address` (--address or $RAY_ADDRESS; "auto" is Ray's meaning: the
     one started on this machine), or start a fresh local Ray, whatever other clusters or stale
@@ -111,14 +126,11 @@ def _one_sweep_head(workers: int | None = None):
         params_init(self, *args, **kwargs)
         self.no_monitor, self.include_log_monitor = True, False
 
-    def fewer_workers(command, *args, **kwargs):
-        if workers is not None:
-            command = [_fewer(arg, workers) for arg in command]
-        return start_process(command, *args, **kwargs)
-
     ray_parameter.RayParams.__init__ = lean_params
     ray_node.Node.start_api_server = lambda self, **kwargs: None
-    services.start_ray_process = fewer_workers
+    if workers is not None:
+        services.start_ray_process = lambda command, *args, **kwargs: start_process(
+            [_fewer(arg, workers) for arg in command], *args, **kwargs)
     try:
         yield
     finally:
@@ -129,8 +141,8 @@ def _one_sweep_head(workers: int | None = None):
 def _fewer(arg: str, workers: int) -> str:
     """The raylet's argument for how many idle workers it starts, bounded by `workers`."""
     flag = "--num_prestart_python_workers="
-    if isinstance(arg, str) and arg.startswith(flag) and arg[len(flag):].isdigit():
-        return f"{flag}{min(int(arg[len(flag):]), max(1, workers))}"
+    if arg.startswith(flag) and arg[len(flag):].isdigit():
+        return f"{flag}{min(int(arg[len(flag):]), workers)}"
     return arg
 
 
@@ -142,11 +154,26 @@ def _trials_take_idle_workers() -> None:
     workers: Ray starts a new process for it, which imports everything again (about 4 s). So this
     empties Tune's table, for this process; where this Tune has no such table, nothing changes.
     (Imports Tune: the driver has it imported, in its thread, by the time Ray is up.)"""
+    global _tune_env
     try:
         from ray.tune.execution import class_cache
     except ImportError:
         return
     if isinstance(getattr(class_cache, "DEFAULT_ENV_VARS", None), dict) and \
             isinstance(getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None), set):
+        if _tune_env is None:
+            _tune_env = class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE
         class_cache.DEFAULT_ENV_VARS = {}
         class_cache.ENV_VARS_TO_PROPAGATE = set()
+
+
+_tune_env: tuple[dict, set] | None = None  # Tune's own table, while a sweep's local Ray has it emptied
+
+
+def _give_tune_its_env_back() -> None:
+    global _tune_env
+    if _tune_env is not None:
+        from ray.tune.execution import class_cache
+
+        class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = _tune_env
+        _tune_env = None
