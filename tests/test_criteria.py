@@ -3,6 +3,8 @@ exact targets, the no-collapse property, N:M validity and the controls' densitie
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -91,6 +93,79 @@ def test_grasp_scores_are_minus_w_hg_negated():
     torch.testing.assert_close(scores["1"], w.detach() * hg)
 
 
+def _kept(scores: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
+    """By hand: keep all but the round(target · n) lowest scores over the layers together. The
+    cut must fall between two different scores, so that the mask is the only right one."""
+    flat = torch.cat([s.flatten().float() for s in scores.values()]).sort().values
+    k = round(target * flat.numel())
+    assert flat[k - 1] < flat[k], "a tie at the cut: the hand mask is not unique"
+    return {n: s.float() >= flat[k] for n, s in scores.items()}
+
+
+def _bn_model(mean: list[float] | None = None) -> nn.Sequential:
+    """Linear → BatchNorm → activation → Linear, with running statistics unlike a batch's, so
+    that training mode (batch statistics) and eval mode (running ones) compute differently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor(mean) if mean else torch.randn(8))
+        model[1].running_var.uniform_(0.2, 3.0)
+    return model
+
+
+def _snip_by_hand(model: nn.Module, x, y, layers, target: float, train: bool):
+    """|∂L/∂w ⊙ w| on (x, y) with the model (a copy) in training or eval mode, then the kept mask."""
+    model = copy.deepcopy(model).train(train)
+    modules = dict(model.named_modules())
+    nn.functional.cross_entropy(model(x), y).backward()
+    return _kept({n: (modules[n].weight.grad * modules[n].weight).abs().detach() for n in layers}, target)
+
+
+def test_snip_scores_in_eval_mode_as_the_reference_code_does():
+    """snip-public (`is_train: False`) and Synaptic-Flow score SNIP in eval mode: the kept mask is
+    the one of eval-mode gradients, not of training-mode ones, and the model is left as it was."""
+    model, layers = _bn_model(), ["0", "3"]
+    x, y = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+    expected = _snip_by_hand(model, x, y, layers, 0.6, train=False)
+    in_train_mode = _snip_by_hand(model, x, y, layers, 0.6, train=True)
+    assert any(not torch.equal(expected[n], in_train_mode[n]) for n in layers)  # the test can tell
+    model.train()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    masks = Masks(model, layers)
+    masks.prune(0.6, criteria.snip, context=criteria.Context(model, x[:1], lambda: iter([(x, y)])))
+    assert all(torch.equal(masks.masks[n], expected[n]) for n in layers)
+    assert all(m.training for m in model.modules()) and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers())
+
+
+def _synflow_by_hand(model: nn.Module, layers, target: float, abs_buffers: bool):
+    """One synflow round: float64 copy in eval mode, |parameters| (and |float buffers|), R = Σ f(𝟙),
+    scores |θ ⊙ ∂R/∂θ|, then the kept mask."""
+    probe = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for t in [*probe.parameters(), *(probe.buffers() if abs_buffers else [])]:
+            if t.is_floating_point():
+                t.abs_()
+    modules = dict(probe.named_modules())
+    weights = [modules[n].weight for n in layers]
+    grads = torch.autograd.grad(probe(torch.ones(1, 16, dtype=torch.float64)).sum(), weights)
+    return _kept({n: (w * g).abs().detach() for n, w, g in zip(layers, weights, grads)}, target)
+
+
+def test_synflow_takes_the_absolute_value_of_the_buffers_too():
+    """Synaptic-Flow's `linearize` takes |·| of the whole state_dict, batch-norm running means
+    included: with negative ones, the mask is the one of |running_mean|."""
+    model, layers = _bn_model(mean=[-3.0, 2.0, -1.5, 0.5, -4.0, 1.0, -0.5, -2.5]), ["0", "3"]
+    expected = _synflow_by_hand(model, layers, 0.5, abs_buffers=True)
+    signed = _synflow_by_hand(model, layers, 0.5, abs_buffers=False)
+    assert any(not torch.equal(expected[n], signed[n]) for n in layers)  # the test can tell
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    masks = Masks(model, layers)
+    masks.prune(0.5, criteria.synflow, context=criteria.Context(model, torch.zeros(1, 16), synflow_iters=1))
+    assert all(torch.equal(masks.masks[n], expected[n]) for n in layers)
+    assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers())  # only the probe's
+
+
 def test_synflow_avoids_layer_collapse_where_magnitude_at_init_does_not():
     """vgg11 at 99.5%: global magnitude at initialisation empties a layer (the classifier, whose
     weights are small), so nothing reaches the output; synflow keeps every layer connected."""
@@ -169,7 +244,7 @@ def test_trials_prune_at_init_and_log_nm_valid(tmp_path):
                                               schedule__retrain="reinit")))
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     plain.prune(0.8, plain.selected, "global", gen())
-    shuffled.prune(0.8, shuffled.selected, "global", gen())
+    shuffled.prune(0.8, shuffled.selected, "global", gen(), shuffle=True)
     for n in plain.selected:
         assert int(plain.masks.masks[n].sum()) == int(shuffled.masks.masks[n].sum())
     assert any(not torch.equal(plain.masks.masks[n], shuffled.masks.masks[n]) for n in plain.selected)

@@ -82,11 +82,13 @@ def _gradients(model: nn.Module, batches: Batches, params: dict[str, torch.Tenso
 
 
 class _ScoredThroughModel:
-    """Scores taken through the model in training mode (batch statistics, as the papers do),
-    leaving it as it was: its mode, its buffers (batch-norm running statistics) and the
+    """Scores taken through the model in the mode its reference code scores in (`train_mode`:
+    batch statistics and dropout, or eval mode: running statistics, no dropout), leaving the
+    model as it was: every module's mode, its buffers (batch-norm running statistics) and the
     parameters' `.grad`."""
 
     name = ""
+    train_mode = False
 
     def scores(self, masks, layers, context: Context) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -96,12 +98,13 @@ class _ScoredThroughModel:
         model = context.model
         masks.apply()
         buffers = {n: b.clone() for n, b in model.named_buffers()}
-        was_training = model.training
-        model.train()
+        modes = {m: m.training for m in model.modules()}  # per module: a model may mix modes
+        model.train(self.train_mode)
         try:
             scores = self.scores(masks, layers, context)
         finally:
-            model.train(was_training)
+            for m, training in modes.items():
+                m.training = training
             with torch.no_grad():
                 for n, b in model.named_buffers():
                     b.copy_(buffers[n])
@@ -109,9 +112,12 @@ class _ScoredThroughModel:
 
 
 class Snip(_ScoredThroughModel):
-    """SNIP (Lee et al. 2019): connection sensitivity |∂L/∂w ⊙ w| on training batches."""
+    """SNIP (Lee et al. 2019): connection sensitivity |∂L/∂w ⊙ w| on training batches, in eval
+    mode, as the authors' code scores (namhoonlee/snip-public's prune.py feeds `is_train: False`)
+    and as Synaptic-Flow's prune loop does by default."""
 
     name = "snip"
+    train_mode = False
 
     def scores(self, masks, layers, context):
         weights = {n: masks.weights[n] for n in layers}
@@ -122,9 +128,12 @@ class Snip(_ScoredThroughModel):
 class Grasp(_ScoredThroughModel):
     """GraSP (Wang et al. 2020): the score −w ⊙ Hg of the paper, whose largest values are pruned
     (removing them reduces gradient flow least); here negated, as lowest-first. Logits are divided
-    by the temperature of the authors' code (200) in the gradient passes."""
+    by the temperature of the authors' code (200) in the gradient passes. In training mode, as the
+    authors' code scores: alecwangcq/GraSP's pruner scores a copy of the freshly built network,
+    whose `.eval()` is commented out (Synaptic-Flow's re-implementation scores it in eval mode)."""
 
     name = "grasp"
+    train_mode = True
     temperature = 200.0
 
     def scores(self, masks, layers, context):
@@ -145,17 +154,25 @@ class Synflow:
     value, R = Σ f(𝟙) for an all-ones input, and a weight's score is |θ ⊙ ∂R/∂θ|. Pruned over
     `synflow_iters` rounds, the density falling exponentially (d₀·(d/d₀)^(k/n) in round k), each
     round rescoring the surviving weights: this is what avoids layer collapse. Computed in float64
-    on a copy of the model in eval mode (R overflows float32 in deep networks)."""
+    (R overflows float32 in deep networks) on a copy of the model in eval mode, whose
+    floating-point buffers (batch-norm running statistics) are made absolute too: the reference
+    (Synaptic-Flow's `linearize`) takes |·| of the whole state_dict, in its prune loop's default
+    eval mode."""
 
     name = "synflow"
+    train_mode = False
 
     def prune(self, masks, target, layers, scope, generator=None, context=None) -> None:
         context = _needs(context, self.name)
         masks.apply()
         rounds = max(1, int(context.synflow_iters))
-        probe = copy.deepcopy(context.model).double().eval()
+        probe = copy.deepcopy(context.model).double().train(self.train_mode)
         for p in probe.parameters():
             p.requires_grad_(True)
+        with torch.no_grad():  # eval mode never updates them: once for every round
+            for b in probe.buffers():
+                if b.is_floating_point():
+                    b.abs_()
         ones = torch.ones_like(context.example, dtype=torch.float64)
         names = dict(context.model.named_parameters())
         name_of = {id(p): n for n, p in names.items()}
