@@ -22,6 +22,7 @@ import yaml
 
 from prunetune import spec as spec_mod
 from prunetune.errors import UserError, error_text
+from prunetune.metrics import selection_note, shown_metrics
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -157,6 +158,9 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
     from prunetune import sweep as sweep_mod
 
     loaded = spec_mod.load(spec_path, list(sets))
+    note = selection_note([o.metric for o in loaded.fixed_spec().search.objectives])
+    if note:
+        click.echo(note, err=True)
     if dry_run:
         paths, uri, _ = sweep_mod.prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri,
                                           storage=storage)
@@ -186,11 +190,12 @@ def _print_sweep(result, spec_path: Path) -> None:
     params = sorted({k for r in result.rows for k in r if "." in k})
     leaves = [p.rsplit(".", 1)[1] for p in params]
     headers = leaves if len(set(leaves)) == len(leaves) else params
-    for col in ["trial", *headers, *[m for m, _ in result.objectives], "MLflow run"]:
+    shown = shown_metrics([m for m, _ in result.objectives])  # test_acc reported, not selected on
+    for col in ["trial", *headers, *shown, "MLflow run"]:
         table.add_column(col, no_wrap=True)
     for r in done[:10]:
-        table.add_row(r["trial_id"], *[_fmt(r.get(p)) for p in params],
-                      *[_fmt(r.get(m)) for m, _ in result.objectives], r["run_id"] or "")
+        table.add_row(r["trial_id"], *[_fmt(r.get(p)) for p in params], *[_fmt(r.get(m)) for m in shown],
+                      r["run_id"] or "")
     console = Console()
     if not console.is_terminal:  # piped or logged: do not cut the table at 80 columns
         console = Console(width=220)

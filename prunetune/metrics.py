@@ -4,6 +4,7 @@ every trial reports), the report's axis labels, and which keys of a Tune result 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prunetune import registry
@@ -41,7 +42,48 @@ def unavailable(metric: str, spec: Any, searched: set[str] | dict) -> str | None
     pattern = registry.is_pattern(spec.schedule.criterion) and "schedule.criterion" not in searched
     if metric == "nm_valid" and not pattern:
         return "schedule.criterion l1_nm (not searched)"
+    if metric == "val_acc" and not _always_validates(spec, searched):
+        return ("a validation split: data.val_fraction above 0 (every searched value), or a dataset that "
+                "publishes one (medmnist; imagefolder with a val/ folder)")
     return None
+
+
+def _always_validates(spec: Any, searched: set[str] | dict) -> bool:
+    """Whether every trial has a validation split, so reports a final `val_acc` (trial.py reports
+    it only then). Published val splits: every MedMNIST .npz, an imagefolder root with val/;
+    digits, CIFAR and HAM10000 publish none, so theirs is carved by data.val_fraction."""
+    def values(key: str, fixed: Any) -> list:
+        entry = searched.get(key) if isinstance(searched, dict) else None
+        return list(entry.probe_values()) if entry is not None else [fixed]
+
+    def publishes_val(dataset: str) -> bool:
+        if dataset == "medmnist":
+            return True
+        return dataset == "imagefolder" and spec.data.root is not None and (Path(spec.data.root) / "val").is_dir()
+
+    carved = min(values("data.val_fraction", spec.data.val_fraction)) > 0  # a range's ends: its lowest
+    return carved or all(publishes_val(d) for d in values("data.dataset", spec.data.dataset))
+
+
+def is_test_metric(metric: str) -> bool:
+    """A metric measured on the test split (test_acc, test_acc_drop, dense_test_acc, ...)."""
+    return metric.startswith("test_") or "_test_" in metric
+
+
+def selection_note(objectives: list[str]) -> str | None:
+    """The one line a sweep prints when its objectives select on the test split, or None."""
+    on_test = [m for m in objectives if is_test_metric(m)]
+    if not on_test:
+        return None
+    what = "a test-split metric" if len(on_test) == 1 else "test-split metrics"
+    return (f"note: search.objectives selects on {', '.join(on_test)}, {what}: the chosen trials' test "
+            "scores are optimistically biased; select on val_acc")
+
+
+def shown_metrics(objectives: list[str]) -> list[str]:
+    """The metrics a sweep's top table shows: the objectives, then test_acc beside them when it is
+    not one (reported for the trials the objectives chose, never used to choose them)."""
+    return list(objectives) + ([] if "test_acc" in objectives else ["test_acc"])
 
 
 # The report's axis labels, with units.

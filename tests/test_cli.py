@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -76,9 +77,53 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, text, sets
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_an_objective_without_its_split_is_refused_for_a_sweep_not_a_trial(tmp_path):
+    """val_acc (the default objective) needs a validation split; one trial selects nothing."""
+    p = write(tmp_path, "name: a\ndata: {val_fraction: 0}\n")
+    for command in (["validate"], ["sweep", "--dry-run"]):
+        r = prunetune([*command, str(p)], cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and "data.val_fraction" in lines[0] and "val_acc" in lines[0], r.stderr
+    assert not (tmp_path / "mlruns").exists()
+    assert prunetune(["trial", str(p), "--set", "train.dense_epochs=0", "--set", "train.finetune_epochs=0"],
+                     cwd=tmp_path).returncode == 0
+
+
 def test_validate_prints_resolved_spec(tmp_path):
     r = prunetune(["validate", str(REPO / "sweeps" / "quickstart.yaml")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "method:\n    choice:" in r.stdout and "weight_decay: 0.0005" in r.stdout
     assert "ok: digits, 10 classes" in r.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_sweep_selecting_on_test_says_so_in_one_line(tmp_path):
+    """A test-split objective still runs, with one note; the default (val_acc) has none."""
+    p = write(tmp_path, TINY.rstrip(" ") + "    search: {objectives: [{metric: test_acc, mode: max}]}\n")
+    r = prunetune(["sweep", str(p), "--dry-run"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    notes = [l for l in r.stderr.splitlines() if "test-split" in l]
+    assert notes == [("note: search.objectives selects on test_acc, a test-split metric: the chosen trials' "
+                      "test scores are optimistically biased; select on val_acc")], r.stderr
+    assert "objectives test_acc (max)" in r.stdout
+    r = prunetune(["sweep", str(write(tmp_path, TINY)), "--dry-run"], cwd=tmp_path)
+    assert r.returncode == 0 and "objectives val_acc (max)" in r.stdout and "test-split" not in r.stderr
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_the_sweep_table_chooses_by_the_objective_and_reports_test_acc(capsys):
+    """The best run is the best by val_acc, even where another trial's test_acc is higher;
+    test_acc is shown beside the objective, not used."""
+    from prunetune.cli import _print_sweep
+    from prunetune.sweep import SweepResult
+
+    rows = [{"trial_id": "t1", "run_id": "run1", "state": "TERMINATED", "schedule.sparsity": 0.5,
+             "val_acc": 0.90, "test_acc": 0.97},
+            {"trial_id": "t2", "run_id": "run2", "state": "TERMINATED", "schedule.sparsity": 0.8,
+             "val_acc": 0.93, "test_acc": 0.91}]
+    _print_sweep(SweepResult("s", "parent", rows, [("val_acc", "max")]), Path("s.yaml"))
+    out = capsys.readouterr().out
+    header = next(l for l in out.splitlines() if "trial" in l and "MLflow run" in l)
+    assert header.index("val_acc") < header.index("test_acc")
+    assert "0.97" in out and "best run: run2 (trial t2)" in out

@@ -94,6 +94,7 @@ def test_small_sweep_and_refused_rerun(tmp_path):
     r = sweep([str(spec)], tmp_path, env={**os.environ, "PRUNETUNE_PROGRESS_S": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "best run:" in r.stdout and "prunetune ui" in r.stdout
+    assert "top trials by val_acc" in r.stdout and "test_acc" in r.stdout  # chosen on val, test reported
     assert "4/4 done" in r.stderr  # progress lines
     # live progress, piped: periodic lines per running trial with its phase and epoch x/y
     live = [line for line in r.stderr.splitlines() if line.startswith("  ") and " epoch " in line]
