@@ -19,6 +19,7 @@ from prunetune.pruning import schedules  # noqa: E402
 
 METHOD, SPARSITY, LAYERS, SEED = "schedule.method", "schedule.sparsity", "schedule.layers", "seed"
 DENSE = "dense_test_acc"  # the unpruned reference (the shared dense phase's checkpoint on the test split)
+EPOCHS = "train_epochs_total"
 
 def label(metric: str) -> str:
     return LABELS.get(metric, metric)
@@ -88,6 +89,9 @@ def summary_markdown(summary: pd.DataFrame, metrics: list[str], title: str, df: 
                  + "".join(f", {n} {s.lower()}" for s, n in df["state"].value_counts().items() if s != "FINISHED")
                  + ". Mean ± standard deviation over the finished trials of each method and sparsity "
                    "(n: trials behind the cell; std needs n ≥ 2).")
+    epochs = _epochs_by_cell(done)
+    if epochs:
+        lines[-1] += " ep: the mean epochs trained, the dense phase's included (train_epochs_total)."
     lines.append("")
     if summary.empty:
         return "\n".join(lines + ["No finished trial."]) + "\n"
@@ -113,10 +117,19 @@ def summary_markdown(summary: pd.DataFrame, metrics: list[str], title: str, df: 
                     continue
                 row = table.loc[(m, s)]
                 std = "" if pd.isna(row["std"]) else f" ± {row['std']:.4f}"
-                cells.append(f"{row['mean']:.4f}{std} (n={int(row['count'])})")
+                cells.append(f"{row['mean']:.4f}{std} (n={int(row['count'])}{epochs.get((m, s), '')})")
             lines.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _epochs_by_cell(done: pd.DataFrame) -> dict:
+    """The text ", N ep" of each (method, sparsity) cell, grouped as `summarize` groups: the mean
+    epochs trained behind it, so a reader sees whether the methods had equal budgets or not."""
+    if EPOCHS not in done.columns or done[EPOCHS].isna().all():
+        return {}
+    means = done.groupby([done[METHOD], done[SPARSITY].astype(float).round(2)])[EPOCHS].mean()
+    return {cell: f", {round(v, 1):g} ep" for cell, v in means.items() if pd.notna(v)}
 
 
 def _dense_values(trials: pd.DataFrame) -> pd.Series:

@@ -116,10 +116,12 @@ def test_report_of_a_replicated_grid_sweep(tmp_path):
     assert len(rows) == 8 and {row["run_id"] for row in rows} == {c.info.run_id for c in children}
     assert {"schedule.method", "schedule.sparsity", "seed", "test_acc", "state", "replicate"} <= set(rows[0])
     df = pd.read_csv(out / "results.csv")
-    expected = df.groupby(["schedule.method", "schedule.sparsity"])["test_acc"].agg(["mean", "std"])
+    expected = df.groupby(["schedule.method", "schedule.sparsity"]).agg(
+        mean=("test_acc", "mean"), std=("test_acc", "std"), epochs=("train_epochs_total", "mean"))
     summary = (out / "summary.md").read_text()
     for (method, sparsity), row in expected.iterrows():
-        assert f"{row['mean']:.4f} ± {row['std']:.4f} (n=2)" in summary, (method, sparsity)
+        cell = f"{row['mean']:.4f} ± {row['std']:.4f} (n=2, {round(row['epochs'], 1):g} ep)"
+        assert cell in summary, (method, sparsity)
     for name in ("accuracy_vs_sparsity.png", "pareto.png", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     logged = {a.path for a in client(tmp_path).list_artifacts(parents[0].info.run_id, "report")}
@@ -175,3 +177,17 @@ def test_retraining_variants_are_kept_apart():
     methods = set(summary.index.get_level_values(0))
     assert {"oneshot · reinit", "oneshot · weight_rewind", "iterative · reinit", "layerwise"} <= methods
     assert "layerwise · reinit" not in methods  # layerwise never retrains that way
+
+
+def test_each_cell_shows_the_mean_epochs_trained_behind_it():
+    df = frame()
+    df["train_epochs_total"] = df["schedule.method"].map({"oneshot": 20.0, "iterative": 28.0, "layerwise": 36.0})
+    df.loc[(df["schedule.method"] == "layerwise") & (df["replicate"] == 0), "train_epochs_total"] = 35.7
+    text = report.summary_markdown(report.summarize(df, ["test_acc"]), ["test_acc"], "t", df)
+    line = next(l for l in text.splitlines() if l.startswith("| 80% |"))
+    g = df[(df.state == "FINISHED") & (df["schedule.method"] == "iterative") & (df["schedule.sparsity"] == 0.8)]
+    assert f"{g.test_acc.mean():.4f} ± {g.test_acc.std():.4f} (n=3, 28 ep)" in line
+    assert "(n=3, 20 ep)" in line and "(n=3, 35.9 ep)" in line  # layerwise: (35.7 + 36 + 36) / 3
+    assert "ep: the mean epochs trained" in text
+    # a sweep whose runs do not report it: the cells as before
+    assert "ep)" not in report.summary_markdown(report.summarize(frame(), ["test_acc"]), ["test_acc"], "t", frame())
