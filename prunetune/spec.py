@@ -11,12 +11,14 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from prunetune import metrics, registry
 from prunetune.errors import UserError
@@ -85,12 +87,20 @@ class TrainSpec(_Strict):
     lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
     dense_epochs: int = Field(10, ge=0)
     finetune_epochs: float = Field(10, ge=0.0)
+    # Equal budgets: every method trains this many epochs after the dense phase, finetune_epochs
+    # being what its own steps leave (null: finetune_epochs as given).
+    budget_epochs: float | None = Field(None, ge=0.0)
     amp: bool = False
     # Imbalanced data: weight the loss by inverse class frequency, or draw training batches with
     # every class equally likely (with replacement; an epoch is still one pass's worth of samples).
     class_balance: Literal["none", "weighted_loss", "balanced_sampler"] = "none"
     # Structured criteria: λ of the group-lasso penalty over the channel groups (0 = none).
     group_lasso: float = Field(0.0, ge=0.0)
+    # CUDA only (ignored on a CPU): train with the model and its inputs in channels-last memory
+    # format, and through torch.compile (the training forward; the stored model is not wrapped).
+    # benchmarks/gpu_check.py measures whether each pays off.
+    channels_last: bool = False
+    compile: bool = False
 
 
 class ScheduleSpec(_Strict):
@@ -109,7 +119,9 @@ class ScheduleSpec(_Strict):
     # epochs on the dense learning-rate schedule replayed from rewind_epoch, starting from the
     # trained weights (lr_rewind), the weights at rewind_epoch (weight_rewind: the lottery ticket)
     # or a fresh initialisation (reinit: the ticket's control). lottery is iterative + weight_rewind.
-    retrain: Literal["finetune", "lr_rewind", "weight_rewind", "reinit"] = "finetune"
+    # finetune_final_lr: Renda et al.'s fine-tuning baseline, the same dense_epochs − rewind_epoch
+    # epochs per round at the dense schedule's final learning rate.
+    retrain: Literal["finetune", "lr_rewind", "weight_rewind", "reinit", "finetune_final_lr"] = "finetune"
     start_epoch: float = Field(0.0, ge=0.0)  # gradual: the ramp, in epochs after the dense phase
     end_epoch: float = Field(4.0, gt=0.0)
     redense_lr_factor: float = Field(0.1, gt=0.0)  # dsd, ist: lr factor of the re-dense training
@@ -173,7 +185,8 @@ class Objective(_Strict):
 
 class SearchSpec(_Strict):
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
-    objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="test_acc", mode="max")], min_length=1)
+    # selection is on validation: choosing on test_* would bias the test score reported for the choice
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="val_acc", mode="max")], min_length=1)
     num_trials: int = Field(8, ge=1)
     early_stop: Literal["none", "asha"] = "none"
     replicates: int = Field(1, ge=1)
@@ -245,12 +258,31 @@ class Spec(_Strict):
             if abs(s.sparsity - (1 - n / m)) > 1e-9:
                 raise ValueError(f"schedule.sparsity must be 1 − N/M = {1 - n / m:g} with criterion {s.criterion} "
                                  f"and schedule.n_m {s.n_m} (got {s.sparsity:g}): the N:M pattern fixes it")
+        if s.mask_control == "shuffle" and (s.method == "gradual" or (
+                s.method == "iterative" and s.retrain not in ("weight_rewind", "reinit"))):
+            # the last prune's mask, shuffled, lands on weights pruned by earlier steps: they have
+            # no value of their own to start from (a ticket's rounds rewind or re-initialise them)
+            raise ValueError(f"schedule.mask_control shuffle needs a value for every weight it may keep, which "
+                             f"method {s.method} with retrain {s.retrain} has not (weights pruned at earlier "
+                             f"steps are zero); use oneshot, layerwise, dsd, ist, lottery, or iterative with "
+                             f"retrain weight_rewind or reinit")
         if s.mask_control == "shuffle" and (registry.is_structured(s.criterion) or registry.is_pattern(s.criterion)):
             raise ValueError(f"schedule.mask_control shuffle permutes single weights, which would break "
                              f"criterion {s.criterion}'s pattern; use it with an unstructured criterion")
         if s.method == "gradual" and s.end_epoch <= s.start_epoch:
             raise ValueError(f"schedule.end_epoch ({s.end_epoch:g}) must be after schedule.start_epoch "
                              f"({s.start_epoch:g}) for method gradual")
+        return self
+
+    @model_validator(mode="after")
+    def _budget(self, info: ValidationInfo):
+        """The method's own steps must fit train.budget_epochs. Where they depend on the model's
+        layers (layerwise over all or globs), stand-ins give a lower bound; a sweep validates
+        again with the real layers (context `layers`: Spec → the names a trial prunes)."""
+        if self.train.budget_epochs is not None:
+            select = (info.context or {}).get("layers")
+            layers = select(self) if select else schedules.stand_in_layers(self.schedule.layers)
+            schedules.plan(self.schedule, self.train, layers)  # BudgetError is a ValueError
         return self
 
     # -- derived views -------------------------------------------------------------------------
@@ -266,7 +298,8 @@ class Spec(_Strict):
     def dense_hash(self) -> str:
         """Content hash of what determines the dense phase: trials with equal hashes share it."""
         d = self.model_dump(mode="json")
-        train = {k: v for k, v in d["train"].items() if k != "finetune_epochs"}
+        # what trains after the dense phase does not change it
+        train = {k: v for k, v in d["train"].items() if k not in ("finetune_epochs", "budget_epochs")}
         extra = {}
         if d["distill"]:
             extra["distill"] = d["distill"]  # the dense phase is distilled too
@@ -276,6 +309,15 @@ class Spec(_Strict):
             extra["penalty"] = {"groups": "channels", "layers": self.schedule.layers}
         return _hash({"format": DENSE_FORMAT, "seed": d["seed"], "model": d["model"], "data": d["data"],
                       "train": train, **extra})
+
+
+    def ticket_hash(self, targets: list[float]) -> str:
+        """Content hash of a lottery ticket's weight-rewinding rounds to `targets`: its dense
+        phase and what prunes and rewinds (not the method, sparsity or control that asked)."""
+        s = self.schedule
+        return _hash({"dense": self.dense_hash(), "targets": targets, "criterion": s.criterion, "scope": s.scope,
+                      "layers": s.layers, "rewind_epoch": s.rewind_epoch, "synflow_iters": s.synflow_iters,
+                      "n_m": s.n_m})
 
 
 def _hash(obj: Any) -> str:
@@ -485,6 +527,15 @@ class LoadedSpec:
                 _del_dotted(raw, key)
         return validate(raw)
 
+    def rewind_points(self) -> list[float]:
+        """The `schedule.rewind_epoch` values this spec's trials may ask for, where they are a
+        finite set (fixed, or a choice): a dense phase saves the fractional ones as it passes."""
+        entry = self.space.get("schedule.rewind_epoch")
+        if entry is None:
+            value = self.raw.get("schedule", {}).get("rewind_epoch")
+            return [value] if _is_number(value) else []
+        return [v for v in entry.args if _is_number(v)] if entry.kind == "choice" else []
+
     def trial_spec(self) -> Spec:
         """The one spec a `prunetune trial` runs: every searched key that matters must be fixed."""
         method = self.raw.get("schedule", {}).get("method", ScheduleSpec().method)
@@ -553,8 +604,10 @@ def validate(raw: dict) -> Spec:
         raise UserError(format_validation_error(exc)) from None
 
 
-def _check_space(raw: dict, space: dict[str, SearchEntry], unused_is_error: bool = True) -> None:
-    """Validate every searched value (each choice, both ends of each range), per method."""
+def _check_space(raw: dict, space: dict[str, SearchEntry], unused_is_error: bool = True,
+                 layers: Callable[[Spec], list[str]] | None = None) -> None:
+    """Validate every searched value (each choice, both ends of each range), per method; `layers`:
+    the layers a trial of a spec prunes, where known (see `check_with_layers`)."""
     method_entry = space.get("schedule.method")
     if method_entry is not None:
         for m in method_entry.probe_values():
@@ -597,10 +650,17 @@ def _check_space(raw: dict, space: dict[str, SearchEntry], unused_is_error: bool
                 for k, v in params.items():
                     set_dotted(raw_try, k, v)
                 try:
-                    Spec.model_validate(raw_try)
+                    Spec.model_validate(raw_try, context={"layers": layers})
                 except ValidationError as exc:
                     what = f" [searched value {value!r} of {key}]" if key else f" [schedule.method {method}]"
                     raise UserError(f"{format_validation_error(exc)}{what}") from None
+
+
+def check_with_layers(loaded: LoadedSpec, layers: Callable[[Spec], list[str]]) -> None:
+    """Validate every searched value again, now with `layers(spec)` the layers a trial of it would
+    prune (known once the model is built): what depends on them (a layerwise schedule under
+    train.budget_epochs) is checked before any trial starts. Raises UserError."""
+    _check_space(loaded.raw, loaded.space, layers=layers)
 
 
 def _check_structured(raw: dict, space: dict[str, SearchEntry]) -> None:
@@ -666,7 +726,9 @@ def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = 
     _check_space(raw, space, unused_is_error=not for_trial)
     _check_structured(raw, space)
     loaded = LoadedSpec(p, raw, space)
-    _check_objectives(loaded.fixed_spec(), space)  # full validation with searched keys at a representative value
+    fixed = loaded.fixed_spec()  # full validation with searched keys at a representative value
+    if not for_trial:  # one trial selects nothing
+        _check_objectives(fixed, space)
     return loaded
 
 

@@ -80,6 +80,14 @@ class Trainer:
         self._use_amp = train_spec.amp and self.device.type == "cuda"
         self._amp_dtype = torch.bfloat16 if self._use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self._scaler = torch.amp.GradScaler("cuda", enabled=self._use_amp and self._amp_dtype == torch.float16)
+        # CUDA only (ignored on a CPU): channels-last parameters and inputs (the parameters stay the
+        # same objects, so masks and the optimiser still hold them), and a compiled training forward:
+        # a wrapper, so `self.model` and its state_dict keys stay as they were (no `_orig_mod.`)
+        cuda = self.device.type == "cuda"
+        self._channels_last = train_spec.channels_last and cuda
+        if self._channels_last:
+            model.to(memory_format=torch.channels_last)
+        self._forward = torch.compile(model) if train_spec.compile and cuda else model
         self._reset_epoch_stats()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -90,6 +98,9 @@ class Trainer:
         self._seen = 0
         self._steps_in_epoch = 0
         self._epoch_start = time.perf_counter()
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
 
     def autocast(self):
         if self._use_amp:
@@ -123,6 +134,24 @@ class Trainer:
             self.new_optimizer()
             self.optimizer.load_state_dict(state["optimizer"])
         self.global_step, self.history, self.clock = state["global_step"], list(state["history"]), clock
+
+    def progress(self) -> dict:
+        """Where training stands, in plain types (a `weights_only` load reads it): the step, the
+        clock, the history and the epoch in progress (a phase may end mid-epoch)."""
+        return {"global_step": self.global_step, "clock": self.clock, "history": list(self.history),
+                "loss_sum": float(self._loss_sum), "distill_sum": float(self._distill_sum),
+                "correct": int(self._correct), "seen": self._seen, "steps_in_epoch": self._steps_in_epoch,
+                "lr": getattr(self, "_lr", 0.0)}
+
+    def restore_progress(self, state: dict) -> None:
+        """Stand where `progress()` was taken, with no optimiser (the next phase starts one)."""
+        self.optimizer = None
+        self.global_step, self.clock, self.history = state["global_step"], state["clock"], list(state["history"])
+        self._reset_epoch_stats()
+        self._loss_sum.fill_(state["loss_sum"])
+        self._distill_sum.fill_(state["distill_sum"])
+        self._correct.fill_(state["correct"])
+        self._seen, self._steps_in_epoch, self._lr = state["seen"], state["steps_in_epoch"], state["lr"]
 
     @property
     def epoch(self) -> int:
@@ -171,8 +200,9 @@ class Trainer:
             # batch order does: a resumed trial, or a replayed dense phase, retraces it.
             torch.manual_seed(step_seed(self.seed, self.global_step))
             x, y = self.data.train_batch(self._batch_index(self.global_step))
+            x = self._input(x)
             with self.autocast():
-                logits = self.model(x)
+                logits = self._forward(x)
                 loss = self.loss_fn(logits, y)
                 if self.distiller is not None:
                     soft = self.distiller.soft_loss(logits, x)
@@ -225,7 +255,7 @@ class Trainer:
         logits, labels = [], []
         for x, y in self.data.eval_batches(split, 2 * self.batch_size):
             with self.autocast():
-                logits.append(self.model(x).float())
+                logits.append(self.model(self._input(x)).float())
             labels.append(y)
         self.model.train(was_training)
         return torch.cat(logits).cpu().numpy(), torch.cat(labels).cpu().numpy()

@@ -8,13 +8,14 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 import os
 import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -154,6 +155,35 @@ def _settle(tmp: Path, final: Path, owner: str) -> Path:
     return tmp
 
 
+def nm_layers(model: torch.nn.Module, names: list[str], m: int) -> list[str]:
+    """The layers of `names` whose input dimension splits into groups of M (l1_nm prunes those)."""
+    modules = dict(model.named_modules())
+    return [n for n in names if nm_compatible(modules[n].weight, m)]
+
+
+class LayerSelection:
+    """Spec → the layers a trial of it prunes, from the model built on this machine (no weights
+    loaded, no training; once per model and image size). A sweep's driver checks with it, before
+    any trial starts, what depends on the layers (`spec.check_with_layers`)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self._built: dict[str, tuple[torch.nn.Module, list[str]]] = {}
+
+    def __call__(self, spec: Spec) -> list[str]:
+        size, channels = spec.data.image_size, self.dataset.in_channels
+        key = json.dumps([spec.model.model_dump(mode="json"), size])
+        if key not in self._built:
+            model = build_model(spec.model.model_copy(update={"weights": None}), len(self.dataset.classes),
+                                channels, size)
+            self._built[key] = model, prunable_layers(model, channels, size)
+        model, layers = self._built[key]
+        selected = schedules.select_layers(layers, spec.schedule.layers)
+        if registry.is_pattern(spec.schedule.criterion):
+            selected = nm_layers(model, selected, spec.schedule.n_m[1])
+        return selected
+
+
 def _state_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -166,13 +196,18 @@ class Trial:
     """The pieces of one trial, built from a resolved spec (see `run_trial`)."""
 
     def __init__(self, spec: Spec, report: Report | None = None, teacher_dir: Path | None = None,
-                 dataset: Dataset | None = None):
+                 dataset: Dataset | None = None, rewind_epochs: Iterable[float] = ()):
         """`teacher_dir`: the distillation teacher's checkpoint directory, when `distill.teacher`
         is a run id (resolved by the caller); by default `distill.teacher` itself. `dataset`: the
-        spec's data already loaded (a sweep shares one copy per node), else it is loaded here."""
+        spec's data already loaded (a sweep shares one copy per node), else it is loaded here.
+        `rewind_epochs`: other rewind points (epochs) the trials sharing this dense phase may ask
+        for; a dense phase trained here saves the fractional ones as it passes them."""
         self._start = time.perf_counter()
         self.spec = spec
         self.report = report or (lambda metrics, epoch: None)
+        self.rewind_epochs = tuple(rewind_epochs)
+        self._muted = False  # a control's search for the ticket's mask reports nothing
+        self._caching = False  # in a cached ticket round: no resume checkpoint (the cache keeps rounds)
         torch.manual_seed(spec.seed)
         np.random.seed(spec.seed % 2**32)
         self.device = resolve_device(spec.train.device)
@@ -189,6 +224,7 @@ class Trial:
         self.example = torch.zeros(1, self.dataset.in_channels, size, size, device=self.device)
         self.criterion = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
         self._nm_layers()
+        self.plan()  # a schedule that does not fit train.budget_epochs fails here, before any training
         groups = None
         if registry.is_structured(spec.schedule.criterion):
             # the last layer is the classifier head: its outputs are the classes
@@ -209,7 +245,7 @@ class Trial:
                                 "(an MLflow run id is resolved by `prunetune trial` and `prunetune sweep`)")
             self.distiller = Distiller(directory, spec, self.dataset, self.data)
         # through a lambda, so `trial.report` may be set after construction (once a run exists)
-        self.trainer = self._trainer(self.model, self.masks, lambda metrics, epoch: self.report(metrics, epoch))
+        self.trainer = self._trainer(self.model, self.masks, self._report)
         self.compact: torch.nn.Module | None = None
         self.phase_index, self.phase_start_clock = -1, 0.0  # -1: the dense phase
         self.resumed_from_epoch: int | None = None  # set when `run` continues a saved state
@@ -221,12 +257,15 @@ class Trial:
         if not registry.is_pattern(self.spec.schedule.criterion):
             return
         m = self.spec.schedule.n_m[1]
-        modules = dict(self.model.named_modules())
-        fits = [n for n in self.selected if nm_compatible(modules[n].weight, m)]
+        fits = nm_layers(self.model, self.selected, m)
         if not fits:
             raise UserError(f"schedule.n_m: no selected layer has an input dimension divisible by M={m} "
                             f"(selected: {', '.join(self.selected)})")
         self.selected = fits
+
+    def _report(self, metrics: dict, epoch: int) -> None:
+        if not self._muted:
+            self.report(metrics, epoch)
 
     def criteria_context(self) -> Context:
         """What the criteria that score through the model use: the model, an example input and
@@ -244,12 +283,18 @@ class Trial:
         return Context(self.model, self.example, batches, self.spec.schedule.synflow_iters,
                        tuple(self.spec.schedule.n_m))
 
-    def prune(self, target: float, layers: list[str], scope: str, generator: torch.Generator) -> None:
-        """Prune by the schedule's criterion; then, with `mask_control: shuffle`, permute each
-        layer's mask (the control of Frankle et al. 2021: same per-layer density, random places)."""
+    def prune(self, target: float, layers: list[str], scope: str, generator: torch.Generator,
+              shuffle: bool = False) -> None:
+        """Prune by the schedule's criterion; with `shuffle`, then permute each layer's mask (the
+        control of Frankle et al. 2021: same per-layer density, random places), its survivors
+        starting from the values their places had before this prune, not from the zeros it left."""
+        before = {n: self.masks.weights[n].detach().clone() for n in layers} if shuffle else {}
         self.masks.prune(target, self.criterion, layers, scope, generator, self.criteria_context())
-        if self.spec.schedule.mask_control == "shuffle":
+        if shuffle:
             self.masks.shuffle(layers, generator)
+            with torch.no_grad():
+                for n, values in before.items():
+                    self.masks.weights[n].copy_(values * self.masks.masks[n])
 
     def _trainer(self, model: torch.nn.Module, masks: Masks, report: Report) -> Trainer:
         """A Trainer of `model` with this trial's recipe (and group-lasso penalty, and teacher)."""
@@ -277,8 +322,7 @@ class Trial:
 
         def run(folder: Path) -> None:
             torch.save(_state_cpu(self.model), folder / "epoch_0.pt")
-            self.trainer.run(train.dense_epochs, self._dense_lr,
-                             on_epoch_end=lambda e: torch.save(_state_cpu(self.model), folder / f"epoch_{e}.pt"))
+            self._train_dense(folder)
             (folder / "history.json").write_text(json.dumps(self.trainer.history))
             # the unpruned reference, evaluated once per dense phase and shared like it
             (folder / "dense.json").write_text(json.dumps({"test_acc": self.trainer.evaluate("test")["acc"]}))
@@ -295,9 +339,30 @@ class Trial:
             self.dense_test_acc = self.trainer.evaluate("test")["acc"]
         return entry
 
+    def _train_dense(self, folder: Path) -> None:
+        """The dense phase, saving the weights after every epoch and at the fractional rewind
+        points trials may ask for (`step_<k>.pt`): a saved point is exact on any device, where a
+        replay is exact only with deterministic kernels (a CPU's; not CUDA's by default)."""
+        spe, epochs = self.trainer.steps_per_epoch, self.spec.train.dense_epochs
+        points = {round(e * spe) for e in (self.spec.schedule.rewind_epoch, *self.rewind_epochs)}
+        stops = sorted(k for k in points if 0 < k < epochs * spe and k % spe)
+        # the lr of the dense schedule at the absolute step, so stopping on the way changes nothing
+        lr_at = lambda t: self._dense_lr(self.trainer.global_step / spe)  # noqa: E731
+        save_epoch = lambda e: torch.save(_state_cpu(self.model), folder / f"epoch_{e}.pt")  # noqa: E731
+        for k in stops:
+            self.trainer.run(k / spe - self.trainer.clock, lr_at, on_epoch_end=save_epoch)
+            torch.save(_state_cpu(self.model), folder / f"step_{k}.pt")
+        self.trainer.run(epochs - self.trainer.clock, lr_at, on_epoch_end=save_epoch)
+
     def _dense_lr(self, t: float) -> float:
         train = self.spec.train
         return train.lr * lr_shape(train.lr_schedule, t, train.dense_epochs)
+
+    def _final_dense_lr(self) -> float:
+        """The dense schedule's learning rate at its last optimiser step (Renda et al.'s
+        fine-tuning rate)."""
+        spe = self.trainer.steps_per_epoch
+        return self._dense_lr(max(0, self.spec.train.dense_epochs * spe - 1) / spe)
 
     def rewind_state(self, entry: Path) -> dict[str, torch.Tensor]:
         """The dense phase's weights at `schedule.rewind_epoch`, counted in optimiser steps: a
@@ -311,6 +376,10 @@ class Trial:
         path = entry / f"step_{step}.pt"
         if path.is_file():
             return torch.load(path, map_location="cpu", weights_only=True)
+        if self.device.type == "cuda":  # CUDA's default kernels are not deterministic
+            logging.getLogger(__name__).warning(
+                "rewind_epoch %g was not saved by the dense phase: replaying it on CUDA, which is close "
+                "to the original but not bit-exact", self.spec.schedule.rewind_epoch)
         state = self.replay_dense(entry, step)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         torch.save(state, tmp)
@@ -341,7 +410,10 @@ class Trial:
     # -- the schedule --------------------------------------------------------------------------
     def plan(self) -> list[schedules.Phase]:
         """The phases after the dense phase."""
-        return schedules.plan(self.spec.schedule, self.spec.train, self.selected)
+        try:
+            return schedules.plan(self.spec.schedule, self.spec.train, self.selected)
+        except schedules.BudgetError as exc:  # train.budget_epochs below the selected layers' steps
+            raise UserError(str(exc)) from None
 
     def run_phase(self, index: int, phase: schedules.Phase, dense_entry: Path, resumed: bool = False) -> None:
         """Carry out one phase; `resumed`: its start (prune, rewind) was done before a checkpoint."""
@@ -351,14 +423,19 @@ class Trial:
             self._start_phase(index, phase, dense_entry)
         if t.optimizer is None:
             t.new_optimizer(phase.lr_factor)
-        t.run(phase.epochs, lambda e: train.lr * phase.lr_factor
-              * lr_shape(train.lr_schedule, phase.lr_offset + e, phase.lr_horizon))
+        if phase.final_lr:
+            final = self._final_dense_lr() * phase.lr_factor
+            t.run(phase.epochs, lambda e: final)
+        else:
+            t.run(phase.epochs, lambda e: train.lr * phase.lr_factor
+                  * lr_shape(train.lr_schedule, phase.lr_offset + e, phase.lr_horizon))
 
     def _start_phase(self, index: int, phase: schedules.Phase, dense_entry: Path) -> None:
         t = self.trainer
         if phase.prune is not None:
             gen = torch.Generator().manual_seed(self.spec.seed * 7919 + index)
-            self.prune(phase.prune.target, phase.prune.layers or self.selected, phase.prune.scope, gen)
+            self.prune(phase.prune.target, phase.prune.layers or self.selected, phase.prune.scope, gen,
+                       shuffle=phase.shuffle)
             if t.optimizer is not None:
                 self.masks.mask_optimizer_state(t.optimizer)
         if phase.rewind:
@@ -418,21 +495,69 @@ class Trial:
             resume_from: Path | None = None) -> TrialResult:
         """Dense phase, schedule, final metrics and artifacts (see `run_trial`). With
         `resume_from` (a file written by `save_checkpoint`), continue where it was taken."""
-        out_dir = Path(out_dir)
-        entry = self.dense_phase(cache or DenseCache(), replay=resume_from is None)
+        out_dir, cache = Path(out_dir), cache or DenseCache()
+        entry = self.dense_phase(cache, replay=resume_from is None)
         first = 0
         if resume_from:
             first = self.load_checkpoint(resume_from)
             self.resumed_from_epoch = self.trainer.epoch
             self._replay(self.trainer.history)  # reports the process that saved it may not have delivered
-        for index, phase in enumerate(self.plan()):
-            if index >= first:
+        phases = self.plan()
+        if first == 0:
+            self.search_ticket_mask(phases, entry, cache)
+        for index, phase in enumerate(phases):
+            if index < first or phase.mask_search:
+                continue
+            if phase.ticket:
+                self.ticket_round(index, phases, entry, cache)
+            else:
                 self.run_phase(index, phase, entry, resumed=resume_from is not None and index == first)
         self.trainer.end_epoch()  # report a last, partial epoch if there is one
         metrics = self.final_metrics()
         metrics["trial_seconds"] = time.perf_counter() - self._start
         self.write_artifacts(out_dir, metrics)
         return TrialResult(metrics, out_dir, self.trainer.history)
+
+    def search_ticket_mask(self, phases: list[schedules.Phase], dense_entry: Path, cache: DenseCache) -> None:
+        """A control's mask search: the ticket's rounds before its last (`mask_search`, always
+        the plan's first phases), from the cache or trained and cached here. The model and masks
+        are left as that round left them; the training (steps, history, reports) is not this
+        trial's, so the trainer stands where it stood before."""
+        search = [i for i, p in enumerate(phases) if p.mask_search]
+        if not search:
+            return
+        before, self._muted = self.trainer.progress(), True
+        try:
+            for index in search:
+                self.ticket_round(index, phases, dense_entry, cache)
+        finally:
+            self._muted = False
+        self.trainer.restore_progress(before)
+
+    def ticket_round(self, index: int, phases: list[schedules.Phase], dense_entry: Path, cache: DenseCache) -> None:
+        """A round of the ticket (weight rewinding), cached like the dense phase and keyed by its
+        targets so far: the ticket's trial and its controls train each round once between them.
+        A hit loads the weights, masks and training progress and reports the round's epochs."""
+        key = self.spec.ticket_hash([p.prune.target for p in phases[:index + 1]])
+
+        def run(folder: Path) -> None:
+            self.run_phase(index, phases[index], dense_entry)
+            torch.save(_state_cpu(self.model), folder / "model.pt")
+            torch.save(self.masks.state_dict(), folder / "masks.pt")
+            torch.save(self.trainer.progress(), folder / "progress.pt")
+
+        self._caching = True
+        try:
+            folder, hit = cache.get(key, run)
+        finally:
+            self._caching = False
+        self.phase_index = index
+        if hit:
+            reported = len(self.trainer.history)
+            _load_state(self.model, folder / "model.pt")
+            self.masks.load_state_dict(torch.load(folder / "masks.pt", map_location="cpu", weights_only=True))
+            self.trainer.restore_progress(torch.load(folder / "progress.pt", weights_only=True))
+            self._replay(self.trainer.history[reported:])
 
     def _replay(self, rows: list[dict]) -> None:
         """Report epochs of the history again (receivers skip what they already hold)."""
@@ -442,8 +567,9 @@ class Trial:
     # -- checkpoints (resume) -----------------------------------------------------------------
     @property
     def can_checkpoint(self) -> bool:
-        """Checkpoints are taken after the dense phase (which the dense cache already keeps)."""
-        return self.phase_index >= 0
+        """Checkpoints are taken after the dense phase, outside the ticket's rounds (the cache
+        keeps those as it keeps the dense phase)."""
+        return self.phase_index >= 0 and not self._caching and not self._muted
 
     def save_checkpoint(self, path: Path) -> None:
         """The trial's state at an epoch boundary, loadable with weights_only=True."""

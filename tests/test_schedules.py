@@ -28,7 +28,8 @@ def test_step_targets_monotone_exact_end_clipped(sparsity, step):
 
 def _spec(method, **kw):
     s = dict(method=method, sparsity=0.8, step_size=0.3, step_epochs=1.5, rewind_epoch=1, scope="global",
-             start_epoch=1.0, end_epoch=7.0, redense_lr_factor=0.1, cycles=3, step_rule="fixed", retrain="finetune")
+             start_epoch=1.0, end_epoch=7.0, redense_lr_factor=0.1, cycles=3, step_rule="fixed", retrain="finetune",
+             mask_control="none")
     s.update(kw)
     return SimpleNamespace(**s), SimpleNamespace(finetune_epochs=2, dense_epochs=4)
 
@@ -142,7 +143,13 @@ def test_retraining_replays_the_dense_lr_schedule_from_rewind_epoch(method, retr
     assert [p.prune.target for p in phases] == targets  # no finetune phase after the rounds
     for p in phases:
         assert p.epochs == 3 and p.lr_offset == 1 and p.lr_horizon == 4 and p.restart
-        assert (p.rewind, p.reinit) == (retrain == "weight_rewind", retrain == "reinit")
+    *search, last = phases
+    assert (last.rewind, last.reinit, last.mask_search) == (retrain == "weight_rewind", retrain == "reinit", False)
+    # the reinit control trains the ticket's mask: the rounds before its last are the ticket's
+    # (weight rewinding), run only to find that mask
+    assert all((p.rewind, p.reinit, p.mask_search, p.ticket) == (True, False, True, True) if retrain == "reinit"
+               else (p.rewind, p.reinit, p.mask_search) == (retrain == "weight_rewind", False, False) for p in search)
+    assert last.ticket == (retrain == "weight_rewind")
 
 
 def test_lottery_is_iterative_with_weight_rewinding():
@@ -181,3 +188,92 @@ def test_schedules_import_no_torch():
     code = "import prunetune.pruning.schedules, prunetune.spec, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# -- equal budgets (train.budget_epochs) ---------------------------------------------------------
+
+def _budget_variants():
+    """Every registered method, with each retraining policy it reads and both mask controls
+    (a control's mask-search rounds are not its training): (method, retrain, mask_control)."""
+    from typing import get_args
+
+    from prunetune.spec import ScheduleSpec
+
+    retrains = get_args(ScheduleSpec.model_fields["retrain"].annotation)
+    return [(m, r, c) for m in schedules.METHODS
+            for r in (retrains if schedules.key_is_used(m, "retrain") else ["finetune"])
+            for c in ("none", "shuffle")]
+
+
+def _budget_spec(method, retrain, control, budget, **train):
+    """Real spec sections (no torch): every key a method may read, new ones included."""
+    from prunetune.spec import ScheduleSpec, TrainSpec
+
+    s = ScheduleSpec(method=method, retrain=retrain, mask_control=control, sparsity=0.8, step_size=0.3,
+                     step_epochs=1.5, rewind_epoch=1.0, start_epoch=1.0, end_epoch=7.0, cycles=3)
+    return s, TrainSpec(**{"dense_epochs": 4, "finetune_epochs": 2.0, "budget_epochs": budget, **train})
+
+
+def _own_epochs(s, train):
+    """A method's own epochs, by definition: what it trains with no fine-tuning and no budget."""
+    return schedules.trained_epochs(plan(s, train.model_copy(update={"finetune_epochs": 0.0, "budget_epochs": None}),
+                                         LAYERS))
+
+
+# own epochs here are at most 9 (lottery: 3 rounds × (4 − 1)); 9 is a budget with nothing left over
+@pytest.mark.parametrize("budget", [9, 12.5, 30, 101.3])
+@pytest.mark.parametrize("method,retrain,control", _budget_variants())
+def test_every_method_trains_exactly_the_budget_after_the_dense_phase(method, retrain, control, budget):
+    s, train = _budget_spec(method, retrain, control, budget)
+    phases = plan(s, train, LAYERS)
+    assert schedules.trained_epochs(phases) == pytest.approx(budget, abs=1e-9)
+    assert all(p.epochs >= 0 for p in phases)
+    # the budget changes how long, never what is pruned
+    free = plan(s, train.model_copy(update={"budget_epochs": None}), LAYERS)
+    assert [p.prune for p in phases if p.prune] == [p.prune for p in free if p.prune]
+
+
+@pytest.mark.parametrize("method,retrain,control", _budget_variants())
+def test_a_budget_below_the_methods_own_steps_is_refused(method, retrain, control):
+    s, train = _budget_spec(method, retrain, control, None)
+    own = _own_epochs(s, train)
+    if own == 0:  # oneshot with finetune prunes and fine-tunes: no step of its own
+        return
+    fits = plan(s, train.model_copy(update={"budget_epochs": own}), LAYERS)
+    assert schedules.trained_epochs(fits) == pytest.approx(own)
+    with pytest.raises(schedules.BudgetError, match=r"^train\.budget_epochs \(.*\) is less than the .* epochs"):
+        plan(s, train.model_copy(update={"budget_epochs": own - 0.25}), LAYERS)
+
+
+def test_without_a_budget_finetune_epochs_is_as_given():
+    for method, retrain, control in _budget_variants():
+        s, train = _budget_spec(method, retrain, control, None)
+        ns = SimpleNamespace(**{k: getattr(train, k) for k in ("dense_epochs", "finetune_epochs")})
+        assert plan(s, train, LAYERS) == plan(s, ns, LAYERS), (method, retrain, control)
+
+
+def test_the_remainder_goes_where_finetune_epochs_would():
+    s, train = _budget_spec("ist", "finetune", "none", 20)  # 3 cycles of 1.5 sparse epochs
+    phases = plan(s, train, LAYERS)
+    assert [p.epochs for p in phases if p.release_masks] == pytest.approx([(20 - 4.5) / 3] * 3)
+    assert phases[-1].lr_horizon == pytest.approx(20)  # one lr schedule over the budget
+    s, train = _budget_spec("layerwise", "finetune", "none", 20)
+    assert [p.epochs for p in plan(s, train, LAYERS)] == [1.5] * 4 + [14]
+    s, train = _budget_spec("dsd", "finetune", "none", 20)
+    assert [(p.name, p.epochs) for p in plan(s, train, LAYERS)] == [("sparse1", 1.5), ("redense1", 18.5)]
+
+
+@pytest.mark.parametrize("method,retrain", [("lottery", "finetune"), ("iterative", "lr_rewind"),
+                                            ("oneshot", "reinit")])
+def test_rewinding_retraining_gets_the_remainder_as_a_final_finetune(method, retrain):
+    s, train = _budget_spec(method, retrain, "none", 20)
+    phases = plan(s, train, LAYERS)
+    rounds, last = phases[:-1], phases[-1]
+    assert rounds == plan(s, train.model_copy(update={"budget_epochs": None}), LAYERS)  # unchanged
+    assert last.name == "finetune" and last.prune is None and last.restart  # a fresh optimiser
+    assert (last.epochs, last.lr_offset, last.lr_horizon) == (20 - schedules.trained_epochs(rounds), 0, last.epochs)
+
+
+def test_stand_in_layers_count_what_the_spec_knows():
+    assert len(schedules.stand_in_layers("first:5")) == len(schedules.stand_in_layers("last:5")) == 5
+    assert len(schedules.stand_in_layers("all")) == len(schedules.stand_in_layers(["features.*"])) == 1

@@ -135,10 +135,12 @@ def test_a_reinit_trial_reaches_its_target_and_trains(tmp_path):
                                                       schedule__step_size=0.3, schedule__sparsity=0.6,
                                                       schedule__step_rule="geometric")).trial_spec(), tmp_path)
     assert result.metrics["sparsity"] == pytest.approx(0.6, abs=1e-3)
-    # 2 dense epochs, then rounds to 0.3, 0.51, 0.6 (1 − 0.7^k, the last clipped), each retrained
-    # for dense_epochs − rewind_epoch = 2 epochs
-    assert len(result.history) == 2 + 3 * 2
-    assert [round(h["sparsity"], 2) for h in result.history[3::2]] == [0.3, 0.51, 0.6]
+    # 2 dense epochs, then the ticket's rounds to 0.3 and 0.51 (1 − 0.7^k) find the mask without
+    # being this trial's training; the control trains the final 0.6 mask once, for
+    # dense_epochs − rewind_epoch = 2 epochs
+    assert len(result.history) == 2 + 2
+    assert [round(h["sparsity"], 2) for h in result.history[2:]] == [0.6, 0.6]
+    assert result.metrics["train_epochs_total"] == 4
 
 
 def test_retrain_keys_are_validated():
@@ -155,3 +157,115 @@ def test_retrain_keys_are_validated():
     assert set(loaded.space) == {"schedule.method", "schedule.retrain", "schedule.rewind_epoch"}
     with pytest.raises(UserError, match="never uses it"):
         spec.load(None, raw=digits_raw(schedule__method="oneshot", schedule__rewind_epoch={"uniform": [0.0, 1.0]}))
+
+
+# -- the controls as Frankle et al. (2021) and open_lth run them --------------------------------
+
+def _nonzero(path):
+    state = torch.load(path / "checkpoint" / "model.pt", weights_only=True)
+    return {k: v != 0 for k, v in state.items() if k.endswith("weight") and v.dim() in (2, 4)}
+
+
+def test_a_shuffled_mask_trains_its_survivors_from_their_values_not_from_zero(tmp_path):
+    """The check from outside: oneshot to 0.9 with a shuffled mask and no training after it
+    leaves exactly 10% of the weights non-zero (the shuffled survivors keep their trained
+    values; before the fix most of them sat at the zeros the prune had left)."""
+    run_trial(spec.validate(digits_raw(schedule__sparsity=0.9, schedule__mask_control="shuffle",
+                                       train__finetune_epochs=0)), tmp_path)
+    kept = _nonzero(tmp_path)
+    total = sum(m.numel() for m in kept.values())
+    assert sum(int(m.sum()) for m in kept.values()) / total == pytest.approx(0.1, abs=2 / total)
+
+
+def test_the_reinit_control_trains_the_tickets_mask(tmp_path):
+    """iterative + reinit and iterative + weight_rewind, same seed and schedule, end on the same
+    non-zero pattern; and the control trains once, taking the ticket's rounds from the cache."""
+    cache = DenseCache(tmp_path / "cache")
+    raw = dict(schedule__method="iterative", schedule__step_size=0.4, schedule__sparsity=0.8,
+               schedule__step_rule="geometric", schedule__rewind_epoch=0.5)
+    ticket = run_trial(spec.validate(digits_raw(schedule__retrain="weight_rewind", **raw)), tmp_path / "t", cache=cache)
+    entries = {p for p in (tmp_path / "cache").iterdir()}
+    control = run_trial(spec.validate(digits_raw(schedule__retrain="reinit", **raw)), tmp_path / "c", cache=cache)
+    assert {p for p in (tmp_path / "cache").iterdir()} == entries  # every round it needed was cached
+    a, b = _nonzero(tmp_path / "t"), _nonzero(tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 0.4, 0.64, 0.784, 0.8: the ticket trains 4 rounds of 1.5 epochs, the control one
+    assert ticket.metrics["train_epochs_total"] == pytest.approx(2 + 4 * 1.5)
+    assert control.metrics["train_epochs_total"] == pytest.approx(2 + 1.5, abs=0.5 / 21)  # to a step
+
+
+def test_the_ticket_takes_its_rounds_from_a_control_that_found_them(tmp_path):
+    """The other order: a control first trains the ticket's rounds before the last (reporting
+    none of them); the ticket then reports them from the cache and trains only its last round,
+    ending where a ticket trained alone ends."""
+    raw = digits_raw(schedule__method="lottery", schedule__step_size=0.5, schedule__sparsity=0.75,
+                     schedule__step_rule="geometric", schedule__rewind_epoch=1)
+    alone = run_trial(spec.validate(raw), tmp_path / "alone", cache=DenseCache(tmp_path / "a"))
+    cache = DenseCache(tmp_path / "b")
+    shuffled = run_trial(spec.validate({**raw, "schedule": {**raw["schedule"], "mask_control": "shuffle"}}),
+                         tmp_path / "s", cache=cache)
+    reported = []
+    trial = Trial(spec.validate(raw), lambda m, e: reported.append(e))
+    shared = trial.run(tmp_path / "shared", cache)
+    assert [h["epoch"] for h in shuffled.history] == [0, 1, 2]  # dense, then one round of 1 epoch
+    assert reported == [0, 1, 2, 3]  # dense, the cached round, the round trained here
+    assert shared.metrics["test_acc"] == alone.metrics["test_acc"]
+    assert shared.history == [dict(h, epoch_seconds=s["epoch_seconds"]) for h, s in zip(alone.history, shared.history)]
+    # the shuffled control: the ticket's per-layer densities, other places, rewound values
+    a, s = _nonzero(tmp_path / "alone"), _nonzero(tmp_path / "s")
+    assert all(int(a[k].sum()) == int(s[k].sum()) for k in a)
+    assert any(not torch.equal(a[k], s[k]) for k in a)
+
+
+def test_shuffling_needs_a_value_for_every_weight_it_may_keep():
+    from prunetune.errors import UserError
+
+    for method, retrain in (("iterative", "finetune"), ("iterative", "lr_rewind"), ("gradual", "finetune")):
+        with pytest.raises(UserError, match="mask_control shuffle needs a value"):
+            spec.validate(digits_raw(schedule__method=method, schedule__retrain=retrain,
+                                     schedule__mask_control="shuffle"))
+    for method, retrain in (("iterative", "reinit"), ("iterative", "weight_rewind"), ("layerwise", "finetune")):
+        spec.validate(digits_raw(schedule__method=method, schedule__retrain=retrain, schedule__mask_control="shuffle"))
+
+
+# -- Renda et al.'s fine-tuning baseline --------------------------------------------------------
+
+def test_finetune_final_lr_retrains_each_round_at_the_dense_schedules_last_rate(tmp_path):
+    seen = []
+    trial = Trial(spec.validate(digits_raw(schedule__method="iterative", schedule__retrain="finetune_final_lr",
+                                           schedule__step_size=0.5, schedule__sparsity=0.75,
+                                           schedule__step_rule="geometric", schedule__rewind_epoch=0.5,
+                                           train__lr_schedule="step")),
+                  lambda m, e: seen.append(m["lr"]))
+    phases = trial.plan()
+    # the same budget per round as rewinding to 0.5: dense_epochs − rewind_epoch
+    assert [(p.epochs, p.final_lr, p.rewind, p.restart) for p in phases] == [(1.5, True, False, True)] * 2
+    trial.run(tmp_path, DenseCache(tmp_path / "cache"))
+    spe = trial.trainer.steps_per_epoch
+    # the step schedule's last rate (×0.01 after 75% of the dense phase), held for every round
+    assert seen[2:] == [pytest.approx(0.05 * 0.01)] * (len(seen) - 2)
+    assert trial.trainer.global_step == 2 * spe + round(3 * spe)
+
+
+# -- exactness of a fractional rewind -------------------------------------------------------------
+
+def test_fractional_rewind_points_are_saved_as_the_dense_phase_passes_them(tmp_path):
+    """A saved point is exact on any device (a CUDA replay is not bit-exact by default): the
+    trial's own point and the sweep's other points are written during the dense phase, and
+    equal the (CPU-exact) replay."""
+    trial = Trial(spec.validate(digits_raw(schedule__method="lottery", schedule__rewind_epoch=0.5,
+                                           train__dense_epochs=2, data__augment=["flip"])),
+                  rewind_epochs=[0.25, 1, 1.5])
+    entry = trial.dense_phase(DenseCache(tmp_path / "cache"))
+    spe = trial.trainer.steps_per_epoch
+    steps = sorted(int(p.stem.split("_")[1]) for p in entry.glob("step_*.pt"))
+    assert steps == sorted({round(0.25 * spe), round(0.5 * spe), round(1.5 * spe)})
+    for k in steps:
+        saved = torch.load(entry / f"step_{k}.pt", weights_only=True)
+        assert all(torch.equal(saved[n], v) for n, v in trial.replay_dense(entry, k).items())
+    # stopping on the way changed nothing: the epoch ends equal a dense phase trained straight
+    plain = Trial(spec.validate(digits_raw(train__dense_epochs=2, data__augment=["flip"])))
+    other = plain.dense_phase(DenseCache(tmp_path / "plain"))
+    for e in (1, 2):
+        a, b = (torch.load(x / f"epoch_{e}.pt", weights_only=True) for x in (entry, other))
+        assert all(torch.equal(a[n], b[n]) for n in a)

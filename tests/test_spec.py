@@ -66,6 +66,11 @@ def error_of(tmp_path, text, sets=(), for_trial=False) -> str:
     ("name: a\nschedule: {criterion: l1_nm, sparsity: 0.5, mask_control: shuffle}\n",
      ["schedule.mask_control", "l1_nm"]),
     ("name: a\nsearch: {objectives: [{metric: nm_valid, mode: max}]}\n", ["nm_valid", "l1_nm"]),
+    # the default objective, val_acc, on data that has no validation split
+    ("name: a\ndata: {val_fraction: 0}\n", ["search.objectives", "val_acc", "data.val_fraction"]),
+    ("name: a\ndata: {dataset: cifar10, val_fraction: 0}\n", ["search.objectives", "val_acc", "data.val_fraction"]),
+    ("name: a\ndata: {val_fraction: {choice: [0, 0.1]}}\n", ["search.objectives", "val_acc", "data.val_fraction"]),
+    ("name: a\ndata: {dataset: imagefolder, root: nowhere, val_fraction: 0}\n", ["val_acc", "imagefolder with a val/"]),
 ])
 def test_bad_spec_is_one_clear_error(tmp_path, text, needles):
     message = error_of(tmp_path, text)
@@ -80,6 +85,17 @@ def test_an_nm_criterion_may_remove(tmp_path):
     loaded = spec.load(write(tmp_path, "name: a\nschedule: {criterion: l1_nm, sparsity: 0.5, remove: true}\n"))
     assert loaded.fixed_spec().schedule.remove is True
     assert "schedule.remove" in error_of(tmp_path, "name: a\nschedule: {criterion: l1_unstructured, remove: true}\n")
+
+
+def test_val_acc_objective_needs_a_validation_split_that_exists(tmp_path):
+    """val_fraction 0 is fine where the dataset publishes a val split, or where the objective is
+    not val_acc."""
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    for data in ("{dataset: medmnist, root: x.npz, val_fraction: 0}",
+                 f"{{dataset: imagefolder, root: {tmp_path / 'images'}, val_fraction: 0}}",
+                 "{val_fraction: {uniform: [0.05, 0.2]}}"):
+        spec.load(write(tmp_path, f"name: a\ndata: {data}\n"))
+    spec.load(write(tmp_path, "name: a\ndata: {val_fraction: 0}\nsearch: {objectives: [{metric: test_acc, mode: max}]}\n"))
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

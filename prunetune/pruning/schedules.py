@@ -33,7 +33,15 @@ class Phase:
     again; pruned ones restart at zero); `restart` starts a fresh optimiser. Then `epochs` of
     training (fractional: a part of an epoch). The learning rate at epoch t of the phase is the
     spec's schedule evaluated at `lr_offset + t` of a schedule `lr_horizon` epochs long, times
-    `lr_factor`.
+    `lr_factor`; with `final_lr`, it stays at the dense schedule's last value instead (Renda et
+    al.'s fine-tuning).
+
+    `shuffle`: after the prune, permute the mask of the layers it pruned (the control of Frankle
+    et al. 2021); survivors start from the values their positions had before the prune (or the
+    rewound / re-initialised ones). `ticket`: a weight-rewinding round that depends only on the
+    rounds before it, so it is cached and shared (by the ticket and its controls).
+    `mask_search`: a ticket round a control runs only to find the ticket's mask; its training is
+    not the trial's (not reported, not counted in its epochs).
     """
 
     name: str
@@ -46,6 +54,10 @@ class Phase:
     lr_offset: float = 0.0
     lr_horizon: float = 0.0
     lr_factor: float = 1.0
+    final_lr: bool = False
+    shuffle: bool = False
+    ticket: bool = False
+    mask_search: bool = False
 
 
 def step_targets(sparsity: float, step_size: float, rule: str = "fixed") -> list[float]:
@@ -72,18 +84,39 @@ def _one_lr_schedule(phases: list[Phase]) -> list[Phase]:
     return out
 
 
-def _retrain_round(name: str, s, train, target: float, retrain: str) -> Phase:
-    """Prune to `target`, then retrain dense_epochs − rewind_epoch epochs on the dense phase's
-    learning-rate schedule replayed from rewind_epoch (Renda et al. 2020), from the trained
-    weights (lr_rewind), the rewind snapshot (weight_rewind) or a fresh initialisation (reinit)."""
+def _retrain_round(name: str, s, train, target: float, retrain: str, **flags) -> Phase:
+    """Prune to `target`, then retrain dense_epochs − rewind_epoch epochs (Renda et al. 2020):
+    on the dense phase's learning-rate schedule replayed from rewind_epoch, from the trained
+    weights (lr_rewind), the rewind snapshot (weight_rewind) or a fresh initialisation (reinit);
+    or from the trained weights at the dense schedule's final learning rate (finetune_final_lr,
+    Renda et al.'s fine-tuning baseline at the same budget)."""
     return Phase(name, train.dense_epochs - s.rewind_epoch, Prune(target, scope=s.scope),
                  rewind=retrain == "weight_rewind", reinit=retrain == "reinit", restart=True,
-                 lr_offset=s.rewind_epoch, lr_horizon=train.dense_epochs)
+                 lr_offset=s.rewind_epoch, lr_horizon=train.dense_epochs,
+                 final_lr=retrain == "finetune_final_lr", **flags)
+
+
+def _retraining_rounds(s, train, targets: list[float], retrain: str) -> list[Phase]:
+    """One retraining round per target. The ticket's rounds (weight_rewind) are cached and shared.
+    Its controls (reinit; weight_rewind with a shuffled mask) train the ticket's own mask, as
+    Frankle & Carbin (2019) and Frankle et al. (2021) do: the rounds before the last are the
+    ticket's, run only to find its mask; the last prunes to the ticket's final mask, then
+    re-initialises (or shuffles and rewinds) it and trains it once."""
+    control = retrain == "reinit" or (retrain == "weight_rewind" and s.mask_control == "shuffle")
+    rounds = []
+    for i, target in enumerate(targets):
+        if control and i < len(targets) - 1:
+            rounds.append(_retrain_round(f"ticket{i + 1}", s, train, target, "weight_rewind",
+                                         ticket=True, mask_search=True))
+        else:
+            rounds.append(_retrain_round(f"round{i + 1}", s, train, target, retrain,
+                                         ticket=retrain == "weight_rewind" and not control))
+    return rounds
 
 
 def oneshot(s, train, layers: Sequence[str]) -> list[Phase]:
     if s.retrain != "finetune":
-        return [_retrain_round("prune", s, train, s.sparsity, s.retrain)]
+        return _retraining_rounds(s, train, [s.sparsity], s.retrain)
     return _one_lr_schedule([Phase("prune", train.finetune_epochs, Prune(s.sparsity, scope=s.scope))])
 
 
@@ -91,7 +124,7 @@ def iterative(s, train, layers: Sequence[str], retrain: str | None = None) -> li
     targets = step_targets(s.sparsity, s.step_size, s.step_rule)
     retrain = retrain or s.retrain
     if retrain != "finetune":
-        return [_retrain_round(f"round{i + 1}", s, train, t, retrain) for i, t in enumerate(targets)]
+        return _retraining_rounds(s, train, targets, retrain)
     phases = [Phase(f"step{i + 1}", s.step_epochs, Prune(t, scope=s.scope)) for i, t in enumerate(targets)]
     return _one_lr_schedule(phases + [Phase("finetune", train.finetune_epochs)])
 
@@ -164,7 +197,92 @@ METHODS: dict[str, Method] = {
 
 def plan(schedule, train, layers: Sequence[str]) -> list[Phase]:
     """The phases after the dense phase for `schedule.method`, over the selected `layers`."""
-    return METHODS[schedule.method].plan(schedule, train, list(layers))
+    phases = _within_budget(schedule, train, list(layers))
+    if getattr(schedule, "mask_control", "none") == "shuffle":
+        phases = _shuffle_last_prunes(phases, layers)
+    return phases
+
+
+def _shuffle_last_prunes(phases: list[Phase], layers: Sequence[str]) -> list[Phase]:
+    """Mark the last prune of each layer (mask-search rounds aside) to shuffle: the control
+    shuffles the mask the schedule ends with, not each step on the way to it."""
+    out, covered = list(phases), set()
+    for i in range(len(out) - 1, -1, -1):
+        p = out[i]
+        if p.prune is None or p.mask_search:
+            continue
+        pruned = set(p.prune.layers or layers)
+        if pruned - covered:
+            out[i] = replace(p, shuffle=True)
+            covered |= pruned
+    return out
+
+
+def trained_epochs(phases: Sequence[Phase]) -> float:
+    """The epochs a trial trains after its dense phase (mask-search rounds are not its training)."""
+    return sum(p.epochs for p in phases if not p.mask_search)
+
+
+# -- equal budgets (train.budget_epochs) -------------------------------------------------------
+
+class BudgetError(ValueError):
+    """A method's own steps take more than `train.budget_epochs` (one line naming the key)."""
+
+
+class _Finetune:
+    """`train` as a method sees it, with another `finetune_epochs` (any object, pydantic or not)."""
+
+    def __init__(self, train, finetune_epochs: float):
+        self._train, self.finetune_epochs = train, finetune_epochs
+
+    def __getattr__(self, name):
+        return getattr(self._train, name)
+
+
+def _within_budget(schedule, train, layers: list[str]) -> list[Phase]:
+    """The method's phases; with `train.budget_epochs` N, trained epochs total exactly N.
+
+    Methods are linear in finetune_epochs, so planning with 0 and 1 tells any method's own epochs
+    and how many of its phases take finetune_epochs (ist: one per cycle; dsd: its re-dense phase).
+    The remainder of N is split over those; a plan without one (rewinding retraining) gets it as a
+    final fine-tuning phase: a fresh optimiser, the spec's lr schedule over the remainder."""
+    method = METHODS[schedule.method].plan
+    budget = getattr(train, "budget_epochs", None)
+    if budget is None:
+        return method(schedule, train, layers)
+    bare = method(schedule, _Finetune(train, 0.0), layers)
+    own = trained_epochs(bare)
+    if own > budget + 1e-9:
+        raise BudgetError(f"train.budget_epochs ({budget:g}) is less than the {own:g} epochs that "
+                          f"{_method_name(schedule)} trains in its own steps ({_runs(bare)}), before "
+                          "any fine-tuning; raise the budget or shorten the steps")
+    takers = round(trained_epochs(method(schedule, _Finetune(train, 1.0), layers)) - own)
+    remainder = budget - own
+    if takers:
+        return method(schedule, _Finetune(train, remainder / takers), layers)
+    if remainder <= 1e-9:
+        return bare
+    return bare + [Phase("finetune", remainder, restart=True, lr_horizon=remainder)]
+
+
+def _method_name(schedule) -> str:
+    name = f"schedule.method {schedule.method}"
+    if key_is_used(schedule.method, "retrain") and schedule.retrain != "finetune":
+        name += f" with retrain {schedule.retrain}"
+    return name
+
+
+def _runs(phases: Sequence[Phase]) -> str:
+    """The trained phases' epochs, equal neighbours grouped: '14 × 1', '1 + 4 × 1.5'."""
+    runs: list[list] = []
+    for p in phases:
+        if p.mask_search or p.epochs <= 0:
+            continue
+        if runs and runs[-1][1] == p.epochs:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, p.epochs])
+    return " + ".join(f"{n} × {e:g}" if n > 1 else f"{e:g}" for n, e in runs) + " epochs"
 
 
 def used_keys(method: str, retrain: str = "finetune") -> frozenset[str]:
@@ -193,6 +311,13 @@ def parse_layers(layers: str | list[str]) -> tuple[str, int | list[str] | None]:
     if head in ("first", "last") and count.isdigit() and int(count) >= 1:
         return head, int(count)
     raise ValueError("must be 'all', 'first:K', 'last:K' (K >= 1) or a list of globs over module names")
+
+
+def stand_in_layers(layers: str | list[str]) -> list[str]:
+    """Names standing for the layers `schedule.layers` selects, before a model is built: K for
+    first:K / last:K; one for all or globs (a lower bound: a trial needs at least one)."""
+    kind, arg = parse_layers(layers)
+    return [f"layer{i + 1}" for i in range(arg if kind in ("first", "last") else 1)]
 
 
 def select_layers(names: Sequence[str], layers: str | list[str]) -> list[str]:

@@ -23,10 +23,11 @@ from typing import Callable, NamedTuple
 
 from prunetune import search, study, tracking
 from prunetune.errors import UserError
-from prunetune.spec import LoadedSpec, SearchEntry
+from prunetune.spec import LoadedSpec, SearchEntry, check_with_layers
 from prunetune.storage import Storage
 
 from prunetune.metrics import PER_EPOCH  # noqa: E402,F401 - the sweep's per-epoch keys
+from prunetune.metrics import shown_metrics
 FINAL_FLAG = "prunetune_final"  # set in a trial's last report, which carries the final metrics
 ERROR_KEY = "prunetune_error"  # in the last report of a trial that failed by its own error
 
@@ -87,7 +88,7 @@ def storage_of(spec, storage: str | None) -> str:
 class SweepResult:
     name: str
     parent_run_id: str
-    rows: list[dict]  # one per trial: trial_id, run_id, state, params, objectives
+    rows: list[dict]  # one per trial: trial_id, run_id, state, params, objectives and test_acc (shown_metrics)
     objectives: list[tuple[str, str]]
     log_path: Path | None = None  # the libraries' log lines (Ray, MLflow, Optuna)
 
@@ -153,6 +154,12 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, tracking_uri: st
     uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
     dataset = load_dataset(spec.data)  # a missing or malformed data root fails here
     teachers(loaded, uri)  # a missing distillation teacher fails here
+    if spec.train.budget_epochs is not None or "train.budget_epochs" in loaded.space:
+        from prunetune.trial import LayerSelection
+
+        # a layerwise schedule's steps depend on the model's layers: build it here (once per
+        # model) so a budget they exceed fails now, not in every trial that draws it
+        check_with_layers(loaded, LayerSelection(dataset))
     paths = SweepPaths.of(storage_of(spec, storage), spec.name)
     meta = paths.read_meta()
     if meta is not None and not (resume or restart):
@@ -287,7 +294,7 @@ def _run(loaded: LoadedSpec, spec_file: Path | None, paths: SweepPaths, uri: str
         grid = tuner.fit()
     trials = grid._experiment_analysis.trials
     drop_unrecorded_runs(tracker, spec.name, parent, trials, echo)
-    rows = _rows(trials, tracker, spec.name, parent, objectives)
+    rows = _rows(trials, tracker, spec.name, parent, shown_metrics([m for m, _ in objectives]))
     interrupted = stopped.is_set() or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < total
     tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
     if not interrupted:

@@ -25,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from prunetune import nodecheck, search, tracking
 from prunetune.metrics import is_metric
+from prunetune.pruning import schedules
 from prunetune.errors import ERROR_CHARS, UserError, error_text
 from prunetune.spec import LoadedSpec, load
 from prunetune.storage import Storage
@@ -93,9 +94,9 @@ def _trainable(config: dict, *, raw: dict, shared: dict, storage: str, sweep: st
                 teacher = store.child(sweep).child(teachers[spec.distill.teacher])
                 teacher = teacher.local_path() if teacher.is_local else teacher.get_dir("", work / "teacher")
             dataset = shared["dataset"] if spec.data.model_dump(mode="json") == shared["data"] else None
-            trial = Trial(spec, teacher_dir=teacher, dataset=dataset)
+            trial = Trial(spec, teacher_dir=teacher, dataset=dataset, rewind_epochs=loaded.rewind_points())
             phases = trial.plan()
-            planned = {EPOCHS_KEY: spec.train.dense_epochs + sum(p.epochs for p in phases)}
+            planned = {EPOCHS_KEY: spec.train.dense_epochs + schedules.trained_epochs(phases)}
             # Saving the state costs time: save at an epoch end when `checkpoint_s` seconds have
             # passed since the last save (0: every epoch). The state is saved before the epoch is
             # reported; a resumed trial reports its history again (the driver skips what it has).
@@ -631,7 +632,7 @@ def drop_unrecorded_runs(tracker: tracking.Tracker, experiment: str, parent: str
                  "was not recorded before the driver stopped, and another trial took its place")
 
 
-def _rows(trials, tracker: tracking.Tracker, experiment: str, parent: str, objectives) -> list[dict]:
+def _rows(trials, tracker: tracking.Tracker, experiment: str, parent: str, names: list[str]) -> list[dict]:
     runs = tracker.trial_runs(experiment, parent)
     rows = []
     for t in trials:
@@ -639,7 +640,7 @@ def _rows(trials, tracker: tracking.Tracker, experiment: str, parent: str, objec
         run = runs.get(t.trial_id)
         row = {"trial_id": t.trial_id, "run_id": run.run_id if run else None,
                "state": "ERROR" if failed(last) else t.status, **dict(t.config)}
-        for metric, _ in objectives:
+        for metric in names:
             row[metric] = last.get(metric) if succeeded(last) else None
         rows.append(row)
     return rows
