@@ -38,7 +38,8 @@ def main() -> None:
                 sys.exit(f"{name} failed: {r.stderr[-2000:]}")
     print(f"{args.repeats} interleaved runs each, fresh processes:")
     for name, t in times.items():
-        print(f"  {name:32s} median {statistics.median(t):5.2f} s   min {min(t):5.2f} s   (target for prunetune: < 2 s)")
+        print(f"  {name:32s} median {statistics.median(t):5.2f} s   min {min(t):5.2f} s   "
+              "(target for prunetune: < 2 s)")
 
 
 if __name__ == "__main__":

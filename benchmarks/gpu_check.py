@@ -663,7 +663,8 @@ def plan(ctx: Context) -> list[tuple[str, Callable[[], str], bool]]:
     checks += [(f"throughput {arch}@{size}", lambda a=arch, s=size, b=batch: throughput_figures(ctx, a, s, b), True)
                for arch, size, batch in THROUGHPUT_MODELS]
     arch, size, _ = PACKING_MODEL
-    checks += [(f"packing {arch}@{size}", lambda: check_packing(ctx), True), ("imports", lambda: check_imports(ctx), False)]
+    checks += [(f"packing {arch}@{size}", lambda: check_packing(ctx), True),
+               ("imports", lambda: check_imports(ctx), False)]
     return checks
 
 

@@ -183,8 +183,8 @@ def main() -> None:
     for name in runs:
         print(f"{name}:")
         for proc, peak in sorted(results[name].items()):
-            print(f"  {proc:22s} peak VmRSS {peak.get('VmRSS', 0) / gb:5.2f} GB  RssAnon {peak.get('RssAnon', 0) / gb:5.2f} GB"
-                  f"  RssShmem {peak.get('RssShmem', 0) / gb:5.2f} GB")
+            print(f"  {proc:22s} peak VmRSS {peak.get('VmRSS', 0) / gb:5.2f} GB  "
+                  f"RssAnon {peak.get('RssAnon', 0) / gb:5.2f} GB  RssShmem {peak.get('RssShmem', 0) / gb:5.2f} GB")
     for proc, peak in sorted(results["ham"].items()):
         if proc.startswith("trial"):
             extra = peak.get("VmRSS", 0) - framework

@@ -126,7 +126,8 @@ def sampled_trials(cwd: Path) -> list[dict]:
         p = r.data.params
         out.append({"method": p["schedule.method"], "sparsity": float(p["schedule.sparsity"]),
                     "step_size": float(p["schedule.step_size"]), "step_epochs": float(p["schedule.step_epochs"]),
-                    "rewind_epoch": int(float(p["schedule.rewind_epoch"])), "dense_epochs": int(p["train.dense_epochs"]),
+                    "rewind_epoch": int(float(p["schedule.rewind_epoch"])),
+                    "dense_epochs": int(p["train.dense_epochs"]),
                     "finetune_epochs": float(p["train.finetune_epochs"]), "lr": float(p["train.lr"])})
     return out
 

@@ -4,7 +4,8 @@ concurrency speedup, against the same trials run one after another in one proces
     python benchmarks/sweep_overhead.py [--trials 4] [--repeats 3]
 
 Three ways to run the same trials, each in a subprocess with a fresh dense cache and tracking
-store (the cache keeps only MLflow's migrated empty store, made once per machine), all timed end to end (imports and start-up included):
+store (the cache keeps only MLflow's migrated empty store, made once per machine), all timed end to end
+(imports and start-up included):
   baseline  one process, `run_trial` for each configuration in turn (what `prunetune trial` does),
             with one torch thread, as each sweep trial has (cpus_per_trial: 1)
   sweep×1   `prunetune sweep` with max_concurrent 1 (a grid over the same configurations)
@@ -184,8 +185,8 @@ def main() -> None:
     print(f"overhead per trial, all included, at {n2} trials: {(med['sweep×1', n2] - med['baseline', n2]) / n2:+.2f} s")
     print(f"2-trial concurrency speedup per extra trial (slope ×1 / slope ×2): "
           f"{slope['sweep×1'] / slope['sweep×2']:.2f}× (target ≥ 1.7×)")
-    per_repeat = [(times["sweep×1", n2][i] - times["sweep×1", n1][i]) / (times["sweep×2", n2][i] - times["sweep×2", n1][i])
-                  for i in range(args.repeats)]
+    per_repeat = [(times["sweep×1", n2][i] - times["sweep×1", n1][i])
+                  / (times["sweep×2", n2][i] - times["sweep×2", n1][i]) for i in range(args.repeats)]
     print(f"  the same within each repeat: {', '.join(f'{r:.2f}×' for r in per_repeat)}; "
           f"median {statistics.median(per_repeat):.2f}×")
     steady = [a / b for a, b in zip(cost["sweep×1"], cost["sweep×2"])]

@@ -8,28 +8,19 @@ Exit codes: 0 success; 2 bad input (one line on stderr, no traceback, nothing wr
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import gc
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import click
-import yaml
 
+from prunetune import commands
 from prunetune import spec as spec_mod
-from prunetune.errors import UserError, error_text
+from prunetune.errors import UserError
 from prunetune.metrics import selection_note, shown_metrics
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT):
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 def handle_errors(fn):
@@ -38,25 +29,21 @@ def handle_errors(fn):
     @click.option("--verbose", "-v", is_flag=True, help="Also show the libraries' log lines and warnings.")
     @functools.wraps(fn)
     def wrapper(*args, verbose: bool = False, **kwargs):
-        from prunetune.data.cache import cache_root
+        from prunetune.cache import cache_root
         from prunetune.logs import LogCapture
 
         capture = click.get_current_context().meta["prunetune.log"] = LogCapture(verbose)
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            _fail(str(exc))
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
         finally:
             capture.close(default=cache_root() / "logs" / f"{fn.__name__}.log")
     return wrapper
-
-
-def log_capture():
-    """The running command's LogCapture (see handle_errors)."""
-    return click.get_current_context().meta["prunetune.log"]
 
 
 set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -86,19 +73,9 @@ def main():
 @handle_errors
 def validate(spec_path: Path, sets: tuple[str, ...]):
     """Check a spec and its data paths; print the resolved spec."""
-    from prunetune.data import load_dataset
-
-    loaded = spec_mod.load(spec_path, list(sets))
-    fixed = loaded.fixed_spec()
-    dataset = load_dataset(fixed.data)
-    resolved = fixed.model_dump(mode="json")
-    for key in loaded.space:
-        spec_mod.set_dotted(resolved, key, spec_mod.get_dotted(loaded.raw, key))
-    click.echo(yaml.safe_dump(resolved, sort_keys=False), nl=False)
-    counts = {s: int((dataset.split == s).sum()) for s in ("train", "val", "test")}
-    click.echo(f"# ok: {fixed.data.dataset}, {len(dataset.classes)} classes, "
-               f"{counts['train']} train / {counts['val']} val / {counts['test']} test samples; "
-               f"{len(loaded.space)} searched key(s): {', '.join(loaded.space) or 'none'}", err=True)
+    resolved, summary = commands.validate_spec(spec_mod.load(spec_path, list(sets)))
+    click.echo(resolved, nl=False)
+    click.echo(summary, err=True)
 
 
 @main.command()
@@ -109,34 +86,9 @@ def validate(spec_path: Path, sets: tuple[str, ...]):
 @handle_errors
 def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None, storage: str | None):
     """Run one trial in this process (no Ray); searched keys must be fixed by the spec or --set."""
-    from prunetune import tracking
-    from prunetune.storage import Storage
-    from prunetune.teachers import teacher_dir
-    from prunetune.trial import DenseCache, Trial
-
-    loaded = spec_mod.load(spec_path, list(sets), for_trial=True)
-    spec = loaded.trial_spec()
-    uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
-    teacher = teacher_dir(spec.distill.teacher, uri, spec.tracking.artifacts) if spec.distill else None
-    runner = Trial(spec, teacher_dir=teacher)  # reads the data, builds the model: bad input fails here, before any write
-    dense = DenseCache(Storage(storage or spec.tracking.storage).child("_dense"))
-
-    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
-    run_id = tracker.start_trial_run(spec.name, spec, {}, run_name=f"trial-{spec.config_hash()[:8]}")
-    runner.report = lambda metrics, epoch: tracker.log_metrics(run_id, metrics, epoch)
-    click.echo(f"MLflow run {run_id} in experiment {spec.name!r} ({tracker.uri})", err=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="prunetune-trial-") as tmp:
-            result = runner.run(tmp, dense)
-            tracker.log_metrics(run_id, result.metrics, result.final_step)
-            tracker.finish_trial_run(run_id, Path(tmp))
-    except KeyboardInterrupt:
-        tracker.end_run(run_id, "KILLED")
-        raise
-    except BaseException as exc:
-        tracker.fail_trial_run(run_id, error_text(exc))
-        raise
-    _print_metrics(result.metrics)
+    loaded = spec_mod.load(spec_path, list(sets), for_trial=True, tracking_uri=tracking_uri, storage=storage)
+    run_id, metrics = commands.run_trial(loaded, echo=lambda line: click.echo(line, err=True))
+    _print_metrics(metrics)
     click.echo(f"run id: {run_id}\nopen the MLflow UI with: prunetune ui {spec_path}")
 
 
@@ -157,19 +109,18 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
     """Run a sweep: Ray Tune trials, Optuna search, MLflow tracking."""
     from prunetune import sweep as sweep_mod
 
-    loaded = spec_mod.load(spec_path, list(sets))
+    loaded = spec_mod.load(spec_path, list(sets), tracking_uri=tracking_uri, storage=storage)
     note = selection_note([o.metric for o in loaded.fixed_spec().search.objectives])
     if note:
         click.echo(note, err=True)
     if dry_run:
-        paths, uri, _ = sweep_mod.prepare(loaded, resume=resume, restart=restart, tracking_uri=tracking_uri,
-                                          storage=storage)
+        paths, uri, _ = sweep_mod.prepare(loaded, resume=resume, restart=restart)
         click.echo(sweep_mod.plan_text(loaded, paths, uri))
         return
     try:
         result = sweep_mod.run_sweep(loaded, spec_path, resume=resume, restart=restart, address=address,
-                                     tracking_uri=tracking_uri, storage=storage,
-                                     echo=lambda line: click.echo(line, err=True), log=log_capture())
+                                     echo=lambda line: click.echo(line, err=True),
+                                     log=click.get_current_context().meta["prunetune.log"])
     except sweep_mod.SweepInterrupted:
         click.echo(f"sweep interrupted; its state is saved. Resume with:\n  prunetune sweep {spec_path} --resume",
                    err=True)
@@ -182,8 +133,7 @@ def _print_sweep(result, spec_path: Path) -> None:
     from rich.table import Table
 
     metric, mode = result.objectives[0]
-    done = [r for r in result.rows if r.get(metric) is not None]
-    done.sort(key=lambda r: r[metric], reverse=(mode == "max"))
+    done = result.ranked()
     failed = sum(r["state"] == "ERROR" for r in result.rows)
     table = Table(title=f"sweep {result.name}: top trials by {metric} ({mode}); "
                         f"{len(done)} finished, {failed} failed")
@@ -222,45 +172,9 @@ def _fmt(v) -> str:
 @handle_errors
 def ui(spec_path: Path, tracking_uri: str | None, port: int):
     """Serve the MLflow UI of the spec's tracking store, bound to 127.0.0.1."""
-    from prunetune import tracking
-
-    spec = spec_mod.load(spec_path).fixed_spec()
-    uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        raise UserError(f"tracking.uri: {uri} is an MLflow server, which serves its own UI: open it in a browser")
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"tracking.uri: {uri} does not exist yet; run a trial or a sweep first")
+    uri, cmd = commands.ui_command(spec_mod.load(spec_path, tracking_uri=tracking_uri).fixed_spec(), port)
     click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)", err=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--default-artifact-root", tracking.artifacts_uri(spec.tracking.artifacts),
-           "--host", "127.0.0.1", "--port", str(port)]
-    sys.exit(serve(cmd))
-
-
-def serve(cmd: list[str]) -> int:
-    """Run a server in its own process group until it exits or this process is stopped (SIGTERM,
-    SIGINT, SIGHUP): then the whole group stops, the server's worker processes included."""
-    import signal
-    import subprocess
-
-    proc = subprocess.Popen(cmd, start_new_session=True)
-
-    def stop_group(sig: int = signal.SIGTERM) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-
-    def on_signal(signum, frame):
-        stop_group()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    try:
-        rc = proc.wait()
-    finally:
-        stop_group()
-        time.sleep(0.5)
-        stop_group(signal.SIGKILL)  # workers that outlived their leader
-    return 0 if rc in (-signal.SIGTERM, -signal.SIGINT) else rc
+    sys.exit(commands.serve(cmd))
 
 
 @main.command()
@@ -273,16 +187,9 @@ def serve(cmd: list[str]) -> int:
 @handle_errors
 def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str | None, storage: str | None):
     """Layer-similarity (linear CKA) within and between the best checkpoints of a sweep."""
-    from prunetune import results, tracking
     from prunetune.analysis import similarity
-    from prunetune.sweep import locate
 
-    spec, parent, uri, _ = locate(target, tracking_uri, storage)
-    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
-    selected = results.select_runs(tracker, spec, parent, list(runs), top if top is not None else spec.analysis.cka.top)
-    if len(selected) < 1:
-        raise UserError("cka: no finished trial to compare (use --runs RUN_ID ... or run the sweep first)")
-    checkpoints, matrices, run_id = results.cka(tracker, spec, parent, selected)
+    checkpoints, matrices, run_id = commands.cka(target, list(runs), top, tracking_uri, storage)
     for line in similarity.summary_lines(checkpoints, matrices):
         click.echo(line)
     click.echo(f"CKA run: {run_id} (CSV matrices and heatmaps under its artifacts, cka/)")
@@ -297,15 +204,7 @@ def cka(target: Path, top: int | None, runs: tuple[str, ...], tracking_uri: str 
 @handle_errors
 def report(target: Path, out: Path | None, tracking_uri: str | None, storage: str | None):
     """The sweep's results table, its summary by method and sparsity, and figures."""
-    from prunetune import results, tracking
-    from prunetune.sweep import locate
-
-    spec, parent, uri, study_url = locate(target, tracking_uri, storage)
-    if parent is None:
-        raise UserError(f"report: no sweep found for {spec.name!r}; run `prunetune sweep` first")
-    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
-    out = out or Path("reports") / spec.name
-    files = results.report(tracker, spec, parent, out, study_url)
+    parent, out, files = commands.report(target, out, tracking_uri, storage)
     click.echo(files[1].read_text())
     click.echo(f"wrote {', '.join(f.name for f in files)} to {out}/ (also logged to the sweep's run {parent}, "
                "artifacts report/)")
@@ -322,28 +221,12 @@ def report(target: Path, out: Path | None, tracking_uri: str | None, storage: st
 def sensitivity(spec_path: Path, sets: tuple[str, ...], out: Path | None, tracking_uri: str | None,
                 storage: str | None):
     """Prune each prunable layer alone at 10%…90% from the dense checkpoint; evaluate without fine-tuning."""
-    from prunetune import tracking
-    from prunetune.analysis import sensitivity as sens
-    from prunetune.storage import Storage
-    from prunetune.trial import DenseCache, Trial
-
-    loaded = spec_mod.load(spec_path, list(sets))
-    spec = loaded.fixed_spec()  # the dense phase does not depend on the schedule's searched keys
-    uri = tracking.store_uri(spec.tracking.uri, tracking_uri)
-    tracking.check_store(uri)
-    trial = Trial(spec)
-    rows = sens.analyse(trial, DenseCache(Storage(storage or spec.tracking.storage).child("_dense")))
-    out = out or Path("reports") / spec.name / "sensitivity"
-    files = sens.write(rows, out, f"{spec.name}: {spec.model.arch}")
-    tracker = tracking.Tracker(uri, spec.tracking.artifacts)
-    run_id = tracker.start_run(spec.name, "sensitivity", {tracking.TAG_KIND: "sensitivity", tracking.TAG_SWEEP: spec.name},
-                               spec.flat())
-    for f in files:
-        tracker.log_artifact(run_id, f, "sensitivity")
-    tracker.end_run(run_id)
-    worst = sorted((r for r in rows[1:] if r["sparsity"] == 0.9), key=lambda r: -r["acc_drop"])[:3]
+    loaded = spec_mod.load(spec_path, list(sets), tracking_uri=tracking_uri, storage=storage)
+    done = commands.sensitivity(loaded, out)
+    worst = sorted((r for r in done.rows[1:] if r["sparsity"] == 0.9), key=lambda r: -r["acc_drop"])[:3]
     click.echo("most sensitive layers at 90%: " + ", ".join(f"{r['layer']} (−{r['acc_drop']:.3f})" for r in worst))
-    click.echo(f"wrote {', '.join(f.name for f in files)} to {out}/; MLflow run {run_id} (prunetune.kind=sensitivity)")
+    click.echo(f"wrote {', '.join(f.name for f in done.files)} to {done.out}/; MLflow run {done.run_id} "
+               "(prunetune.kind=sensitivity)")
 
 
 def _print_metrics(metrics: dict) -> None:

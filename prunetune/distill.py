@@ -3,7 +3,7 @@
 The loss is alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha) · the usual
 cross-entropy. The teacher is a trial's checkpoint directory (what a run logs: `config.yaml`,
 `checkpoint/model.pt`, `data/split.csv`); its architecture comes from its `config.yaml`. A run id
-is turned into such a directory at the edges (`tracking.teacher_dir`): no MLflow here.
+is turned into such a directory at the edge (`teachers.teacher_dir`): no MLflow here.
 """
 
 from __future__ import annotations

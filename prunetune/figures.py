@@ -1,20 +1,28 @@
-"""Figures of one trial (matplotlib, Agg backend): training curves, weight histogram, confusion."""
+"""Figures of one trial (matplotlib, Agg backend): training curves, weight histogram, confusion.
+matplotlib is imported, and its backend chosen, on the first figure (`pyplot`), not on import."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (figures go to files; no display is needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def curves(history: list[dict], path: Path, title: str, dense_epochs: int | None = None) -> None:
     """Loss and accuracy per epoch (train and val), with sparsity on a second axis."""
     if not history:
         return
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for key, ax in (("loss", ax_loss), ("acc", ax_acc)):
@@ -42,6 +50,7 @@ def weights_hist(model, layer_names: list[str], path: Path) -> None:
     modules = dict(model.named_modules())
     w = np.concatenate([modules[n].weight.detach().float().cpu().numpy().ravel() for n in layer_names])
     nonzero = w[w != 0]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     if len(nonzero):  # one filled outline, not 120 bar patches (three times cheaper to draw)
         counts, edges = np.histogram(nonzero, bins=120)
@@ -60,6 +69,7 @@ def confusion(pred: np.ndarray, labels: np.ndarray, classes: list[str], path: Pa
     counts = np.zeros((k, k), dtype=int)
     np.add.at(counts, (labels, pred), 1)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 0.8 + 0.55 * k))
     im = ax.imshow(rates, vmin=0, vmax=1, cmap="Blues")
     ax.set_xticks(range(k), classes, rotation=45, ha="right")

@@ -1,13 +1,12 @@
 """Every metric name prunetune reports, in one torch-free place: what a trial logs per epoch and
-at the end (the lists in README's "What a trial records"), which spec makes a final metric exist (objectives must name one
-every trial reports), the report's axis labels, and which keys of a Tune result are not metrics."""
+at the end (the lists in README's "What a trial records"), which spec makes a final metric exist
+(objectives must name one every trial reports), the report's axis labels, and which keys of a Tune
+result are not metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-from prunetune import registry
 
 # Per epoch (MLflow step = the epoch index across all phases).
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds",
@@ -25,23 +24,29 @@ FINAL_METRICS = (
     "nm_valid",  # with l1_nm
 )
 
-_REMOVED = ("compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup")
+# Final metrics that only some criteria report (`registry.Criterion.reports`), and what a spec
+# needs for every trial to report them.
+CHANNEL_METRICS = ("channel_sparsity",)
+REMOVAL_METRICS = ("compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup")
+NM_METRICS = ("nm_valid",)
+BY_CRITERION = {
+    "channel_sparsity": "a structured schedule.criterion (not searched)",
+    **dict.fromkeys(REMOVAL_METRICS, "a structured schedule.criterion with schedule.remove: true (neither searched)"),
+    "nm_valid": "schedule.criterion l1_nm (not searched)",
+}
 
 
 def unavailable(metric: str, spec: Any, searched: set[str] | dict) -> str | None:
     """Why not every trial of `spec` (with the `searched` keys) reports `metric`, or None."""
-    from prunetune import registry
+    if metric in BY_CRITERION:
+        from prunetune import registry  # here: registry imports this module
 
-    structured = registry.is_structured(spec.schedule.criterion) and "schedule.criterion" not in searched
-    if metric == "channel_sparsity" and not structured:
-        return "a structured schedule.criterion (not searched)"
-    if metric in _REMOVED and not (structured and spec.schedule.remove and "schedule.remove" not in searched):
-        return "a structured schedule.criterion with schedule.remove: true (neither searched)"
+        criterion = registry.CRITERIA.get(spec.schedule.criterion)
+        if ("schedule.criterion" in searched or criterion is None
+                or metric not in criterion.reports(spec.schedule, searched)):
+            return BY_CRITERION[metric]
     if metric == "teacher_test_acc" and spec.distill is None:
         return "distill"
-    pattern = registry.is_pattern(spec.schedule.criterion) and "schedule.criterion" not in searched
-    if metric == "nm_valid" and not pattern:
-        return "schedule.criterion l1_nm (not searched)"
     if metric == "val_acc" and not _always_validates(spec, searched):
         return ("a validation split: data.val_fraction above 0 (every searched value), or a dataset that "
                 "publishes one (medmnist; imagefolder with a val/ folder)")
@@ -94,7 +99,8 @@ LABELS = {
     "nonzero_params": "non-zero parameters (count)", "flops_sparse": "FLOPs per sample (sparse)",
     "checkpoint_bytes": "compressed checkpoint (bytes)", "theoretical_speedup": "theoretical speedup (×)",
     "compression_ratio": "compression ratio (×)", "trial_seconds": "trial time (s)",
-    "sparsity": "sparsity of the selected layers (fraction)", "model_sparsity": "sparsity of all prunable layers (fraction)",
+    "sparsity": "sparsity of the selected layers (fraction)",
+    "model_sparsity": "sparsity of all prunable layers (fraction)",
     "test_acc_drop": "test accuracy drop from dense (fraction)",
 }
 

@@ -110,7 +110,8 @@ def build_model(model_spec, num_classes: int, in_channels: int, image_size: int)
 
 # torchvision's published DenseNet files name layers `norm.1`, `conv.2`, ...; its models say
 # `norm1`, `conv2` (torchvision renames them the same way when it loads the file itself).
-_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                               r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def load_weights(model: nn.Module, path: Path) -> list[str]:

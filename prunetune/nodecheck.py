@@ -1,7 +1,7 @@
 """What every node of a cluster must see before a sweep spends compute: the storage (written by the
 driver, read back by the node, and the other way round), the same data files, and the same
-prunetune. `expectations` runs on the driver; `problems` runs on each node (a Ray task in
-`sweep/_tune.py`) and says, in words a user can act on, what is wrong there. No ray here.
+prunetune. `expectations` runs on the driver; `problems` runs on each node (a Ray task of
+`sweep/preflight.py`) and says, in words a user can act on, what is wrong there. No ray here.
 """
 
 from __future__ import annotations

@@ -1,25 +1,24 @@
-"""Reports of a sweep: the results table, the study's summary (objectives by method × sparsity,
-mean ± std with n), and figures. Pure pandas + matplotlib on a DataFrame of trials; the CLI
-fetches the runs from MLflow (`runs_frame`) and logs the files to the sweep's parent run."""
+"""The report's files, from a DataFrame of a sweep's trials: the results table, the summary
+(objectives by method × sparsity, mean ± std with n), the figures, and Optuna's importances.
+Pure pandas + matplotlib: it reads no store. `commands.report` reads the runs back from MLflow
+and the study from Optuna, calls this, and logs the files to the sweep's parent run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from prunetune.metrics import LABELS  # noqa: E402
-from prunetune.tracking import TAG_REPLICATE, TAG_STATE, TAG_TRIAL_ID  # noqa: E402
-from prunetune.pruning import schedules  # noqa: E402
+from prunetune.figures import pyplot
+from prunetune.metrics import LABELS
+from prunetune.pruning import schedules
+from prunetune.tracking import TAG_REPLICATE, TAG_STATE, TAG_TRIAL_ID
 
 METHOD, SPARSITY, LAYERS, SEED = "schedule.method", "schedule.sparsity", "schedule.layers", "seed"
 DENSE = "dense_test_acc"  # the unpruned reference (the shared dense phase's checkpoint on the test split)
 EPOCHS = "train_epochs_total"
+
 
 def label(metric: str) -> str:
     return LABELS.get(metric, metric)
@@ -158,14 +157,14 @@ def pareto_mask(values: np.ndarray, modes: list[str]) -> np.ndarray:
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def _lines_by_method(done: pd.DataFrame, x: str, metric: str, xlabel: str, path: Path, title: str,
                      reference: tuple[float, str] | None = None) -> None:
     """One line per method: the mean of `metric` against column `x`, std as error bars; and a
     horizontal `reference` line (value, label)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for method, part in done.dropna(subset=[x]).groupby(METHOD):
         g = part.groupby(x)[metric].agg(["mean", "std"]).reset_index()
         ax.errorbar(g[x], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=method)
@@ -195,7 +194,7 @@ def pareto(df: pd.DataFrame, objectives: list[tuple[str, str]], path: Path, titl
     (mx, dx), (my, dy) = objectives[:2]
     done = finished(df).dropna(subset=[mx, my])
     front = pareto_mask(done[[mx, my]].to_numpy(), [dx, dy])
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for method, part in done.groupby(METHOD):
         ax.scatter(part[mx], part[my], alpha=0.6, label=method)
     best = done[front].sort_values(mx)
@@ -265,7 +264,7 @@ def write_importances(imp: pd.DataFrame, out: Path, title: str) -> list[Path]:
     csv = out / "importances.csv"
     imp.to_csv(csv, index=False)
     objectives = list(dict.fromkeys(imp["objective"]))
-    fig, axes = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 0.4 * imp["param"].nunique() + 1.6),
+    fig, axes = pyplot().subplots(1, len(objectives), figsize=(5 * len(objectives), 0.4 * imp["param"].nunique() + 1.6),
                              squeeze=False)
     for ax, name in zip(axes[0], objectives):
         part = imp[imp["objective"] == name].sort_values("importance")

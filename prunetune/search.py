@@ -1,8 +1,10 @@
-"""The spec's search entries → an Optuna define-by-run space, conditional on the method.
+"""The spec's search space → Optuna: a define-by-run function, the samplers, and the grid's
+checks. (The stored study itself is `stored_study.py`.)
 
 `schedule.method` is sampled first, then `schedule.retrain` where the method uses it; a
 method-specific key (step_size, step_epochs, rewind_epoch, ...) is sampled only when the sampled
-method (and retraining) uses it. Imports optuna lazily (only the sweep needs it).
+method (and retraining) uses it (`spec.space.keys_used`). Imports optuna lazily (only the sweep
+needs it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 from prunetune.errors import UserError
 from prunetune.pruning import schedules
-from prunetune.spec import LoadedSpec, SearchEntry, ScheduleSpec
+from prunetune.spec import LoadedSpec, SearchEntry, Spec
+from prunetune.spec.space import METHOD, RETRAIN, fixed_schedule_value, keys_used, method_values, retrain_values
 
 _PRIMITIVE = (type(None), bool, int, float, str)
 
@@ -36,29 +39,6 @@ def suggest(trial, key: str, entry: SearchEntry) -> Any:
     return trial.suggest_float(key, lo, hi, step=entry.step)
 
 
-def active_keys(loaded: LoadedSpec, method: str, retrain: str = "finetune") -> list[str]:
-    """The searched keys that matter for `method` and `retrain` (in spec order)."""
-    return [k for k in loaded.space
-            if k == "schedule.method" or not k.startswith("schedule.")
-            or schedules.key_is_used(method, k.split(".", 1)[1], retrain)]
-
-
-def fixed_method(loaded: LoadedSpec) -> str:
-    return loaded.raw.get("schedule", {}).get("method", ScheduleSpec().method)
-
-
-def fixed_retrain(loaded: LoadedSpec) -> str:
-    return loaded.raw.get("schedule", {}).get("retrain", ScheduleSpec().retrain)
-
-
-def retrains(loaded: LoadedSpec, method: str) -> list[str]:
-    """The values of schedule.retrain that `method` may run with."""
-    if not schedules.key_is_used(method, "retrain"):
-        return ["finetune"]
-    entry = loaded.space.get("schedule.retrain")
-    return list(entry.args) if entry is not None else [fixed_retrain(loaded)]
-
-
 class DefineByRun:
     """An Optuna define-by-run function sampling the spec's search space (a class, not a closure,
     so Tune can pickle it with the sweep's state)."""
@@ -67,14 +47,13 @@ class DefineByRun:
         self.loaded = loaded
 
     def __call__(self, trial) -> None:
-        space = self.loaded.space
-        method = (suggest(trial, "schedule.method", space["schedule.method"])
-                  if "schedule.method" in space else fixed_method(self.loaded))
-        retrain = fixed_retrain(self.loaded)
-        if "schedule.retrain" in space and schedules.key_is_used(method, "retrain"):
-            retrain = suggest(trial, "schedule.retrain", space["schedule.retrain"])
-        for key in active_keys(self.loaded, method, retrain):
-            if key not in ("schedule.method", "schedule.retrain"):
+        raw, space = self.loaded.raw, self.loaded.space
+        method = suggest(trial, METHOD, space[METHOD]) if METHOD in space else fixed_schedule_value(raw, "method")
+        retrain = fixed_schedule_value(raw, "retrain")
+        if RETRAIN in space and schedules.key_is_used(method, "retrain"):
+            retrain = suggest(trial, RETRAIN, space[RETRAIN])
+        for key in keys_used(space, method, retrain):
+            if key not in (METHOD, RETRAIN):
                 suggest(trial, key, space[key])
 
 
@@ -90,8 +69,9 @@ def decode(loaded: LoadedSpec, config: dict) -> dict:
 REPLICATE = "__trial_index__"  # what Ray Tune's Repeater adds to a config: the replicate's index
 
 
-def spec_of(loaded: LoadedSpec, config: dict):
-    """The resolved spec of a sampled config; replicate r runs with seed `seed + r`."""
+def spec_of(loaded: LoadedSpec, config: dict) -> Spec:
+    """The resolved spec of a sampled config (as Tune holds it); replicate r runs with seed
+    `seed + r`."""
     params = {k: v for k, v in config.items() if k != REPLICATE}
     spec = loaded.resolve(decode(loaded, params))
     return spec.model_copy(update={"seed": spec.seed + int(config.get(REPLICATE, 0))})
@@ -123,17 +103,10 @@ def grid(loaded: LoadedSpec) -> dict[str, list]:
 
 def grid_size(loaded: LoadedSpec) -> int:
     """How many distinct configurations a grid holds, counting only keys each method uses."""
-    space = loaded.space
-    methods = list(space["schedule.method"].args) if "schedule.method" in space else [fixed_method(loaded)]
-    total = 0
-    for method in methods:
-        for retrain in retrains(loaded, method):
-            n = 1
-            for key in active_keys(loaded, method, retrain):
-                if key not in ("schedule.method", "schedule.retrain"):
-                    n *= len(space[key].args)
-            total += n
-    return total
+    raw, space = loaded.raw, loaded.space
+    return sum(math.prod(len(space[key].args) for key in keys_used(space, method, retrain)
+                         if key not in (METHOD, RETRAIN))
+               for method in method_values(raw, space) for retrain in retrain_values(raw, space, method))
 
 
 def check(loaded: LoadedSpec) -> None:

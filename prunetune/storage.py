@@ -1,5 +1,8 @@
-"""Storage every node of a cluster reaches: `tracking.storage` (a local path, a shared NFS path,
-or a URI such as `s3://bucket/prefix?endpoint_override=host:9000&scheme=http`).
+"""`Storage`: a folder every node of a cluster reaches, the filesystem behind `tracking.storage`
+(a local path, a shared NFS path, or a URI such as
+`s3://bucket/prefix?endpoint_override=host:9000&scheme=http`), where the sweep's state and what
+trials write for others live; and `Lease`, one holder at a time through it. (Not the Optuna
+study's RDB storage: that is `stored_study.py`.)
 
 It is resolved by `pyarrow.fs.FileSystem.from_uri`, the resolver Ray Tune uses for its own
 `storage_path`, so whatever Ray accepts prunetune accepts, and both name the same place. What a
@@ -12,17 +15,18 @@ atomic by itself. No torch, ray or mlflow here.
 
 from __future__ import annotations
 
-import itertools
 import json
+import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from prunetune.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _pafs():
@@ -32,101 +36,11 @@ def _pafs():
 
 
 def absolute_uri(uri: str) -> str:
-    """A local path made absolute (relative to the working directory, `~` expanded); URIs as given."""
+    """A local path made absolute (relative to the working directory, `~` expanded); URIs as given.
+    (Not `tracking.absolute_sqlite_uri`, which does this for a tracking store's sqlite path.)"""
     if "://" in uri:
         return uri
     return str(Path(uri).expanduser().resolve())
-
-
-_counter = itertools.count()
-
-
-def _atomic_local_fs():
-    """A local filesystem whose every write is whole: written to a temporary file beside the
-    target and renamed over it on close. A process killed mid-write (a SIGKILLed driver while
-    Ray Tune syncs its experiment state) leaves the old file, never a truncated one; an object
-    store's PUT behaves the same way by itself."""
-    pafs = _pafs()
-
-    class _WholeFile:
-        def __init__(self, path: str):
-            self.path = path
-            # a name of its own (process, thread, count), created exclusively: cheaper than mkstemp
-            self.tmp = f"{os.path.dirname(path) or '.'}/.tmp-{os.getpid()}-{threading.get_ident()}-{next(_counter)}"
-            self.file = open(self.tmp, "xb")  # noqa: SIM115 - closed (and renamed) in close()
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-        def close(self) -> None:
-            if not self.file.closed:
-                self.file.close()
-                os.replace(self.tmp, self.path)
-
-    class WholeWritesLocalHandler(pafs.FileSystemHandler):
-        def __init__(self):
-            self.local = pafs.LocalFileSystem()
-
-        def __reduce__(self):
-            return (_atomic_local_handler, ())
-
-        def get_type_name(self):
-            return "local"
-
-        def equals(self, other):
-            return type(other).__name__ == "WholeWritesLocalHandler"
-
-        def normalize_path(self, path):
-            return self.local.normalize_path(path)
-
-        def get_file_info(self, paths):
-            return self.local.get_file_info(paths)
-
-        def get_file_info_selector(self, selector):
-            return self.local.get_file_info(selector)
-
-        def create_dir(self, path, recursive):
-            self.local.create_dir(path, recursive=recursive)
-
-        def delete_dir(self, path):
-            self.local.delete_dir(path)
-
-        def delete_dir_contents(self, path, missing_dir_ok=False):
-            self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-        def delete_root_dir_contents(self):
-            raise OSError("refusing to delete the contents of the root folder")
-
-        def delete_file(self, path):
-            self.local.delete_file(path)
-
-        def move(self, src, dest):
-            self.local.move(src, dest)
-
-        def copy_file(self, src, dest):
-            with self.local.open_input_stream(src) as fin, self.open_output_stream(dest, None) as fout:
-                while chunk := fin.read(1 << 22):
-                    fout.write(chunk)
-
-        def open_input_stream(self, path):
-            return self.local.open_input_stream(path)
-
-        def open_input_file(self, path):
-            return self.local.open_input_file(path)
-
-        def open_output_stream(self, path, metadata):
-            import pyarrow
-
-            return pyarrow.PythonFile(_WholeFile(path), mode="w")
-
-        def open_append_stream(self, path, metadata):
-            return self.local.open_append_stream(path)
-
-    return pafs.PyFileSystem(WholeWritesLocalHandler())
-
-
-def _atomic_local_handler():  # unpickling (a Ray worker receives Tune's storage filesystem)
-    return _atomic_local_fs().handler
 
 
 class Storage:
@@ -142,7 +56,11 @@ class Storage:
         except (ValueError, OSError) as exc:  # pyarrow.lib.ArrowInvalid is a ValueError
             raise UserError(f"tracking.storage: cannot use {uri!r} ({str(exc).splitlines()[0]}); give a "
                             "path, a shared filesystem path, or a URI such as s3://bucket/prefix") from None
-        self.fs = _atomic_local_fs() if isinstance(fs, _pafs().LocalFileSystem) else fs
+        if isinstance(fs, _pafs().LocalFileSystem):
+            from prunetune.atomic_fs import atomic_local_fs
+
+            fs = atomic_local_fs()
+        self.fs = fs
         self.path = path.rstrip("/") or "/"
 
     def __reduce__(self):  # pickled by its URI: a worker resolves it with its own credentials
@@ -172,7 +90,7 @@ class Storage:
     def _parent(self, rel: str) -> None:
         self.fs.create_dir(self._join(rel).rsplit("/", 1)[0], recursive=True)
 
-    # -- files: every write is whole (see _atomic_local_fs) ----------------------------------------
+    # -- files: every write is whole (see atomic_fs) -------------------------------------------------
     def exists(self, rel: str = "") -> bool:
         return self.fs.get_file_info(self._join(rel)).type != _pafs().FileType.NotFound
 
@@ -248,7 +166,14 @@ class Storage:
 # ---------------------------------------------------------------------------------------------
 
 LEASE_BEAT_S = 5.0  # the holder renews its lease this often
-LEASE_TIMEOUT_S = float(os.environ.get("PRUNETUNE_LEASE_TIMEOUT_S", "60"))  # unrenewed this long: stale
+LEASE_TIMEOUT_S: float | None = None  # unrenewed this long: stale (None: $PRUNETUNE_LEASE_TIMEOUT_S, else 60)
+
+
+def lease_timeout_s() -> float:
+    """How long a lease unrenewed is stale (seconds), read when asked (tests set it low)."""
+    if LEASE_TIMEOUT_S is not None:
+        return LEASE_TIMEOUT_S
+    return float(os.environ.get("PRUNETUNE_LEASE_TIMEOUT_S", "60"))
 
 
 def owner_id() -> str:
@@ -274,7 +199,10 @@ class Lease:
     def _read(self) -> dict | None:
         try:
             return self.storage.read_json(self.rel)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:  # not JSON: not a lease any holder wrote whole
+            log.warning("lease %s: unreadable (%s); taken as free", self.rel, exc)
             return None
 
     def _stale(self, lease: dict) -> bool:
@@ -283,7 +211,7 @@ class Lease:
         if key != self._seen:
             self._seen, self._seen_at = key, now
             return False
-        return now - self._seen_at >= LEASE_TIMEOUT_S
+        return now - self._seen_at >= lease_timeout_s()
 
     def try_claim(self) -> bool:
         """Take the lease if it is free or stale; True when this process holds it."""
@@ -320,12 +248,12 @@ class Lease:
 
     def _renew(self) -> None:
         beat = 0
-        while not self._stop.wait(min(LEASE_BEAT_S, LEASE_TIMEOUT_S / 4)):
+        while not self._stop.wait(min(LEASE_BEAT_S, lease_timeout_s() / 4)):
             beat += 1
             try:
                 self.storage.write_json(self.rel, {"owner": self.owner, "beat": beat})
-            except OSError:
-                pass  # storage hiccup: the next beat tries again
+            except OSError as exc:  # a storage hiccup: the next beat tries again
+                log.warning("lease %s: renewing failed (%s); retrying at the next beat", self.rel, exc)
 
     def release(self) -> None:
         self._stop.set()

@@ -15,7 +15,7 @@ def teacher_dir(teacher: str, uri: str, artifacts: str) -> Path:
     """The local checkpoint directory of a distillation teacher: `teacher` itself when it is a
     directory, else the artifacts of MLflow run `teacher` (config.yaml, checkpoint/model.pt,
     data/split.csv), downloaded once into the cache."""
-    from prunetune.data.cache import cache_root
+    from prunetune.cache import cache_root
     from prunetune.distill import TEACHER_FILES
 
     local = Path(teacher).expanduser()
@@ -27,7 +27,7 @@ def teacher_dir(teacher: str, uri: str, artifacts: str) -> Path:
     entry = cache_root() / "teachers" / teacher
     if all((entry / f).is_file() for f in TEACHER_FILES):
         return entry
-    uri = tracking.absolute_uri(uri)
+    uri = tracking.absolute_sqlite_uri(uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"distill.teacher: no run {teacher} (the tracking store {uri} does not exist)")
     tracker = tracking.Tracker(uri, artifacts)

@@ -55,15 +55,16 @@ def _record(run) -> RunRecord:
                      dict(run.data.metrics))
 
 
-def store_uri(spec_uri: str, cli_uri: str | None = None) -> str:
-    """The tracking URI to use: --tracking-uri, else $MLFLOW_TRACKING_URI, else the spec's
-    `tracking.uri`; a relative sqlite path made absolute. Raises UserError for a file store."""
-    uri = absolute_uri(cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri)
+def store_uri(uri: str) -> str:
+    """The tracking URI to use, `tracking.uri` of a loaded spec (where --tracking-uri and
+    $MLFLOW_TRACKING_URI are already applied), with a relative sqlite path made absolute.
+    Raises UserError for a file store."""
+    uri = absolute_sqlite_uri(uri)
     check_store(uri)
     return uri
 
 
-def absolute_uri(uri: str) -> str:
+def absolute_sqlite_uri(uri: str) -> str:
     """Make a relative sqlite path absolute (relative to the working directory), so the driver
     and Ray workers, whose working directories differ, name the same store."""
     prefix = "sqlite:///"
@@ -87,7 +88,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports from sweeps
         from mlflow.tracking import MlflowClient  # imported here, never at package import
 
-        self.uri = absolute_uri(uri)
+        self.uri = absolute_sqlite_uri(uri)
         # An MLflow server keeps artifacts where it is told to (`--serve-artifacts`): a local path
         # here would name this machine's disk for every client. A URI given is used as is.
         remote = self.uri.startswith(("http://", "https://"))
@@ -181,11 +182,16 @@ class Tracker:
 
     # -- prunetune's runs ------------------------------------------------------------------------
     def run(self, run_id: str) -> RunRecord | None:
-        """The run with this id, or None where the store has none."""
+        """The run with this id, or None where the store has none (or the id cannot name one).
+        Any other failure (the store or server unreachable, ...) is raised."""
+        from mlflow.exceptions import MlflowException
+
         try:
             return _record(self._mlflow.get_run(run_id))
-        except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing run
-            return None
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
 
     def trial_runs(self, experiment: str, parent_run_id: str) -> dict[str, RunRecord]:
         """A sweep's trial runs (its children), by trial id."""
@@ -255,7 +261,7 @@ def empty_store() -> Path:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from prunetune.data.cache import cache_root
+    from prunetune.cache import cache_root
 
     path = cache_root() / "mlflow" / f"empty-store-{mlflow.__version__}.db"
     if not path.is_file():

@@ -1,16 +1,15 @@
 """One trial: the dense phase (cached and shared), the schedule's phases, final evaluation and
-the artifacts. No ray, no mlflow: per-epoch metrics go to a `report(metrics, epoch)` callable, so
-`prunetune trial` and a Ray trainable call the same function.
+the artifacts. No ray, no mlflow: every reported epoch goes to a `report(metrics, epoch)` callable
+and, as an `Epoch` event, to `on_epoch`, so `prunetune trial` and a Ray trainable run the same code.
+The dense cache lives in `cache.py`, the files a trial leaves in `artifacts.py`.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,24 +18,19 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-import yaml
 
-from prunetune import registry
+from prunetune import artifacts, registry
+from prunetune.cache import DenseCache  # also re-exported: tests and benchmarks import it from here
 from prunetune.data import Dataset, load_dataset
-from prunetune.data.cache import cache_root
 from prunetune.data.device import DeviceData
 from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
 from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
 from prunetune.pruning import schedules, structured
 from prunetune.pruning.criteria import Context
-from prunetune.pruning.masks import Masks, layer_sparsity_rows, nm_compatible, nm_valid
-from prunetune.pruning.semistructured import semi_structured_speedup
+from prunetune.pruning.masks import Masks
 from prunetune.spec import Spec
-from prunetune.storage import Lease, Storage
-from prunetune.train import Trainer, classification_metrics, lr_shape
-
-Report = Callable[[dict, int], None]
+from prunetune.train import Report, Trainer, classification_metrics, lr_shape
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,94 +65,20 @@ class TrialResult:
         return final_step(self.history)
 
 
-class DenseCache:
-    """Dense-phase checkpoints in storage (`tracking.storage`'s `_dense/`, or a local folder),
-    content-addressed by the spec's dense hash, so the trials of a sweep, on any node, train each
-    dense phase once. The trial that claims an entry's lease (`storage.Lease`, which works across
-    nodes) trains it; the others wait for its `done` marker. An entry is written under its
-    trainer's own folder and `done` names that folder last, so readers never see a mix of two
-    trainers' files, even if a lost lease race made two trials train it."""
+@dataclass(frozen=True)
+class Epoch:
+    """One reported epoch of a trial, as `Trial(on_epoch=...)` receives it: every epoch a trial
+    reports, the ones it replays included (the cached dense phase, a cached ticket round, the
+    history of a resumed state; a receiver skips what it already holds)."""
 
-    def __init__(self, root: "Storage | str | Path | None" = None):
-        root = root if root is not None else cache_root() / "dense"
-        self.storage = root if isinstance(root, Storage) else Storage(str(root))
-
-    def get(self, key: str, train: Callable[[Path], None]) -> tuple[Path, bool]:
-        """The entry's local folder, trained by `train(folder)` if absent; and whether it was a hit."""
-        lease = Lease(self.storage, f"{key}/lease.json")
-        while True:
-            owner = self._done(key)
-            if owner is not None:
-                return self._local(key, owner), True
-            if lease.try_claim():
-                break
-            # a waiting trial starts about as soon as the entry is done (a local check is a stat
-            # and a lock; an object store is asked less often)
-            time.sleep(0.25 if self.storage.is_local else 2.0)
-        owner = lease.owner
-        try:
-            if self.storage.is_local:
-                folder = self.storage.local_path(f"{key}/{owner}")
-                folder.mkdir(parents=True)
-                train(folder)
-            else:  # train in this node's cache, then publish it
-                tmp = _copies() / f".{key}-{uuid.uuid4().hex[:8]}"
-                tmp.mkdir(parents=True)
-                train(tmp)
-                self.storage.put_dir(tmp, f"{key}/{owner}")
-                folder = _settle(tmp, _copies() / key, owner)
-            self.storage.write_text(f"{key}/done", owner)
-        finally:
-            lease.release()
-        return folder, False
-
-    def _done(self, key: str) -> str | None:
-        try:
-            return self.storage.read_text(f"{key}/done").strip()
-        except FileNotFoundError:
-            return None
-
-    def _local(self, key: str, owner: str) -> Path:
-        if self.storage.is_local:
-            return self.storage.local_path(f"{key}/{owner}")
-        local = _copies() / key  # each node downloads an entry once
-        if _owner_of(local) == owner:
-            return local
-        tmp = self.storage.get_dir(f"{key}/{owner}", _copies() / f".{key}-{uuid.uuid4().hex[:8]}")
-        return _settle(tmp, local, owner)
-
-
-def _copies() -> Path:
-    """This node's copies of entries of a remote dense cache."""
-    return cache_root() / "dense-copies"
-
-
-def _owner_of(local: Path) -> str | None:
-    try:
-        return (local / ".owner").read_text()
-    except OSError:
-        return None
-
-
-def _settle(tmp: Path, final: Path, owner: str) -> Path:
-    """Move a complete node-local copy into place; another process of this node may have been first."""
-    (tmp / ".owner").write_text(owner)
-    for _ in range(2):
-        try:
-            tmp.rename(final)
-            return final
-        except OSError:
-            if _owner_of(final) == owner:
-                shutil.rmtree(tmp, ignore_errors=True)
-                return final
-            shutil.rmtree(final, ignore_errors=True)  # a copy of an older entry
-    return tmp
-
-
-def nm_layers(model: torch.nn.Module, names: list[str], m: int) -> list[str]:
-    """The layers of `names` whose input dimension splits into groups of M (l1_nm prunes those)."""
-    modules = dict(model.named_modules())
-    return [n for n in names if nm_compatible(modules[n].weight, m)]
+    metrics: dict  # train_loss, train_acc, val_loss, val_acc, sparsity, lr, epoch_seconds (distill_loss)
+    index: int  # the epoch's index across all phases (the MLflow step)
+    phase: str  # "dense", or the name of the schedule's phase in progress ("step1", "round2", ...)
+    resumed_from_epoch: int | None  # the epoch a resumed trial continued from; None if it did not
+    planned_epochs: float  # epochs the trial trains in all: the dense phase and its schedule's
+    # writes the trial's state to a path, for `Trial.run(resume_from=...)`; None where none can be
+    # taken (the dense phase and the cached ticket rounds: the dense cache keeps those)
+    save: Callable[[Path], None] | None
 
 
 class LayerSelection:
@@ -178,10 +98,8 @@ class LayerSelection:
                                 channels, size)
             self._built[key] = model, prunable_layers(model, channels, size)
         model, layers = self._built[key]
-        selected = schedules.select_layers(layers, spec.schedule.layers)
-        if registry.is_pattern(spec.schedule.criterion):
-            selected = nm_layers(model, selected, spec.schedule.n_m[1])
-        return selected
+        criterion = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+        return criterion.layers(model, schedules.select_layers(layers, spec.schedule.layers), spec.schedule)
 
 
 def _state_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -196,15 +114,19 @@ class Trial:
     """The pieces of one trial, built from a resolved spec (see `run_trial`)."""
 
     def __init__(self, spec: Spec, report: Report | None = None, teacher_dir: Path | None = None,
-                 dataset: Dataset | None = None, rewind_epochs: Iterable[float] = ()):
-        """`teacher_dir`: the distillation teacher's checkpoint directory, when `distill.teacher`
-        is a run id (resolved by the caller); by default `distill.teacher` itself. `dataset`: the
-        spec's data already loaded (a sweep shares one copy per node), else it is loaded here.
-        `rewind_epochs`: other rewind points (epochs) the trials sharing this dense phase may ask
-        for; a dense phase trained here saves the fractional ones as it passes them."""
+                 dataset: Dataset | None = None, rewind_epochs: Iterable[float] = (),
+                 on_epoch: Callable[[Epoch], None] | None = None):
+        """`report(metrics, epoch)` and `on_epoch(Epoch)` receive every reported epoch (either may
+        be set later, as attributes). `teacher_dir`: the distillation teacher's checkpoint
+        directory, when `distill.teacher` is a run id (resolved by the caller); by default
+        `distill.teacher` itself. `dataset`: the spec's data already loaded (a sweep shares one
+        copy per node), else it is loaded here. `rewind_epochs`: other rewind points (epochs) the
+        trials sharing this dense phase may ask for; a dense phase trained here saves the
+        fractional ones as it passes them."""
         self._start = time.perf_counter()
         self.spec = spec
         self.report = report or (lambda metrics, epoch: None)
+        self.on_epoch = on_epoch
         self.rewind_epochs = tuple(rewind_epochs)
         self._muted = False  # a control's search for the ticket's mask reports nothing
         self._caching = False  # in a cached ticket round: no resume checkpoint (the cache keeps rounds)
@@ -213,63 +135,72 @@ class Trial:
         self.device = resolve_device(spec.train.device)
         self.dataset: Dataset = dataset if dataset is not None else load_dataset(spec.data)
         self.num_classes = len(self.dataset.classes)
-        size = spec.data.image_size
-        self.model = build_model(spec.model, self.num_classes, self.dataset.in_channels, size).to(self.device)
-        self.layers = prunable_layers(self.model, self.dataset.in_channels, size)
-        self.selected = schedules.select_layers(self.layers, spec.schedule.layers)
-        if not self.selected:
-            raise UserError(f"schedule.layers: {spec.schedule.layers!r} selects no prunable layer; "
-                            f"the model's are: {', '.join(self.layers)}")
-        self._freeze(spec.model.freeze)
-        self.example = torch.zeros(1, self.dataset.in_channels, size, size, device=self.device)
-        self.criterion = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
-        self._nm_layers()
-        self.plan()  # a schedule that does not fit train.budget_epochs fails here, before any training
-        groups = None
-        if registry.is_structured(spec.schedule.criterion):
-            # the last layer is the classifier head: its outputs are the classes
-            groups = structured.channel_groups(self.model, self.example, self.selected, exclude=self.layers[-1:])
-            if not groups:
-                raise UserError(f"schedule.layers: {spec.schedule.layers!r} selects no layer with prunable "
-                                f"channels (the classifier head {self.layers[-1]} keeps its outputs)")
-        self.masks = Masks(self.model, self.layers, groups, selected=self.selected)
+        self._build()
         self.data = DeviceData(self.dataset, self.device, spec.data.augment,
                                imagenet_stats=bool(spec.model.weights))
-        self.distiller = None
-        if spec.distill is not None:
-            from prunetune.distill import Distiller
-
-            directory = Path(teacher_dir or spec.distill.teacher).expanduser()
-            if not directory.is_dir():
-                raise UserError(f"distill.teacher: {spec.distill.teacher!r} is not a checkpoint directory "
-                                "(an MLflow run id is resolved by `prunetune trial` and `prunetune sweep`)")
-            self.distiller = Distiller(directory, spec, self.dataset, self.data)
-        # through a lambda, so `trial.report` may be set after construction (once a run exists)
-        self.trainer = self._trainer(self.model, self.masks, self._report)
+        self.distiller = self._distiller(teacher_dir)
+        self.trainer = self._trainer(self.model, self.masks, self._emit)
+        # the model with its pruned structure made real (set by a criterion's final metrics)
         self.compact: torch.nn.Module | None = None
         self.phase_index, self.phase_start_clock = -1, 0.0  # -1: the dense phase
         self.resumed_from_epoch: int | None = None  # set when `run` continues a saved state
         self.dense_test_acc: float | None = None  # the dense phase's checkpoint on the test split
+        self.test_predictions: tuple[np.ndarray, np.ndarray] | None = None  # final (logits, labels)
 
-    def _nm_layers(self) -> None:
-        """l1_nm: the selected layers whose input dimension splits into groups of M hold the
-        pattern (`sparsity` counts them); the others (a first conv on 1 or 3 channels) stay dense."""
-        if not registry.is_pattern(self.spec.schedule.criterion):
+    def _build(self) -> None:
+        """The model, its prunable layers, the layers the schedule prunes (as its criterion
+        prunes them), the phases and the masks. Bad input fails here, before any training."""
+        spec, size, channels = self.spec, self.spec.data.image_size, self.dataset.in_channels
+        self.model = build_model(spec.model, self.num_classes, channels, size).to(self.device)
+        self.layers = prunable_layers(self.model, channels, size)
+        selected = schedules.select_layers(self.layers, spec.schedule.layers)
+        if not selected:
+            raise UserError(f"schedule.layers: {spec.schedule.layers!r} selects no prunable layer; "
+                            f"the model's are: {', '.join(self.layers)}")
+        self._freeze(spec.model.freeze)
+        self.example = torch.zeros(1, channels, size, size, device=self.device)
+        self.criterion = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+        self.selected = self.criterion.layers(self.model, selected, spec.schedule)
+        self.phases = self.plan()  # a schedule that does not fit train.budget_epochs fails here
+        # the last layer is the classifier head: its outputs are the classes
+        groups = self.criterion.groups(self.model, self.example, self.selected, self.layers[-1], spec.schedule)
+        self.masks = Masks(self.model, self.layers, groups, selected=self.selected)
+
+    def _distiller(self, teacher_dir: Path | None):
+        if self.spec.distill is None:
+            return None
+        from prunetune.distill import Distiller
+
+        directory = Path(teacher_dir or self.spec.distill.teacher).expanduser()
+        if not directory.is_dir():
+            raise UserError(f"distill.teacher: {self.spec.distill.teacher!r} is not a checkpoint directory "
+                            "(an MLflow run id is resolved by `prunetune trial` and `prunetune sweep`)")
+        return Distiller(directory, self.spec, self.dataset, self.data)
+
+    # -- reporting -----------------------------------------------------------------------------
+    @property
+    def planned_epochs(self) -> float:
+        """The epochs this trial trains in all: its dense phase and its schedule's phases."""
+        return self.spec.train.dense_epochs + schedules.trained_epochs(self.phases)
+
+    @property
+    def phase_name(self) -> str:
+        """The phase in progress: "dense", or the name of the schedule's phase."""
+        return "dense" if self.phase_index < 0 else self.phases[self.phase_index].name
+
+    def _emit(self, metrics: dict, epoch: int) -> None:
+        """Report an epoch, trained or replayed: to `report`, and as an `Epoch` to `on_epoch`. A
+        control's mask search reports nothing (its rounds are the ticket's training, not its own)."""
+        if self._muted:
             return
-        m = self.spec.schedule.n_m[1]
-        fits = nm_layers(self.model, self.selected, m)
-        if not fits:
-            raise UserError(f"schedule.n_m: no selected layer has an input dimension divisible by M={m} "
-                            f"(selected: {', '.join(self.selected)})")
-        self.selected = fits
-
-    def _report(self, metrics: dict, epoch: int) -> None:
-        if not self._muted:
-            self.report(metrics, epoch)
+        self.report(metrics, epoch)
+        if self.on_epoch is not None:
+            save = self.save_checkpoint if self.can_checkpoint else None
+            self.on_epoch(Epoch(metrics, epoch, self.phase_name, self.resumed_from_epoch, self.planned_epochs, save))
 
     def criteria_context(self) -> Context:
         """What the criteria that score through the model use: the model, an example input and
-        training batches (`SCORE_SAMPLES`, drawn with the trial's seed)."""
+        training batches (max(batch_size, 10 × classes) samples, drawn with the trial's seed)."""
         n = self.data.size("train")
         gen = torch.Generator().manual_seed(self.spec.seed)
         order = torch.randperm(n, generator=gen)[:min(n, max(self.spec.train.batch_size, 10 * self.num_classes))]
@@ -462,34 +393,13 @@ class Trial:
         m.update(flops(self.model, self.example, self.layers))
         m["checkpoint_bytes"] = sparse_checkpoint_bytes(self.model.state_dict())
         m["train_epochs_total"] = self.trainer.global_step / self.trainer.steps_per_epoch
-        self._test_logits, self._test_labels = logits, labels
+        self.test_predictions = logits, labels  # for the confusion matrix (artifacts.write)
         if self.distiller is not None:
             from prunetune.distill import teacher_accuracy
 
             m["teacher_test_acc"] = teacher_accuracy(self.distiller, self.data, 2 * self.trainer.batch_size)
-        if registry.is_pattern(self.spec.schedule.criterion):
-            n_, m_ = self.spec.schedule.n_m
-            m["nm_valid"] = float(all(nm_valid(self.masks.weights[n], n_, m_) for n in self.selected))
-            if self.spec.schedule.remove:
-                m.update(semi_structured_speedup(self.model, self.example, self.selected, self.spec.schedule.n_m))
-        if self.masks.groups:
-            m["channel_sparsity"] = self.masks.channel_sparsity()
-            if self.spec.schedule.remove:
-                m.update(self.remove_channels())
+        m.update(self.criterion.final_metrics(self))  # channel_sparsity, nm_valid, what `remove` measures
         return m
-
-    def remove_channels(self) -> dict:
-        """Remove the pruned channels for real (`self.compact`, on the CPU); its size and the CPU
-        latency at batch 1 of the masked and the compact model."""
-        self.compact = structured.remove_channels(self.model, self.masks.groups, self.masks.channels_kept,
-                                                  self.example)
-        example = self.example.cpu()
-        dense = copy.deepcopy(self.model).cpu().eval()
-        dense_ms = structured.latency_ms(dense, example)
-        compact_ms = structured.latency_ms(self.compact, example)
-        return {"compact_params": sum(p.numel() for p in self.compact.parameters()),
-                "latency_ms_dense": dense_ms, "latency_ms_compact": compact_ms,
-                "measured_speedup": dense_ms / compact_ms}
 
     def run(self, out_dir: str | Path, cache: DenseCache | None = None,
             resume_from: Path | None = None) -> TrialResult:
@@ -502,7 +412,7 @@ class Trial:
             first = self.load_checkpoint(resume_from)
             self.resumed_from_epoch = self.trainer.epoch
             self._replay(self.trainer.history)  # reports the process that saved it may not have delivered
-        phases = self.plan()
+        phases = self.phases
         if first == 0:
             self.search_ticket_mask(phases, entry, cache)
         for index, phase in enumerate(phases):
@@ -515,7 +425,7 @@ class Trial:
         self.trainer.end_epoch()  # report a last, partial epoch if there is one
         metrics = self.final_metrics()
         metrics["trial_seconds"] = time.perf_counter() - self._start
-        self.write_artifacts(out_dir, metrics)
+        artifacts.write(self, out_dir, metrics)
         return TrialResult(metrics, out_dir, self.trainer.history)
 
     def search_ticket_mask(self, phases: list[schedules.Phase], dense_entry: Path, cache: DenseCache) -> None:
@@ -562,7 +472,7 @@ class Trial:
     def _replay(self, rows: list[dict]) -> None:
         """Report epochs of the history again (receivers skip what they already hold)."""
         for metrics, epoch in epoch_reports(rows):
-            self.report(metrics, epoch)
+            self._emit(metrics, epoch)
 
     # -- checkpoints (resume) -----------------------------------------------------------------
     @property
@@ -585,41 +495,6 @@ class Trial:
         self.phase_start_clock = state["phase_start_clock"]
         self.phase_index = state["phase_index"]
         return self.phase_index
-
-    def write_artifacts(self, out_dir: Path, metrics: dict) -> None:
-        from prunetune import figures  # matplotlib only when artifacts are written
-
-        (out_dir / "checkpoint").mkdir(parents=True, exist_ok=True)
-        (out_dir / "data").mkdir(exist_ok=True)
-        (out_dir / "figures").mkdir(exist_ok=True)
-        torch.save(_state_cpu(self.model), out_dir / "checkpoint" / "model.pt")
-        if self.compact is not None:
-            # any batch size (traced with two samples: a size-1 dimension would be specialised)
-            program = torch.export.export(self.compact, (self.example.cpu().expand(2, -1, -1, -1),),
-                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-            torch.export.save(program, out_dir / "checkpoint" / "compact.pt2")
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
-        rows = layer_sparsity_rows(self.model, self.layers)
-        _write_csv(out_dir / "layer_sparsity.csv", rows)
-        _write_csv(out_dir / "data" / "split.csv", [{self.dataset.id_name: i, "split": s}
-                                                    for i, s in zip(self.dataset.ids, self.dataset.split)])
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (out_dir / "history.json").write_text(json.dumps(self.trainer.history))
-        figures.curves(self.trainer.history, out_dir / "figures" / "curves.png",
-                       title=f"{self.spec.name}: {self.spec.schedule.method} to {self.spec.schedule.sparsity:.0%}",
-                       dense_epochs=self.spec.train.dense_epochs)
-        figures.weights_hist(self.model, self.layers, out_dir / "figures" / "weights_hist.png")
-        counts = np.bincount(self.dataset.labels[self.dataset.split == "train"], minlength=self.num_classes)
-        if counts.min() == 0 or counts.max() / counts.min() > 1.5:  # imbalanced classes
-            figures.confusion(self._test_logits.argmax(1), self._test_labels, self.dataset.classes,
-                              out_dir / "figures" / "confusion.png")
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["empty"])
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def run_trial(spec: Spec, out_dir: str | Path, report: Report | None = None,

@@ -30,7 +30,7 @@ def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100, classes: i
         # class-dependent mean colour so a model can learn something
         data = np.clip(rng.normal(0, 40, (n, 3072)) + np.array(labels)[:, None] * (200 / classes), 0, 255)
         batch = {b"data": data.astype(np.uint8), b"fine_labels": labels,
-                 b"coarse_labels": [l // 5 for l in labels],
+                 b"coarse_labels": [label // 5 for label in labels],
                  b"filenames": [f"{name}_{i}.png".encode() for i in range(n)], b"batch_label": name.encode()}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
     meta = {b"fine_label_names": [f"class{i}".encode() for i in range(classes)],

@@ -6,13 +6,14 @@ trains."""
 import textwrap
 
 import pytest
-from conftest import digits_raw
-from test_cli import prunetune
 
 from prunetune import spec
 from prunetune.errors import UserError
 from prunetune.pruning import schedules
 from prunetune.trial import DenseCache, LayerSelection, Trial
+
+from conftest import digits_raw
+from test_cli import prunetune
 
 
 def test_every_method_trains_the_same_epochs_under_one_budget(tmp_path):

@@ -10,19 +10,19 @@ from prunetune.analysis.cka import CKAAccumulator, cka_matrix
 
 def reference_hsic_biased(x, y):
     n = x.shape[0]
-    k, l = x @ x.T, y @ y.T
+    k, g = x @ x.T, y @ y.T  # the two Gram matrices (K and L in the papers)
     h = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    return torch.trace(k @ h @ l @ h) / (n - 1) ** 2
+    return torch.trace(k @ h @ g @ h) / (n - 1) ** 2
 
 
 def reference_hsic_unbiased(x, y):
     n = x.shape[0]
-    k, l = x @ x.T, y @ y.T
+    k, g = x @ x.T, y @ y.T
     k = k - torch.diag(torch.diag(k))
-    l = l - torch.diag(torch.diag(l))
+    g = g - torch.diag(torch.diag(g))
     one = torch.ones(n, 1, dtype=torch.float64)
-    term = torch.trace(k @ l) + (one.T @ k @ one) * (one.T @ l @ one) / ((n - 1) * (n - 2)) \
-        - 2.0 / (n - 2) * (one.T @ k @ l @ one)
+    term = torch.trace(k @ g) + (one.T @ k @ one) * (one.T @ g @ one) / ((n - 1) * (n - 2)) \
+        - 2.0 / (n - 2) * (one.T @ k @ g @ one)
     return (term / (n * (n - 3))).item()
 
 
@@ -149,16 +149,19 @@ def test_each_run_sees_inputs_normalised_as_it_was_trained(tmp_path):
     scratch its training split's, whatever the first run compared used."""
     import yaml
 
-    from conftest import write_cifar10
     from prunetune import spec
     from prunetune.analysis import similarity
     from prunetune.data.device import IMAGENET_MEAN, IMAGENET_STD
     from prunetune.models import build_model
 
+    from conftest import write_cifar10
+
     root = write_cifar10(tmp_path / "cifar")
-    raw = {"name": "c", "model": {"arch": "simple_cnn"}, "data": {"dataset": "cifar10", "root": str(root), "image_size": 8}}
+    raw = {"name": "c", "model": {"arch": "simple_cnn"},
+           "data": {"dataset": "cifar10", "root": str(root), "image_size": 8}}
     scratch = spec.validate(raw).model_dump(mode="json")
-    imagenet = spec.validate({**raw, "model": {"arch": "simple_cnn", "weights": str(tmp_path / "w.pth")}}).model_dump(mode="json")
+    weights = {"arch": "simple_cnn", "weights": str(tmp_path / "w.pth")}
+    imagenet = spec.validate({**raw, "model": weights}).model_dump(mode="json")
     (tmp_path / "scratch.yaml").write_text(yaml.safe_dump(scratch))
     (tmp_path / "imagenet.yaml").write_text(yaml.safe_dump(imagenet))
     torch.save(build_model(spec.validate(raw).model, 10, 3, 8).state_dict(), tmp_path / "model.pt")

@@ -41,7 +41,8 @@ def test_cka_of_the_best_checkpoints(tmp_path):
     assert len(chosen) == 2 and min(val[i] for i in chosen) >= max(v for i, v in val.items() if i not in chosen)
     within = next(f for f in files if "within_" in f and f.endswith(".csv"))
     path = c.download_artifacts(run.info.run_id, within, str(tmp_path / "dl"))
-    rows = list(csv.reader(open(path)))
+    with open(path) as f:
+        rows = list(csv.reader(f))
     layers = rows[0][1:]
     assert layers[0] == "features.0" and len(rows) == len(layers) + 1
     for i, row in enumerate(rows[1:]):

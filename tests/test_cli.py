@@ -72,7 +72,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, text, sets
     r = prunetune(["trial", str(p), *sets], cwd=tmp_path)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert not (tmp_path / "mlruns").exists()
 
@@ -83,7 +83,7 @@ def test_an_objective_without_its_split_is_refused_for_a_sweep_not_a_trial(tmp_p
     for command in (["validate"], ["sweep", "--dry-run"]):
         r = prunetune([*command, str(p)], cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
-        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "data.val_fraction" in lines[0] and "val_acc" in lines[0], r.stderr
     assert not (tmp_path / "mlruns").exists()
     assert prunetune(["trial", str(p), "--set", "train.dense_epochs=0", "--set", "train.finetune_epochs=0"],
@@ -103,7 +103,7 @@ def test_a_sweep_selecting_on_test_says_so_in_one_line(tmp_path):
     p = write(tmp_path, TINY.rstrip(" ") + "    search: {objectives: [{metric: test_acc, mode: max}]}\n")
     r = prunetune(["sweep", str(p), "--dry-run"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    notes = [l for l in r.stderr.splitlines() if "test-split" in l]
+    notes = [line for line in r.stderr.splitlines() if "test-split" in line]
     assert notes == [("note: search.objectives selects on test_acc, a test-split metric: the chosen trials' "
                       "test scores are optimistically biased; select on val_acc")], r.stderr
     assert "objectives test_acc (max)" in r.stdout
@@ -124,6 +124,6 @@ def test_the_sweep_table_chooses_by_the_objective_and_reports_test_acc(capsys):
              "val_acc": 0.93, "test_acc": 0.91}]
     _print_sweep(SweepResult("s", "parent", rows, [("val_acc", "max")]), Path("s.yaml"))
     out = capsys.readouterr().out
-    header = next(l for l in out.splitlines() if "trial" in l and "MLflow run" in l)
+    header = next(line for line in out.splitlines() if "trial" in line and "MLflow run" in line)
     assert header.index("val_acc") < header.index("test_acc")
     assert "0.97" in out and "best run: run2 (trial t2)" in out

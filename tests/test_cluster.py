@@ -116,7 +116,8 @@ def test_shared_path_storage_sigkill_of_the_driver_and_resume(cluster):
                       extra=f"tracking: {{storage: {shared}}}\n")
     db = work / "mlruns" / "mlflow.db"
     env = {**env_for(cluster), "PRUNETUNE_CHECKPOINT_S": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", str(spec), "--address", cluster["address"]],
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", str(spec),
+                             "--address", cluster["address"]],
                             cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 400

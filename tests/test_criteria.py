@@ -191,18 +191,18 @@ def test_synflow_rounds_follow_the_exponential_schedule():
 def test_l1_nm_keeps_the_n_largest_of_every_m(n_m):
     n, m = n_m
     model, layers = _model()
-    fits = [l for l in layers if dict(model.named_modules())[l].weight.shape[1] % m == 0]
+    fits = [name for name in layers if dict(model.named_modules())[name].weight.shape[1] % m == 0]
     assert fits and len(fits) < len(layers)  # simple_cnn's first conv has 1 input channel
     masks = Masks(model, layers, selected=fits)
-    original = {l: masks.weights[l].detach().clone() for l in fits}
+    original = {name: masks.weights[name].detach().clone() for name in fits}
     masks.prune(1 - n / m, criteria.l1_nm, fits, context=_context(model, n_m=n_m))
     assert masks.sparsity() == pytest.approx(1 - n / m)
-    for l in fits:
-        assert nm_valid(masks.weights[l], n, m)
-        kept = nm_view(masks.masks[l], m)
+    for name in fits:
+        assert nm_valid(masks.weights[name], n, m)
+        kept = nm_view(masks.masks[name], m)
         assert bool((kept.sum(-1) == n).all())
         # the survivors of each group are its n largest magnitudes
-        groups = nm_view(original[l].abs(), m)
+        groups = nm_view(original[name].abs(), m)
         smallest_kept = groups.masked_fill(~kept, float("inf")).min(-1).values
         largest_pruned = groups.masked_fill(kept, float("-inf")).max(-1).values
         assert bool((smallest_kept >= largest_pruned).all())

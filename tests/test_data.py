@@ -64,7 +64,8 @@ def test_cifar_malformed_file(tmp_path):
 
 
 def test_cifar_refuses_code_in_pickles(tmp_path):
-    import pickle, os
+    import os
+    import pickle
     root = write_cifar100(tmp_path)
 
     class Evil:
@@ -102,7 +103,8 @@ def test_split_sizes_exact_even_with_tiny_classes():
         assert ((labels == c) & (split == "val")).sum() <= 1
 
 
-@pytest.mark.parametrize("shape,size", [((5, 1, 8, 8), 16), ((5, 1, 8, 8), 32), ((3, 3, 28, 28), 32), ((2, 3, 7, 9), 9)])
+@pytest.mark.parametrize("shape,size", [((5, 1, 8, 8), 16), ((5, 1, 8, 8), 32), ((3, 3, 28, 28), 32),
+                                        ((2, 3, 7, 9), 9)])
 def test_numpy_upsampling_matches_torch_bilinear(shape, size):
     import torch
     import torch.nn.functional as F

@@ -26,10 +26,10 @@ def ham_spec(root, **kw):
 def test_ham10000_layout_classes_and_lesion_grouped_split(tmp_path):
     root = write_ham10000(tmp_path / "HAM10000")
     ds = load_dataset(ham_spec(root, val_fraction=0.1, test_fraction=0.2))
-    meta = list(csv.DictReader(open(root / "HAM10000_metadata.csv")))
+    meta = list(csv.DictReader((root / "HAM10000_metadata.csv").read_text().splitlines()))
     assert ds.classes == list(HAM_CLASSES) and ds.id_name == "image_id"
     assert ds.ids == [r["image_id"] for r in meta]
-    assert [ds.classes[l] for l in ds.labels] == [r["dx"] for r in meta]
+    assert [ds.classes[c] for c in ds.labels] == [r["dx"] for r in meta]
     assert ds.images.shape == (len(meta), 3, 16, 16) and ds.images.dtype == np.uint8
     lesion = np.array([r["lesion_id"] for r in meta])
     for g in np.unique(lesion):  # no lesion straddles splits
@@ -179,7 +179,7 @@ def test_class_balance_options(tmp_path):
 def test_ham_trial_logs_image_ids_per_class_recall_and_confusion(tmp_path):
     root = write_ham10000(tmp_path / "HAM10000")
     result = run_trial(_ham_trial_spec(root), tmp_path / "out")
-    rows = list(csv.DictReader(open(tmp_path / "out" / "data" / "split.csv")))
+    rows = list(csv.DictReader((tmp_path / "out" / "data" / "split.csv").read_text().splitlines()))
     assert set(rows[0]) == {"image_id", "split"} and rows[0]["image_id"].startswith("ISIC_")
     assert {f"test_recall_class{c}" for c in range(7)} & set(result.metrics)
     assert (tmp_path / "out" / "figures" / "confusion.png").is_file()

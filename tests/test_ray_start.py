@@ -11,8 +11,9 @@ import pytest
 import ray
 from ray._private import ray_constants
 
-import procs
 from prunetune.sweep import _ray
+
+import procs
 
 
 def _now() -> float:

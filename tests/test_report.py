@@ -32,7 +32,8 @@ def frame():
                 rows.append({"run_id": f"r{len(rows)}", "trial_id": f"t{len(rows)}", "state": "FINISHED",
                              "replicate": replicate, "schedule.method": method, "schedule.sparsity": sparsity,
                              "schedule.layers": f"first:{replicate + 1}", "seed": replicate,
-                             "test_acc": float(rng.uniform(0.6, 0.9)), "nonzero_params": float(rng.integers(100, 1000))})
+                             "test_acc": float(rng.uniform(0.6, 0.9)),
+                             "nonzero_params": float(rng.integers(100, 1000))})
     rows.append({**rows[0], "run_id": "bad", "trial_id": "tx", "state": "FAILED", "test_acc": np.nan})
     return pd.DataFrame(rows)
 
@@ -47,7 +48,7 @@ def test_summary_matches_a_hand_computed_groupby(tmp_path):
         assert row["std"] == pytest.approx(group.std(ddof=1))
         assert row["count"] == 3  # the three replicates, grouped; the failed trial left out
     text = report.summary_markdown(summary, ["test_acc"], "t", df)
-    line = next(l for l in text.splitlines() if l.startswith("| 80% |"))
+    line = next(row for row in text.splitlines() if row.startswith("| 80% |"))
     g = expected.get_group(("iterative", 0.8))
     assert f"{g.mean():.4f} ± {g.std():.4f} (n=3)" in line
     assert "19 trials: 18 finished, 1 failed" in text
@@ -112,7 +113,8 @@ def test_report_of_a_replicated_grid_sweep(tmp_path):
     r = subprocess.run([sys.executable, "-m", "prunetune.cli", "report", str(spec), "--out", str(out)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 8 and {row["run_id"] for row in rows} == {c.info.run_id for c in children}
     assert {"schedule.method", "schedule.sparsity", "seed", "test_acc", "state", "replicate"} <= set(rows[0])
     df = pd.read_csv(out / "results.csv")
@@ -154,7 +156,7 @@ def test_the_dense_reference_in_the_summary_and_the_figure(tmp_path, monkeypatch
     df = frame()
     df["dense_test_acc"] = np.where(df["seed"] == 0, 0.95, 0.93)  # one dense phase per seed
     text = report.summary_markdown(report.summarize(df, ["test_acc"]), ["test_acc"], "t", df)
-    dense_row = next(l for l in text.splitlines() if l.startswith("| dense (0%) |"))
+    dense_row = next(row for row in text.splitlines() if row.startswith("| dense (0%) |"))
     cells = dense_row.split("|")[2:-1]
     assert len(cells) == 3  # every method
     # seeds 0, 1, 2: three dense phases (0.95, 0.93, 0.93), not one value per trial
@@ -163,7 +165,8 @@ def test_the_dense_reference_in_the_summary_and_the_figure(tmp_path, monkeypatch
     lines = []
     import matplotlib.axes
     real = matplotlib.axes.Axes.axhline
-    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y, **kw: lines.append((y, kw)) or real(self, y, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y, **kw: lines.append((y, kw)) or real(self, y, **kw))
     report.accuracy_vs_sparsity(df, "test_acc", tmp_path / "a.png", "t")
     assert len(lines) == 1 and lines[0][0] == pytest.approx(np.mean([0.95, 0.93, 0.93]))
     assert "dense" in lines[0][1]["label"]
@@ -184,7 +187,7 @@ def test_each_cell_shows_the_mean_epochs_trained_behind_it():
     df["train_epochs_total"] = df["schedule.method"].map({"oneshot": 20.0, "iterative": 28.0, "layerwise": 36.0})
     df.loc[(df["schedule.method"] == "layerwise") & (df["replicate"] == 0), "train_epochs_total"] = 35.7
     text = report.summary_markdown(report.summarize(df, ["test_acc"]), ["test_acc"], "t", df)
-    line = next(l for l in text.splitlines() if l.startswith("| 80% |"))
+    line = next(row for row in text.splitlines() if row.startswith("| 80% |"))
     g = df[(df.state == "FINISHED") & (df["schedule.method"] == "iterative") & (df["schedule.sparsity"] == 0.8)]
     assert f"{g.test_acc.mean():.4f} ± {g.test_acc.std():.4f} (n=3, 28 ep)" in line
     assert "(n=3, 20 ep)" in line and "(n=3, 35.9 ep)" in line  # layerwise: (35.7 + 36 + 36) / 3

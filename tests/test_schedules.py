@@ -130,7 +130,8 @@ def test_geometric_step_targets_prune_a_fraction_of_the_survivors(sparsity, step
 
 def test_geometric_rounds_against_fixed():
     assert step_targets(0.8, 0.2, "fixed") == [0.2, 0.4, 0.6, 0.8]
-    assert step_targets(0.8, 0.2, "geometric") == pytest.approx([0.2, 0.36, 0.488, 0.5904, 0.67232, 0.737856, 0.7902848, 0.8])
+    assert step_targets(0.8, 0.2, "geometric") == pytest.approx(
+        [0.2, 0.36, 0.488, 0.5904, 0.67232, 0.737856, 0.7902848, 0.8])
 
 
 @pytest.mark.parametrize("method", ["oneshot", "iterative"])

@@ -185,8 +185,13 @@ def test_the_reinit_control_trains_the_tickets_mask(tmp_path):
                schedule__step_rule="geometric", schedule__rewind_epoch=0.5)
     ticket = run_trial(spec.validate(digits_raw(schedule__retrain="weight_rewind", **raw)), tmp_path / "t", cache=cache)
     entries = {p for p in (tmp_path / "cache").iterdir()}
-    control = run_trial(spec.validate(digits_raw(schedule__retrain="reinit", **raw)), tmp_path / "c", cache=cache)
+    reported = []
+    control = run_trial(spec.validate(digits_raw(schedule__retrain="reinit", **raw)), tmp_path / "c",
+                        report=lambda m, e: reported.append((e, round(m["sparsity"], 2))), cache=cache)
     assert {p for p in (tmp_path / "cache").iterdir()} == entries  # every round it needed was cached
+    # only its own training is reported: the dense phase and the one round on the final mask,
+    # none of the ticket's rounds it took from the cache (their epochs would shadow its own)
+    assert reported == [(0, 0.0), (1, 0.0), (2, 0.8), (3, 0.8)]
     a, b = _nonzero(tmp_path / "t"), _nonzero(tmp_path / "c")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # 0.4, 0.64, 0.784, 0.8: the ticket trains 4 rounds of 1.5 epochs, the control one

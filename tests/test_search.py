@@ -31,7 +31,8 @@ def test_retrain_and_rewind_epoch_are_sampled_only_where_used():
         resolved = search.spec_of(loaded, p)  # every sample is a valid spec
         assert resolved.schedule.method == method
         study.tell(trial, 0.5)
-    assert {("oneshot", "reinit"), ("iterative", "lr_rewind"), ("lottery", "finetune"), ("layerwise", "finetune")} <= seen
+    assert {("oneshot", "reinit"), ("iterative", "lr_rewind"), ("lottery", "finetune"),
+            ("layerwise", "finetune")} <= seen
 
 
 def test_grid_size_counts_retrain_only_where_used():

@@ -27,7 +27,7 @@ def test_each_layer_alone_from_the_dense_weights(tmp_path):
         assert r["acc_drop"] == pytest.approx(dense_acc - r["val_acc"])
     # pruning 99% of one layer hurts more than 10% of it, for most layers
     by = {(r["layer"], r["sparsity"]): r["val_acc"] for r in rows[1:]}
-    assert sum(by[(l, 0.99)] < by[(l, 0.1)] for l in trial.layers) >= len(trial.layers) - 1
+    assert sum(by[(n, 0.99)] < by[(n, 0.1)] for n in trial.layers) >= len(trial.layers) - 1
     # the model is left with the dense weights and no mask
     assert trial.masks.sparsity() < 0.01
     assert trial.trainer.evaluate("val")["acc"] == pytest.approx(dense_acc)
@@ -39,7 +39,7 @@ def test_sensitivity_cli_writes_csv_heatmap_and_mlflow_run(tmp_path):
     r = subprocess.run([sys.executable, "-m", "prunetune.cli", "sensitivity", "s.yaml", "--out", "out"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "out" / "sensitivity.csv")))
+    rows = list(csv.DictReader((tmp_path / "out" / "sensitivity.csv").read_text().splitlines()))
     assert len(rows) == 1 + 4 * 9 and (tmp_path / "out" / "sensitivity.png").stat().st_size > 0
     assert "most sensitive layers at 90%" in r.stdout
     from mlflow.tracking import MlflowClient

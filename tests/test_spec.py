@@ -49,7 +49,8 @@ def error_of(tmp_path, text, sets=(), for_trial=False) -> str:
      ["schedule.step_size", "never uses it"]),
     ("name: a\ntrain: {dense_epochs: 2}\nschedule: {method: lottery, rewind_epoch: 3}\n",
      ["rewind_epoch", "dense_epochs"]),
-    ("name: a\ntrain: {dense_epochs: 2}\nschedule: {method: {choice: [oneshot, lottery]}, rewind_epoch: {int: [0, 3]}}\n",
+    ("name: a\ntrain: {dense_epochs: 2}\n"
+     "schedule: {method: {choice: [oneshot, lottery]}, rewind_epoch: {int: [0, 3]}}\n",
      ["rewind_epoch", "searched value 3"]),
     ("name: a\nschedule: {layers: 'first:x'}\n", ["schedule.layers", "first:K"]),
     ("name: a\ndata: {val_fraction: 0.5, test_fraction: 0.5}\n", ["below 1"]),
@@ -95,7 +96,8 @@ def test_val_acc_objective_needs_a_validation_split_that_exists(tmp_path):
                  f"{{dataset: imagefolder, root: {tmp_path / 'images'}, val_fraction: 0}}",
                  "{val_fraction: {uniform: [0.05, 0.2]}}"):
         spec.load(write(tmp_path, f"name: a\ndata: {data}\n"))
-    spec.load(write(tmp_path, "name: a\ndata: {val_fraction: 0}\nsearch: {objectives: [{metric: test_acc, mode: max}]}\n"))
+    spec.load(write(tmp_path, "name: a\ndata: {val_fraction: 0}\n"
+                              "search: {objectives: [{metric: test_acc, mode: max}]}\n"))
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
@@ -191,7 +193,7 @@ def test_trial_spec_needs_active_searched_keys_fixed(tmp_path):
 
 def test_defaults_file_matches_the_schema():
     text = (REPO / "conf" / "defaults.yaml").read_text()
-    body = "\n".join(l for l in text.splitlines() if not l.startswith("#")) + "\n"
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
     assert body == spec.defaults_yaml(), "regenerate conf/defaults.yaml from prunetune.spec.defaults_yaml()"
 
 
@@ -205,7 +207,8 @@ def test_hash_is_stable_and_content_addressed():
     assert d.dense_hash() == a.dense_hash() and d.config_hash() != a.config_hash()
     e = spec.validate({"name": "a", "seed": 1})
     assert e.dense_hash() != a.dense_hash()
-    assert len(a.config_hash()) == 16 and a.config_hash() == spec.validate({"name": "a", "schedule": {"sparsity": 0.5}}).config_hash()
+    assert len(a.config_hash()) == 16
+    assert a.config_hash() == spec.validate({"name": "a", "schedule": {"sparsity": 0.5}}).config_hash()
 
 
 def test_flat_params_are_dotted():
@@ -228,13 +231,15 @@ def test_search_checks(tmp_path):
         """))
     with pytest.raises(UserError, match="4 points .3 distinct"):
         search.check(grid)
-    ranged = spec.load(write(tmp_path, "name: a\nschedule: {sparsity: {uniform: [0.5, 0.9]}}\nsearch: {sampler: grid}\n"))
+    ranged = spec.load(write(tmp_path, "name: a\nschedule: {sparsity: {uniform: [0.5, 0.9]}}\n"
+                                       "search: {sampler: grid}\n"))
     with pytest.raises(UserError, match="grid searches choice entries only"):
         search.check(ranged)
 
 
 def test_define_by_run_is_conditional(tmp_path):
     import optuna
+
     from prunetune import search
     loaded = spec.load(write(tmp_path, """
         name: a
@@ -254,3 +259,15 @@ def test_define_by_run_is_conditional(tmp_path):
         resolved = loaded.resolve(search.decode(loaded, t.params))  # lists of globs round-trip
         assert resolved.schedule.layers in ("all", ["features.*"])
     assert {t.params["schedule.method"] for t in study.trials} == {"oneshot", "iterative", "lottery"}
+
+
+def test_the_clis_tracking_options_apply_at_load(tmp_path, monkeypatch):
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, over tracking.uri; --storage over tracking.storage;
+    the fixed spec is resolved once per load."""
+    p = write(tmp_path, "name: a\ntracking: {uri: 'sqlite:///spec.db', storage: spec-state}\n")
+    assert spec.load(p).fixed_spec().tracking.uri == "sqlite:///spec.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert spec.load(p).fixed_spec().tracking.uri == "sqlite:///env.db"
+    loaded = spec.load(p, tracking_uri="sqlite:///cli.db", storage="cli-state")
+    assert (loaded.fixed_spec().tracking.uri, loaded.fixed_spec().tracking.storage) == ("sqlite:///cli.db", "cli-state")
+    assert loaded.fixed_spec() is loaded.fixed_spec()

@@ -147,3 +147,20 @@ def test_dense_cache_on_remote_storage_keeps_a_node_local_copy(tmp_path, monkeyp
     shutil.rmtree(first)
     second, hit = cache.get("k", train)
     assert hit and len(calls) == 1 and (second / "epoch_0.pt").read_text() == "weights"
+
+
+def test_a_failed_lease_renewal_is_logged_and_tried_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("prunetune.storage.LEASE_BEAT_S", 0.05)
+    lease = Lease(Storage(str(tmp_path)), "lease.json", owner="me")
+    assert lease.try_claim()
+    failures = []
+
+    def unwritable(rel, obj):
+        failures.append(rel)
+        raise OSError("storage unreachable")
+
+    monkeypatch.setattr(lease.storage, "write_json", unwritable)
+    time.sleep(0.5)
+    lease.release()
+    assert len(failures) >= 2  # every beat tries again
+    assert "lease.json: renewing failed (storage unreachable)" in caplog.text

@@ -124,14 +124,15 @@ def test_cifar100_vgg11_trial_from_pickle_layout(tmp_path):
     assert "test_top5" in result.metrics
     split = (tmp_path / "out" / "data" / "split.csv").read_text().splitlines()
     assert split[0] == "sample_id,split" and len(split) == 1 + 128 + 64
-    assert sum(l.endswith(",test") for l in split) == 64  # the official test split is kept
+    assert sum(row.endswith(",test") for row in split) == 64  # the official test split is kept
 
 
 def test_random_criterion_and_layer_subsets(tmp_path):
     trial = _trial(schedule__criterion="random", schedule__layers=["features.*"])
     assert trial.selected == ["features.0", "features.4"]
     result = trial.run(tmp_path)
-    rows = {r.split(",")[0]: float(r.split(",")[-1]) for r in (tmp_path / "layer_sparsity.csv").read_text().splitlines()[1:]}
+    lines = (tmp_path / "layer_sparsity.csv").read_text().splitlines()[1:]
+    rows = {r.split(",")[0]: float(r.split(",")[-1]) for r in lines}
     assert rows["classifier.1"] == 0 and rows["classifier.3"] == 0
     assert result.metrics["sparsity"] > 0
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from prunetune.figures import pyplot
 
 SPARSITIES = tuple(round(0.1 * k, 1) for k in range(1, 10))
 
@@ -53,6 +51,7 @@ def write(rows: list[dict], out: Path, title: str) -> list[Path]:
     grid = np.full((len(layers), len(sparsities)), np.nan)
     for r in rows[1:]:
         grid[layers.index(r["layer"]), sparsities.index(r["sparsity"])] = r[acc_key]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(sparsities), 1.5 + 0.32 * len(layers)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-9, float(np.nanmax(grid))))
     ax.set_xticks(range(len(sparsities)), [f"{s:.0%}" for s in sparsities])

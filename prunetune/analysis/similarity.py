@@ -1,7 +1,8 @@
 """Layer similarity of trained checkpoints: activation capture and the CKA matrices within each
 model and between every pair, streamed batch by batch (activations are never all kept).
 
-Imports no mlflow: `prunetune cka` (cli.py + tracking.py) finds the checkpoints and logs results.
+Imports no mlflow: `prunetune cka` finds the checkpoints and logs the results (`results.cka`,
+through tracking.py).
 """
 
 from __future__ import annotations
@@ -111,11 +112,9 @@ def write_matrix(path: Path, matrix: torch.Tensor, rows: list[str], cols: list[s
 
 def heatmap(path: Path, matrix: torch.Tensor, rows: list[str], cols: list[str], title: str,
             xlabel: str, ylabel: str) -> None:
-    import matplotlib
+    from prunetune.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     size = max(4.0, 0.28 * max(len(rows), len(cols)) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     im = ax.imshow(matrix.cpu().numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -17,15 +18,11 @@ from typing import Callable
 
 import numpy as np
 
+# cache_root's home is prunetune.cache; cli, sweep, teachers and tracking import it from here
+from prunetune.cache import cache_root
 from prunetune.data import Source
 
 FORMAT = 1  # bump when the decoding changes, so old entries are not reused
-
-
-def cache_root() -> Path:
-    """Where shared work (dense checkpoints, decoded data) is kept: $PRUNETUNE_CACHE or
-    ~/.cache/prunetune."""
-    return Path(os.environ.get("PRUNETUNE_CACHE") or Path.home() / ".cache" / "prunetune")
 
 
 def entry_path(kind: str, files: list[Path], image_size: int) -> Path:
@@ -44,8 +41,8 @@ def cached(kind: str, files: list[Path], image_size: int, build: Callable[[], So
     if path.is_file():
         try:
             return _read(path)
-        except (OSError, ValueError, KeyError):
-            pass  # an unreadable entry is rebuilt
+        except (OSError, ValueError, KeyError) as exc:  # an unreadable entry is rebuilt
+            logging.getLogger(__name__).warning("decode cache: rebuilding unreadable entry %s (%s)", path, exc)
     src = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")

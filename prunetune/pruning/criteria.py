@@ -1,5 +1,7 @@
-"""Pruning criteria. Each is an object with `prune(masks, target, layers, scope, generator,
-context)`, registered by name in `registry.CRITERIA` (with its `structured` flag and what it needs).
+"""Pruning criteria. Each is a `Pruner`: `prune(masks, target, layers, scope, generator,
+context)` and the special cases it owns (which layers, which channel groups, which final metrics),
+registered by name in `registry.CRITERIA`, whose entries (`registry.Criterion`) hold its
+torch-free rules (spec checks, dense-hash part, which metrics it reports).
 
 - weight criteria score each weight from its own tensor (`WeightScore`: |w|, random);
 - at-initialisation criteria score through the model: `snip` and `grasp` on training batches
@@ -21,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunetune.errors import UserError
+from prunetune.pruning.semistructured import semi_structured_speedup
+
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -36,6 +41,31 @@ class Context:
     n_m: tuple[int, int] = (2, 4)
 
 
+class Pruner:
+    """The torch side of a pruning criterion: how it prunes (`prune`), and what it does beyond
+    that. The defaults are an unstructured criterion's (single weights, every selected layer, no
+    metric of its own); `NM` and `structured.ChannelNorm` override what differs. Its torch-free
+    rules (spec checks, dense-hash part, the metrics it reports) are on its registry entry,
+    `registry.Criterion`."""
+
+    def prune(self, masks, target: float, layers: list[str], scope: str, generator=None, context=None) -> None:
+        """Prune `layers` of `masks` until `target` of their weights are zero (see `Masks.prune`)."""
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module, selected: list[str], schedule) -> list[str]:
+        """Which of the `selected` layers it prunes (and `sparsity` counts): all of them."""
+        return list(selected)
+
+    def groups(self, model: nn.Module, example: torch.Tensor, selected: list[str], head: str,
+               schedule) -> list | None:
+        """The channel groups it prunes whole (`structured.Group`s), or None: single weights."""
+        return None
+
+    def final_metrics(self, trial) -> dict:
+        """What it adds to a finished trial's final metrics (`metrics.BY_CRITERION`)."""
+        return {}
+
+
 def _needs(context: Context | None, name: str) -> Context:
     if context is None:
         raise ValueError(f"criterion {name} scores through the model: pass a criteria.Context")
@@ -43,7 +73,7 @@ def _needs(context: Context | None, name: str) -> Context:
 
 
 @dataclass(frozen=True)
-class WeightScore:
+class WeightScore(Pruner):
     """A criterion scoring each weight from its own tensor: `fn(weight, generator) → scores`."""
 
     fn: Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
@@ -81,7 +111,7 @@ def _gradients(model: nn.Module, batches: Batches, params: dict[str, torch.Tenso
     return grads
 
 
-class _ScoredThroughModel:
+class _ScoredThroughModel(Pruner):
     """Scores taken through the model in the mode its reference code scores in (`train_mode`:
     batch statistics and dropout, or eval mode: running statistics, no dropout), leaving the
     model as it was: every module's mode, its buffers (batch-norm running statistics) and the
@@ -149,7 +179,7 @@ class Grasp(_ScoredThroughModel):
         return {n: w.detach() * h for n, w, h in zip(layers, weights, hg)}
 
 
-class Synflow:
+class Synflow(Pruner):
     """SynFlow (Tanaka et al. 2020), data-free: with every parameter replaced by its absolute
     value, R = Σ f(𝟙) for an all-ones input, and a weight's score is |θ ⊙ ∂R/∂θ|. Pruned over
     `synflow_iters` rounds, the density falling exponentially (d₀·(d/d₀)^(k/n) in round k), each
@@ -200,15 +230,44 @@ def _round_target(start: float, target: float, k: int, rounds: int) -> float:
     return 1.0 - d0 * (d / d0) ** (k / rounds)
 
 
-class NM:
+class NM(Pruner):
     """N:M semi-structured sparsity: in every group of M consecutive input weights the N of
-    largest magnitude survive. The target is 1 − N/M (the spec refuses any other)."""
+    largest magnitude survive. The target is 1 − N/M (the spec refuses any other).
+
+    `schedule.remove` makes the pattern real where hardware runs it: on a CUDA GPU of compute
+    capability 8.0 or newer, the 2:4 linear layers are converted to sparse semi-structured tensors
+    and timed against the dense model (`semistructured.py`); elsewhere it does nothing."""
 
     name = "l1_nm"
 
     def prune(self, masks, target, layers, scope, generator=None, context=None) -> None:
         n, m = _needs(context, self.name).n_m
         masks.prune_nm(n, m, layers, {name: masks.weights[name].detach().abs() for name in layers})
+
+    def layers(self, model, selected, schedule) -> list[str]:
+        """The selected layers whose input dimension splits into groups of M (`sparsity` counts
+        them); the others (a first conv on 1 or 3 channels) stay dense."""
+        # imported here: masks imports structured, which imports this module
+        from prunetune.pruning.masks import nm_compatible
+
+        m = schedule.n_m[1]
+        modules = dict(model.named_modules())
+        fits = [n for n in selected if nm_compatible(modules[n].weight, m)]
+        if not fits:
+            raise UserError(f"schedule.n_m: no selected layer has an input dimension divisible by M={m} "
+                            f"(selected: {', '.join(selected)})")
+        return fits
+
+    def final_metrics(self, trial) -> dict:
+        """`nm_valid` (1 when every group of the selected layers holds the pattern), and with
+        `schedule.remove` the semi-structured latencies where the device runs them."""
+        from prunetune.pruning.masks import nm_valid
+
+        n, m = trial.spec.schedule.n_m
+        out = {"nm_valid": float(all(nm_valid(trial.masks.weights[x], n, m) for x in trial.selected))}
+        if trial.spec.schedule.remove:
+            out.update(semi_structured_speedup(trial.model, trial.example, trial.selected, (n, m)))
+        return out
 
 
 snip, grasp, synflow, l1_nm = Snip(), Grasp(), Synflow(), NM()

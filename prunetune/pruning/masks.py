@@ -14,7 +14,6 @@ from torch import nn
 from prunetune.pruning.structured import Group, channel_scores
 
 
-
 class Masks:
     """Masks for the named prunable layers of one model; True = weight kept.
 

@@ -14,6 +14,8 @@ its start cheaper (both measured in benchmarks/README.md, "Where a sweep's time 
   cluster never scales) and the log monitor (worker output is not forwarded: `log_to_driver` is
   off). Together they cost about 2 s of start-up and 2.6 s of CPU. They are left out through Ray's
   own start-up parameters where this Ray version has them; otherwise Ray starts as usual.
+
+What this needs of Ray's private API is in `_compat`.
 """
 
 from __future__ import annotations
@@ -26,18 +28,18 @@ import socket
 import ray
 
 from prunetune.errors import UserError
+from prunetune.sweep import _compat
 
-# what a trial worker imports, preloaded by the workers of a fresh local Ray
-PRELOAD = ("prunetune.trial", "prunetune.figures", "prunetune.sweep._tune")
+# what a trial worker imports, preloaded by the workers of a fresh local Ray (pyplot: the trial's
+# figures import it when they are drawn)
+PRELOAD = ("prunetune.trial", "prunetune.figures", "matplotlib.pyplot", "prunetune.sweep.trainable")
 
 
 def _address_host_port(address: str) -> tuple[str, int] | None:
     """The GCS host and port an address names ("auto": the cluster `ray start` recorded here)."""
     if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-
         try:
-            address = canonicalize_bootstrap_address_or_die("auto")
+            address = _compat.bootstrap_address("auto")
         except (ConnectionError, ValueError) as exc:
             raise UserError(f"--address auto: no Ray cluster was started on this machine ({exc}); "
                             "start one with `ray start --head` or give HOST:PORT") from None
@@ -95,8 +97,8 @@ def ray_init(address: str | None, workers: int | None = None) -> bool:
     # what Tune sets for its trial actors (see _trials_take_idle_workers): the workers inherit it
     os.environ.setdefault("PL_DISABLE_FORK", "1")
     with _one_sweep_head(workers):
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _system_config=config,
-                 **kwargs)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 **_compat.system_config(config), **kwargs)
     _trials_take_idle_workers()
     return True
 
@@ -105,45 +107,12 @@ def ray_init(address: str | None, workers: int | None = None) -> bool:
 def _one_sweep_head(workers: int | None = None):
     """While a fresh local Ray starts: no dashboard API server, autoscaler monitor or log monitor
     (see the module's text), and at most `workers` idle workers started as the driver connects.
-    Uses Ray's start-up parameters (`RayParams.no_monitor` and `include_log_monitor`, which `ray
-    start` sets, and the raylet's `--num_prestart_python_workers`, which Ray sets to the number of
-    CPUs) and skips `Node.start_api_server`; when this Ray has none of them, nothing changes.
     PRUNETUNE_LEAN_RAY=0 starts Ray as usual."""
-    try:
-        from ray._private import node as ray_node
-        from ray._private import parameter as ray_parameter
-        from ray._private import services
-
-        params_init, start_api_server = ray_parameter.RayParams.__init__, ray_node.Node.start_api_server
-        start_process = services.start_ray_process
-    except (ImportError, AttributeError):
-        params_init = start_api_server = None
-    if params_init is None or os.environ.get("PRUNETUNE_LEAN_RAY", "1") != "1":
+    if os.environ.get("PRUNETUNE_LEAN_RAY", "1") != "1":
         yield
         return
-
-    def lean_params(self, *args, **kwargs):
-        params_init(self, *args, **kwargs)
-        self.no_monitor, self.include_log_monitor = True, False
-
-    ray_parameter.RayParams.__init__ = lean_params
-    ray_node.Node.start_api_server = lambda self, **kwargs: None
-    if workers is not None:
-        services.start_ray_process = lambda command, *args, **kwargs: start_process(
-            [_fewer(arg, workers) for arg in command], *args, **kwargs)
-    try:
+    with _compat.lean_local_start(workers):
         yield
-    finally:
-        ray_parameter.RayParams.__init__, ray_node.Node.start_api_server = params_init, start_api_server
-        services.start_ray_process = start_process
-
-
-def _fewer(arg: str, workers: int) -> str:
-    """The raylet's argument for how many idle workers it starts, bounded by `workers`."""
-    flag = "--num_prestart_python_workers="
-    if arg.startswith(flag) and arg[len(flag):].isdigit():
-        return f"{flag}{min(int(arg[len(flag):]), workers)}"
-    return arg
 
 
 def _trials_take_idle_workers() -> None:
@@ -155,16 +124,12 @@ def _trials_take_idle_workers() -> None:
     empties Tune's table, for this process; where this Tune has no such table, nothing changes.
     (Imports Tune: the driver has it imported, in its thread, by the time Ray is up.)"""
     global _tune_env
-    try:
-        from ray.tune.execution import class_cache
-    except ImportError:
+    own = _compat.tune_actor_env()
+    if own is None:
         return
-    if isinstance(getattr(class_cache, "DEFAULT_ENV_VARS", None), dict) and \
-            isinstance(getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None), set):
-        if _tune_env is None:
-            _tune_env = class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE
-        class_cache.DEFAULT_ENV_VARS = {}
-        class_cache.ENV_VARS_TO_PROPAGATE = set()
+    if _tune_env is None:
+        _tune_env = own
+    _compat.set_tune_actor_env({}, set())
 
 
 _tune_env: tuple[dict, set] | None = None  # Tune's own table, while a sweep's local Ray has it emptied
@@ -173,7 +138,5 @@ _tune_env: tuple[dict, set] | None = None  # Tune's own table, while a sweep's l
 def _give_tune_its_env_back() -> None:
     global _tune_env
     if _tune_env is not None:
-        from ray.tune.execution import class_cache
-
-        class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE = _tune_env
+        _compat.set_tune_actor_env(*_tune_env)
         _tune_env = None

@@ -1,0 +1,50 @@
+"""The spec: one YAML file naming a model, data, a training recipe and a pruning schedule whose
+values may be searched.
+
+- `schema`: the pydantic models of every key (the one place where defaults live), validation and
+  the content hashes;
+- `dotted`: dotted keys (`schedule.sparsity`) over nested mappings;
+- `space`: search entries, and which searched keys a trial of a method uses;
+- `loading`: YAML, `base:`, `--set` and the CLI's overrides, into a `LoadedSpec`.
+
+Imports no torch, ray, optuna or mlflow.
+"""
+
+from prunetune.spec.dotted import del_dotted, flatten, get_dotted, set_dotted
+from prunetune.spec.loading import LoadedSpec, check_with_layers, deep_merge, load, parse_set, yaml_load
+from prunetune.spec.schema import (
+                                   DENSE_FORMAT,
+                                   FINAL_METRICS,
+                                   AnalysisSpec,
+                                   CkaSpec,
+                                   DataSpec,
+                                   DistillSpec,
+                                   ModelSpec,
+                                   Objective,
+                                   ResourcesSpec,
+                                   ScheduleSpec,
+                                   SearchSpec,
+                                   Spec,
+                                   TrackingSpec,
+                                   TrainSpec,
+                                   defaults_yaml,
+                                   format_validation_error,
+                                   validate,
+)
+from prunetune.spec.space import (
+                                   SEARCH_KINDS,
+                                   SEARCHABLE_SECTIONS,
+                                   SearchEntry,
+                                   is_search_entry,
+                                   keys_used,
+                                   parse_search_entry,
+)
+
+__all__ = [
+    "DENSE_FORMAT", "FINAL_METRICS", "SEARCHABLE_SECTIONS", "SEARCH_KINDS",
+    "AnalysisSpec", "CkaSpec", "DataSpec", "DistillSpec", "LoadedSpec", "ModelSpec", "Objective", "ResourcesSpec",
+    "ScheduleSpec", "SearchEntry", "SearchSpec", "Spec", "TrackingSpec", "TrainSpec",
+    "check_with_layers", "deep_merge", "defaults_yaml", "del_dotted", "flatten", "format_validation_error",
+    "get_dotted", "is_search_entry", "keys_used", "load", "parse_search_entry", "parse_set", "set_dotted",
+    "validate", "yaml_load",
+]

@@ -1,0 +1,343 @@
+"""The spec's schema: pydantic models of every key (the one place where defaults live), the
+validation that turns pydantic's errors into one line naming the key, and the content hashes
+that name equal work. Imports no torch, ray, optuna or mlflow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from prunetune import metrics, registry
+from prunetune.errors import UserError
+from prunetune.pruning import schedules
+from prunetune.spec.dotted import flatten
+
+FINAL_METRICS = metrics.FINAL_METRICS  # objectives must name one
+# Bumped when what a dense phase computes changes (2: every step's randomness seeded by its step,
+# so a fractional rewind can replay it), so old cache entries are not reused.
+DENSE_FORMAT = 2
+
+
+def _known(value: str, names) -> str:
+    if value not in names:
+        raise ValueError(f"unknown name {value!r}; valid: {', '.join(sorted(names))}")
+    return value
+
+
+class _Strict(BaseModel):
+    # Unknown or mistyped keys are refused, never ignored; no silent type coercion of strings.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelSpec(_Strict):
+    arch: str = "simple_cnn"
+    weights: Optional[str] = None
+    stem: Literal["auto", "imagenet", "small"] = "auto"
+    freeze: list[str] = []
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return _known(v, registry.MODELS)
+
+
+class DataSpec(_Strict):
+    dataset: str = "digits"
+    root: Optional[str] = None
+    image_size: int = Field(32, ge=4, le=1024)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    # draws the split of data without a published one; `seed` (and replicates) never change it
+    split_seed: int = 0
+    augment: list[Literal["flip", "crop"]] = []
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return _known(v, registry.DATASETS)
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+
+class TrainSpec(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5.0e-4, ge=0.0)
+    lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
+    dense_epochs: int = Field(10, ge=0)
+    finetune_epochs: float = Field(10, ge=0.0)
+    # Equal budgets: every method trains this many epochs after the dense phase, finetune_epochs
+    # being what its own steps leave (null: finetune_epochs as given).
+    budget_epochs: float | None = Field(None, ge=0.0)
+    amp: bool = False
+    # Imbalanced data: weight the loss by inverse class frequency, or draw training batches with
+    # every class equally likely (with replacement; an epoch is still one pass's worth of samples).
+    class_balance: Literal["none", "weighted_loss", "balanced_sampler"] = "none"
+    # Structured criteria: λ of the group-lasso penalty over the channel groups (0 = none).
+    group_lasso: float = Field(0.0, ge=0.0)
+    # CUDA only (ignored on a CPU): train with the model and its inputs in channels-last memory
+    # format, and through torch.compile (the training forward; the stored model is not wrapped).
+    # benchmarks/gpu_check.py measures whether each pays off.
+    channels_last: bool = False
+    compile: bool = False
+
+
+class ScheduleSpec(_Strict):
+    method: str = "oneshot"
+    criterion: str = "l1_unstructured"
+    scope: Literal["global", "layer"] = "global"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    step_size: float = Field(0.2, gt=0.0, lt=1.0)
+    step_epochs: float = Field(1.0, ge=0.0)
+    # lottery, and oneshot/iterative retraining other than finetune: the point of the dense phase
+    # whose learning rate (and weights, for weight_rewind) retraining replays; fractional = a step
+    rewind_epoch: float = Field(0.0, ge=0.0)
+    layers: Union[str, list[str]] = "all"
+    step_rule: Literal["fixed", "geometric"] = "fixed"  # iterative, lottery: targets k·p or 1 − (1 − p)^k
+    # oneshot, iterative: after each prune, finetune (train on), or retrain dense_epochs − rewind_epoch
+    # epochs on the dense learning-rate schedule replayed from rewind_epoch, starting from the
+    # trained weights (lr_rewind), the weights at rewind_epoch (weight_rewind: the lottery ticket)
+    # or a fresh initialisation (reinit: the ticket's control). lottery is iterative + weight_rewind.
+    # finetune_final_lr: Renda et al.'s fine-tuning baseline, the same dense_epochs − rewind_epoch
+    # epochs per round at the dense schedule's final learning rate.
+    retrain: Literal["finetune", "lr_rewind", "weight_rewind", "reinit", "finetune_final_lr"] = "finetune"
+    start_epoch: float = Field(0.0, ge=0.0)  # gradual: the ramp, in epochs after the dense phase
+    end_epoch: float = Field(4.0, gt=0.0)
+    redense_lr_factor: float = Field(0.1, gt=0.0)  # dsd, ist: lr factor of the re-dense training
+    cycles: int = Field(2, ge=1)  # ist
+    remove: bool = False  # structured criteria: physically remove the pruned channels after training
+    # (l1_nm on a CUDA GPU of compute capability ≥ 8.0: export the semi-structured model)
+    # the sanity check of Frankle et al. (2021): after each prune, permute each layer's mask
+    mask_control: Literal["none", "shuffle"] = "none"
+    synflow_iters: int = Field(100, ge=1)  # synflow: scoring rounds, density falling exponentially
+    n_m: list[int] = Field(default_factory=lambda: [2, 4])  # l1_nm: N of every M input weights survive
+
+    @field_validator("n_m")
+    @classmethod
+    def _n_m(cls, v: list[int]) -> list[int]:
+        if len(v) != 2 or not 0 < v[0] < v[1]:
+            raise ValueError(f"must be [N, M] with 0 < N < M, e.g. [2, 4] (got {v!r})")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return _known(v, schedules.METHODS)
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, v: str) -> str:
+        return _known(v, registry.CRITERIA)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v):
+        schedules.parse_layers(v)
+        return v
+
+
+class DistillSpec(_Strict):
+    """Knowledge distillation: `model.arch` is trained as the student of `teacher` (an MLflow run
+    id or a trial's checkpoint directory) with alpha · T² · KL(teacher ‖ student) + (1 − alpha) · CE."""
+
+    teacher: str = Field(min_length=1)
+    temperature: float = Field(4.0, gt=0.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _text(cls, v):
+        if not isinstance(v, str):
+            raise ValueError(f"must be a run id or a directory, as text (got {v!r}); quote a run id in YAML")
+        return v
+
+
+class Objective(_Strict):
+    metric: str
+    mode: Literal["max", "min"]
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        return _known(v, FINAL_METRICS)
+
+
+class SearchSpec(_Strict):
+    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
+    # selection is on validation: choosing on test_* would bias the test score reported for the choice
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="val_acc", mode="max")], min_length=1)
+    num_trials: int = Field(8, ge=1)
+    early_stop: Literal["none", "asha"] = "none"
+    replicates: int = Field(1, ge=1)
+
+
+class ResourcesSpec(_Strict):
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float = Field(0, ge=0)
+    max_concurrent: int = Field(2, ge=1)
+    # a trial whose worker or node dies restarts from its last saved state, this many times
+    # (not for its own errors: an exception in training or a non-finite loss fails it at once)
+    max_retries: int = Field(2, ge=0)
+
+
+class TrackingSpec(_Strict):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    artifacts: str = "mlruns/artifacts"
+    # the sweep's state and everything trials write for others (resume state, finished artifacts,
+    # the dense-phase cache): a path, a shared (NFS) path, or a URI such as s3://bucket/prefix
+    storage: str = Field("mlruns/tune", min_length=1)
+
+
+class CkaSpec(_Strict):
+    top: int = Field(3, ge=0)
+    samples: int = Field(1024, ge=4)
+    batch_size: int = Field(256, ge=4)
+
+
+class AnalysisSpec(_Strict):
+    cka: CkaSpec = CkaSpec()
+
+
+class Spec(_Strict):
+    """A resolved spec: every key filled in; no search entries left."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    distill: Optional[DistillSpec] = None
+    search: SearchSpec = SearchSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    analysis: AnalysisSpec = AnalysisSpec()
+
+    @model_validator(mode="after")
+    def _method_values(self):
+        s = self.schedule
+        if s.method == "lottery" and s.retrain not in ("finetune", "weight_rewind"):
+            raise ValueError(f"schedule.retrain {s.retrain} does not apply to method lottery, which always "
+                             "rewinds weights; use method iterative (or oneshot) with retrain "
+                             f"{s.retrain} for that control")
+        rewinds = s.method == "lottery" or (s.method in ("oneshot", "iterative") and s.retrain != "finetune")
+        if rewinds and s.rewind_epoch > self.train.dense_epochs:
+            what = "method lottery" if s.method == "lottery" else f"schedule.retrain {s.retrain}"
+            raise ValueError(
+                f"schedule.rewind_epoch ({s.rewind_epoch:g}) must not exceed train.dense_epochs "
+                f"({self.train.dense_epochs}) for {what}")
+        problem = registry.CRITERIA[s.criterion].check(s)  # what the criterion cannot run (its own rules)
+        if problem:
+            raise ValueError(problem)
+        if s.mask_control == "shuffle" and (s.method == "gradual" or (
+                s.method == "iterative" and s.retrain not in ("weight_rewind", "reinit"))):
+            # the last prune's mask, shuffled, lands on weights pruned by earlier steps: they have
+            # no value of their own to start from (a ticket's rounds rewind or re-initialise them)
+            raise ValueError(f"schedule.mask_control shuffle needs a value for every weight it may keep, which "
+                             f"method {s.method} with retrain {s.retrain} has not (weights pruned at earlier "
+                             f"steps are zero); use oneshot, layerwise, dsd, ist, lottery, or iterative with "
+                             f"retrain weight_rewind or reinit")
+        if s.method == "gradual" and s.end_epoch <= s.start_epoch:
+            raise ValueError(f"schedule.end_epoch ({s.end_epoch:g}) must be after schedule.start_epoch "
+                             f"({s.start_epoch:g}) for method gradual")
+        return self
+
+    @model_validator(mode="after")
+    def _budget(self, info: ValidationInfo):
+        """The method's own steps must fit train.budget_epochs. Where they depend on the model's
+        layers (layerwise over all or globs), stand-ins give a lower bound; a sweep validates
+        again with the real layers (context `layers`: Spec → the names a trial prunes)."""
+        if self.train.budget_epochs is not None:
+            select = (info.context or {}).get("layers")
+            layers = select(self) if select else schedules.stand_in_layers(self.schedule.layers)
+            schedules.plan(self.schedule, self.train, layers)  # BudgetError is a ValueError
+        return self
+
+    # -- derived views -------------------------------------------------------------------------
+    def flat(self) -> dict[str, Any]:
+        """Every key, dotted (`schedule.method`, `train.lr`, …): the params logged to MLflow."""
+        return flatten(self.model_dump(mode="json"))
+
+    def config_hash(self) -> str:
+        """Content hash of what determines a trial's result (not tracking, resources, search)."""
+        return _hash({k: v for k, v in self.model_dump(mode="json").items()
+                      if k in ("seed", "model", "data", "train", "schedule", "distill")})
+
+    def dense_hash(self) -> str:
+        """Content hash of what determines the dense phase: trials with equal hashes share it."""
+        d = self.model_dump(mode="json")
+        # what trains after the dense phase does not change it
+        train = {k: v for k, v in d["train"].items() if k not in ("finetune_epochs", "budget_epochs")}
+        extra = dict(registry.CRITERIA[self.schedule.criterion].dense_key(self))  # e.g. a group-lasso penalty
+        if d["distill"]:
+            extra["distill"] = d["distill"]  # the dense phase is distilled too
+        return _hash({"format": DENSE_FORMAT, "seed": d["seed"], "model": d["model"], "data": d["data"],
+                      "train": train, **extra})
+
+    def ticket_hash(self, targets: list[float]) -> str:
+        """Content hash of a lottery ticket's weight-rewinding rounds to `targets`: its dense
+        phase and what prunes and rewinds (not the method, sparsity or control that asked)."""
+        s = self.schedule
+        return _hash({"dense": self.dense_hash(), "targets": targets, "criterion": s.criterion, "scope": s.scope,
+                      "layers": s.layers, "rewind_epoch": s.rewind_epoch, "synflow_iters": s.synflow_iters,
+                      "n_m": s.n_m})
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """pydantic's first error as one line naming the dotted key and what is allowed there."""
+    errs = exc.errors()
+    first = errs[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        parent = loc.rsplit(".", 1)[0] if "." in loc else None
+        model = _model_at(parent)
+        allowed = ", ".join(model.model_fields) if model else ""
+        msg = f"unknown key; allowed here: {allowed}"
+    elif first["type"] == "missing":
+        msg = "is required"
+    elif "input" in first and first["type"] not in ("value_error",):
+        msg = f"{msg} (got {first['input']!r})"
+    where = f"spec key {loc}: " if loc else "spec: "
+    more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
+    return f"{where}{msg}{more}"
+
+
+def _model_at(dotted: str | None):
+    model: Any = Spec
+    for part in (dotted.split(".") if dotted else []):
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def validate(raw: dict) -> Spec:
+    """A resolved spec from a mapping with no search entries; UserError naming the key otherwise."""
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc)) from None
+
+
+def defaults_yaml() -> str:
+    """Every key with its default, as conf/defaults.yaml holds it."""
+    d = Spec(name="prunetune").model_dump(mode="json")
+    return yaml.safe_dump(d, sort_keys=False)

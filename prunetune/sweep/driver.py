@@ -1,0 +1,385 @@
+"""The driver of a sweep, step by step: the checks that need no Ray (`prepare`); Ray started (or
+attached to) while Tune and MLflow are imported beside it; then, in `_Sweep.run`, the checks of
+the nodes, the parent run opened (or reopened), a new or a restored Tuner, the fit, and the
+parent run closed. Imports ray only once the checks that need none have passed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from prunetune import search, stored_study, tracking
+from prunetune.errors import UserError
+from prunetune.metrics import shown_metrics
+from prunetune.spec import LoadedSpec, check_with_layers
+from prunetune.spec.space import fixed_schedule_value
+from prunetune.sweep.paths import SweepPaths, space_fingerprint
+from prunetune.sweep.protocol import failed, succeeded
+
+
+class SweepInterrupted(Exception):
+    """The user stopped the sweep (Ctrl-C); its state is saved and it can be resumed."""
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str
+    rows: list[dict]  # one per trial: trial_id, run_id, state, params, objectives and test_acc (shown_metrics)
+    objectives: list[tuple[str, str]]
+    log_path: Path | None = None  # the libraries' log lines (Ray, MLflow, Optuna)
+
+    def ranked(self) -> list[dict]:
+        """The rows with a value of the first objective, best first."""
+        metric, mode = self.objectives[0]
+        done = [r for r in self.rows if r.get(metric) is not None]
+        return sorted(done, key=lambda r: r[metric], reverse=(mode == "max"))
+
+
+def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
+    """What `prunetune sweep --dry-run` prints."""
+    spec = loaded.fixed_spec()
+    replicates = f" × {spec.search.replicates} seeds" if spec.search.replicates > 1 else ""
+    lines = [f"sweep {spec.name}: {spec.search.num_trials} trials{replicates}, sampler {spec.search.sampler}, "
+             f"objectives {', '.join(f'{o.metric} ({o.mode})' for o in spec.search.objectives)}",
+             f"  model {spec.model.arch}, data {spec.data.dataset} ({spec.data.image_size} px)",
+             f"  resources per trial: {spec.resources.cpus_per_trial:g} CPU, {spec.resources.gpus_per_trial:g} GPU; "
+             f"at most {spec.resources.max_concurrent} at once; early stop: {spec.search.early_stop}; "
+             f"retries after a worker or node dies: {spec.resources.max_retries}",
+             f"  state: {paths.dir.uri}", f"  tracking: {uri}", "  search space:"]
+    for key, entry in loaded.space.items():
+        lines.append(f"    {key}: {entry.kind} {list(entry.args)}" + (f" step {entry.step}" if entry.step else ""))
+    return "\n".join(lines)
+
+
+# -- distillation teachers -----------------------------------------------------------------------
+
+def teacher_names(loaded: LoadedSpec) -> list[str]:
+    """Every distillation teacher the sweep may use (run ids or directories)."""
+    entry = loaded.space.get("distill.teacher")
+    spec = loaded.fixed_spec()
+    return list(entry.probe_values()) if entry else [spec.distill.teacher] if spec.distill else []
+
+
+def teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
+    """Every distillation teacher → its local checkpoint directory on the driver."""
+    from prunetune.teachers import teacher_dir
+
+    artifacts = loaded.fixed_spec().tracking.artifacts
+    return {t: str(teacher_dir(t, uri, artifacts)) for t in teacher_names(loaded)}
+
+
+def publish_teachers(local: dict[str, str], paths: SweepPaths) -> dict[str, str]:
+    """Copy each teacher's files into the sweep's storage, where every node reads them; returns
+    teacher → its folder there (relative to the sweep's state)."""
+    from prunetune.distill import TEACHER_FILES
+
+    published = {}
+    for teacher, directory in local.items():
+        rel = f"teachers/{hashlib.sha256(teacher.encode()).hexdigest()[:16]}"
+        if not paths.dir.exists(f"{rel}/complete"):
+            for f in TEACHER_FILES:
+                paths.dir.put_file(Path(directory) / f, f"{rel}/{f}")
+            paths.dir.write_text(f"{rel}/complete", "ok\n")
+        published[teacher] = rel
+    return published
+
+
+# -- before Ray ------------------------------------------------------------------------------------
+
+def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool):
+    """All checks that need no Ray and write nothing; returns the sweep paths, the tracking URI
+    and the spec's dataset (loaded to check it; a sweep shares it with its trials)."""
+    from prunetune.data import load_dataset
+
+    if resume and restart:
+        raise UserError("--resume and --restart: choose one")
+    search.check(loaded)
+    spec = loaded.fixed_spec()
+    uri = tracking.store_uri(spec.tracking.uri)
+    dataset = load_dataset(spec.data)  # a missing or malformed data root fails here
+    teachers(loaded, uri)  # a missing distillation teacher fails here
+    if spec.train.budget_epochs is not None or "train.budget_epochs" in loaded.space:
+        from prunetune.trial import LayerSelection
+
+        # a layerwise schedule's steps depend on the model's layers: build it here (once per
+        # model) so a budget they exceed fails now, not in every trial that draws it
+        check_with_layers(loaded, LayerSelection(dataset))
+    paths = SweepPaths.of(spec.tracking.storage, spec.name)
+    meta = paths.read_meta()
+    if meta is not None and not (resume or restart):
+        raise UserError(f"sweep {spec.name!r} already exists at {paths.dir.uri}; "
+                        "use --resume to continue it or --restart to start it over")
+    if resume:
+        if meta is None:
+            raise UserError(f"--resume: there is no sweep {spec.name!r} at {paths.dir.uri} to resume")
+        if meta["space"] != space_fingerprint(loaded.space):
+            raise UserError(f"--resume: the search space of {spec.name!r} changed since the sweep started; "
+                            "use --restart to start over (or restore the spec)")
+    return paths, uri, dataset
+
+
+def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = False, restart: bool = False,
+              address: str | None = None, echo: Callable[[str], None] = print, log=None) -> SweepResult:
+    """Run (or resume) the sweep of a loaded spec. Raises UserError on bad input before writing.
+    `log`: a `logs.LogCapture`, given the sweep's log file once the checks have passed."""
+    from prunetune.logs import LogCapture
+
+    log = log or LogCapture()
+    paths, uri, dataset = prepare(loaded, resume=resume, restart=restart)
+    spec = loaded.fixed_spec()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    _ray_environment(address)
+    from prunetune.sweep._ray import sweep_ray
+
+    log.adopt()  # Ray's loggers, now that it is imported
+    # Ray starts its processes (seconds, mostly waiting) while Tune and MLflow are imported and
+    # the MLflow client made; the store itself is touched only after the checks, so bad input
+    # writes nothing. (Ray must start in the main thread.)
+    with contextlib.ExitStack() as stack:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            imported = pool.submit(_import_tune)
+            client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
+            stack.enter_context(sweep_ray(address, workers=spec.resources.max_concurrent))
+            imported.result()
+            tracker = client.result()
+        sweep = _Sweep(loaded, spec_file, paths, uri, tracker, echo, log)
+        return sweep.run(dataset, local=address is None, resume=resume, restart=restart)
+
+
+def _import_tune() -> None:
+    """What the driver imports while Ray starts: Tune and the sweep's Ray-side modules."""
+    import ray.tune.schedulers  # noqa: F401
+
+    import prunetune.sweep.mlflow_logger  # noqa: F401
+    import prunetune.sweep.preflight  # noqa: F401
+    import prunetune.sweep.progress  # noqa: F401
+    import prunetune.sweep.searcher  # noqa: F401
+    import prunetune.sweep.trainable  # noqa: F401
+
+
+def _ray_environment(address: str | None) -> None:
+    """Settings Ray reads from the environment when it is imported."""
+    if address and "RAY_AUTH_MODE" not in os.environ:
+        # Clusters started with `ray start` use token authentication by default (Ray 2.5x); a
+        # driver that attaches sends the local token only when asked to.
+        if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file()):
+            os.environ["RAY_AUTH_MODE"] = "token"
+    # Per-epoch reports carry no objective (it exists only after the final evaluation); Tune's
+    # strict check would reject them.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune snapshots its experiment state at most this often: a trial that finished is durable
+    # (kept by --resume after a SIGKILL) within about a second.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # prunetune prints its own progress; Tune's newer console output ignores verbose=0 with ASHA
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's default result loggers (CSV, JSON, TensorBoard) write every report of every trial;
+    # MLflow has them all. TensorBoardX alone costs the driver 3 s of imports (torch among them).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+# -- once Ray is up ----------------------------------------------------------------------------------
+
+class _Sweep:
+    """One sweep once Ray is up and the tracker made; `run` takes its steps in order."""
+
+    def __init__(self, loaded: LoadedSpec, spec_file: Path | None, paths: SweepPaths, uri: str,
+                 tracker: tracking.Tracker, echo: Callable[[str], None], log):
+        self.loaded, self.spec_file, self.paths, self.uri = loaded, spec_file, paths, uri
+        self.tracker, self.echo, self.log = tracker, echo, log
+        self.spec = loaded.fixed_spec()
+        self.study_url = stored_study.study_url(uri)  # None: the study lives in the sweep's state
+        self.objectives = [(o.metric, o.mode) for o in self.spec.search.objectives]
+        self.total = self.spec.search.num_trials * self.spec.search.replicates  # each configuration R times
+
+    def run(self, dataset, *, local: bool, resume: bool, restart: bool) -> SweepResult:
+        from ray import tune
+
+        self.log.adopt()
+        self.check_nodes(local)
+        self.log.to_file(self.paths.log_file())
+        if restart:
+            self.paths.dir.delete()
+        parent = self.reopen_parent_run() if resume else self.open_parent_run()
+        trainable = self.trainable(dataset)
+        if resume and tune.Tuner.can_restore(self.paths.dir.path, storage_filesystem=self.paths.storage.fs):
+            tuner = self.restored_tuner(trainable)
+        else:
+            tuner = self.new_tuner(trainable, parent)
+        self.log.adopt()  # Optuna's
+        with _graceful_ctrl_c(self.echo) as stopped:
+            grid = tuner.fit()
+        return self.close(parent, grid, stopped.is_set())
+
+    def check_nodes(self, local: bool) -> None:
+        """Some node can take a trial, and every node that can reaches the storage and the data."""
+        from prunetune.sweep.preflight import check_nodes, check_resources
+
+        res = self.spec.resources
+        check_resources(res.cpus_per_trial, res.gpus_per_trial)
+        check_nodes(self.paths.storage, self.loaded, res.cpus_per_trial, res.gpus_per_trial, local=local)
+
+    def open_parent_run(self) -> str:
+        """A new sweep's parent run (an old Optuna study of its name deleted), and its sweep.json."""
+        spec = self.spec
+        if stored_study.delete(self.study_url, spec.name):  # its sweep's state gone, or started over
+            self.echo(f"deleted the old Optuna study {spec.name!r} in {self.study_url} (its sweep starts over)")
+        parent = self.tracker.start_run(spec.name, f"sweep-{spec.name}",
+                                        {tracking.TAG_SWEEP: spec.name, tracking.TAG_KIND: "sweep"})
+        if self.spec_file is not None:
+            self.tracker.log_artifact(parent, self.spec_file)
+        self.paths.dir.write_json(SweepPaths.META, {
+            "parent_run_id": parent, "space": space_fingerprint(self.loaded.space), "tracking_uri": self.uri,
+            "storage": self.paths.storage.uri, "optuna_storage": self.study_url, "spec": self.loaded.raw})
+        return parent
+
+    def reopen_parent_run(self) -> str:
+        parent = self.paths.read_meta()["parent_run_id"]
+        self.tracker.reopen_run(parent)
+        return parent
+
+    def trainable(self, dataset):
+        """Tune's trainable: `trainable.pruning_trial` with the loaded spec and the shared data."""
+        from ray import tune
+
+        from prunetune.sweep.trainable import pruning_trial
+
+        res = self.spec.resources
+        # The decoded data goes to Ray's object store once: the trials of a node map one copy
+        # (zero-copy numpy).
+        shared = {"data": self.spec.data.model_dump(mode="json"), "dataset": dataset}
+        return tune.with_resources(
+            tune.with_parameters(pruning_trial, loaded=self.loaded, shared=shared, storage=self.paths.storage.uri,
+                                 sweep=self.spec.name, teachers=publish_teachers(teachers(self.loaded, self.uri),
+                                                                                 self.paths),
+                                 cpus=res.cpus_per_trial, checkpoint_s=_checkpoint_s()),
+            {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+
+    def new_tuner(self, trainable, parent: str):
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+        from prunetune.sweep.mlflow_logger import MlflowLogger
+        from prunetune.sweep.progress import Progress
+        from prunetune.sweep.searcher import make_searcher
+
+        spec, res = self.spec, self.spec.resources
+        logger = MlflowLogger(self.uri, spec.tracking.artifacts, spec.name, parent, spec.name, self.loaded,
+                              self.paths.storage.uri)
+        metric, mode = self.objectives[0]
+        progress = Progress(metric, mode, self.total, res.max_retries, self.echo,
+                            method=fixed_schedule_value(self.loaded.raw, "method"))
+        searcher = make_searcher(self.loaded, self.objectives, spec.seed, spec.search.replicates,
+                                   study_name=spec.name, storage=stored_study.rdb_storage(self.study_url))
+        # ASHA compares trials on val_acc after the dense phase (which all trials share)
+        scheduler = (ASHAScheduler(metric="val_acc", mode="max", time_attr="epoch", max_t=10_000,
+                                   grace_period=spec.train.dense_epochs + 1)
+                     if spec.search.early_stop == "asha" else FIFOScheduler())
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=self.total,
+                                        max_concurrent_trials=res.max_concurrent,
+                                        # one worker process runs trial after trial: torch and the
+                                        # data are loaded once per worker, not once per trial
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=self.paths.storage.path, storage_filesystem=self.paths.storage.fs,
+                callbacks=[logger, progress], verbose=0,
+                # a trial whose worker or node died restarts (from its own saved state); its own
+                # errors never reach Tune as errors (see trainable), so they are not retried
+                failure_config=tune.FailureConfig(max_failures=res.max_retries, fail_fast=False)))
+
+    def restored_tuner(self, trainable):
+        """The sweep's Tuner as Tune saved it; its callbacks get this process's output and store,
+        and the runs of trials that finished while the driver was down are closed."""
+        from ray import tune
+
+        from prunetune.sweep import _compat
+        from prunetune.sweep.mlflow_logger import MlflowLogger
+        from prunetune.sweep.progress import Progress
+
+        tuner = tune.Tuner.restore(self.paths.dir.path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False,
+                                   storage_filesystem=self.paths.storage.fs)
+        for cb in _compat.tuner_callbacks(tuner):  # Tune restores the callbacks it pickled
+            if isinstance(cb, Progress):
+                cb.echo, cb.start = self.echo, time.monotonic()
+            if isinstance(cb, MlflowLogger):
+                cb.resumed = True
+                cb.close_restored(tuner.get_results())
+        return tuner
+
+    def close(self, parent: str, grid, stopped: bool) -> SweepResult:
+        """After the fit: drop runs Tune never recorded, end the parent run (KILLED if the sweep
+        did not finish), and at the end close the study and remove the trials' resume state."""
+        from prunetune.sweep import _compat
+        from prunetune.sweep.mlflow_logger import drop_unrecorded_runs
+
+        spec = self.spec
+        trials = _compat.result_grid_trials(grid)
+        drop_unrecorded_runs(self.tracker, spec.name, parent, trials, self.echo)
+        rows = _rows(trials, self.tracker, spec.name, parent, shown_metrics([m for m, _ in self.objectives]))
+        interrupted = stopped or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < self.total
+        self.tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
+        if not interrupted:
+            stored_study.fail_unfinished(self.study_url, spec.name)  # asked by a driver killed before it could tell
+            self.paths.dir.delete(SweepPaths.RESUME)
+        result = SweepResult(spec.name, parent, rows, self.objectives, self.log.path)
+        if interrupted:
+            raise SweepInterrupted(result)
+        return result
+
+
+def _checkpoint_s() -> float:
+    """How often (seconds) a trial saves its state: $PRUNETUNE_CHECKPOINT_S, default 10."""
+    return float(os.environ.get("PRUNETUNE_CHECKPOINT_S", "10"))
+
+
+def _rows(trials, tracker: tracking.Tracker, experiment: str, parent: str, names: list[str]) -> list[dict]:
+    """One row per Tune trial: its id, MLflow run, state, sampled config and the `names` metrics."""
+    runs = tracker.trial_runs(experiment, parent)
+    rows = []
+    for t in trials:
+        last = t.last_result or {}
+        run = runs.get(t.trial_id)
+        row = {"trial_id": t.trial_id, "run_id": run.run_id if run else None,
+               "state": "ERROR" if failed(last) else t.status, **dict(t.config)}
+        for metric in names:
+            row[metric] = last.get(metric) if succeeded(last) else None
+        rows.append(row)
+    return rows
+
+
+@contextlib.contextmanager
+def _graceful_ctrl_c(echo: Callable[[str], None]):
+    """Ctrl-C → Tune's graceful stop (it saves the experiment state), and we learn it happened;
+    a second Ctrl-C interrupts at once. Tune's own SIGINT handler would hide the first one."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(sig, frame):
+        stopped.set()
+        signal.signal(signal.SIGINT, previous)
+        echo("stopping: saving the sweep's state (Ctrl-C again to quit at once)")
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune stops gracefully on SIGUSR1
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)

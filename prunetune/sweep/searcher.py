@@ -1,0 +1,79 @@
+"""Tune's searcher: Optuna (through Tune's OptunaSearch) proposing configurations of the spec's
+space, told each trial's final metrics, with each configuration run as several seed replicates
+when asked (their mean is what Optuna is told)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+from ray.tune.search import Repeater
+from ray.tune.search.optuna import OptunaSearch
+
+from prunetune import search
+from prunetune.spec import LoadedSpec
+from prunetune.sweep import _compat
+from prunetune.sweep.protocol import FINAL_FLAG, failed, succeeded
+
+
+class _OptunaSearch(OptunaSearch):
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        # A trial stopped early (ASHA) has no final metrics: it is PRUNED in Optuna; one that
+        # failed by its own error is FAIL.
+        error = error or failed(result)
+        if not succeeded(result):
+            result = None
+        super().on_trial_complete(trial_id, result, error)
+
+
+def make_searcher(loaded: LoadedSpec, objectives: list[tuple[str, str]], seed: int, replicates: int = 1,
+                  study_name: str | None = None, storage=None):
+    """Tune's searcher: Optuna sampling the spec's space (`search.DefineByRun`) into the study in
+    `storage` (Optuna's RDB storage, or None: in memory), each configuration run `replicates`
+    times."""
+    # Objectives are always given as a list: OptunaSearch then reads them only from a trial's
+    # last result (our final report), not from every per-epoch report.
+    optuna_search = _OptunaSearch(space=search.DefineByRun(loaded), metric=[m for m, _ in objectives],
+                                  mode=[d for _, d in objectives], sampler=search.make_sampler(loaded, seed),
+                                  study_name=study_name, storage=storage)
+    return optuna_search if replicates == 1 else _Replicates(optuna_search, replicates)
+
+
+class _Replicates(Repeater):
+    """Each configuration Optuna samples runs as `repeat` Tune trials (config[REPLICATE] = 0..R-1,
+    seed + index); Optuna is told the mean of each objective once all of them have ended.
+    Ray's Repeater averages one metric and forgets its groups on restore: this one averages
+    every objective, treats a replicate without final metrics (failed, stopped early) as absent,
+    and saves its groups beside the searcher's state so a resumed sweep completes them."""
+
+    def __init__(self, searcher, repeat: int):
+        super().__init__(searcher, repeat)
+        self._finals: dict[str, dict[str, dict | None]] = {}  # primary trial id → replicate → final result
+        self._errors: set[str] = set()  # replicates that failed
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False, **kwargs):
+        primary, replicates = _compat.replicate_group(self, trial_id)
+        done = self._finals.setdefault(primary, {})
+        done[trial_id] = result if succeeded(result) else None
+        if error or failed(result):
+            self._errors.add(trial_id)
+        if len(done) < replicates:
+            return
+        finals = [r for r in done.values() if r is not None]
+        if not finals:
+            self.searcher.on_trial_complete(primary, None, error=bool(set(done) & self._errors))
+            return
+        mean = {m: float(np.mean([r[m] for r in finals])) for m in self.searcher.metric}
+        self.searcher.on_trial_complete(primary, {**mean, FINAL_FLAG: True})
+
+    def save(self, checkpoint_path: str):
+        self.searcher.save(checkpoint_path)
+        with open(checkpoint_path + ".replicates", "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str):
+        self.searcher.restore(checkpoint_path)
+        if os.path.exists(checkpoint_path + ".replicates"):
+            with open(checkpoint_path + ".replicates", "rb") as f:
+                self.set_state(pickle.load(f))

@@ -1,0 +1,151 @@
+"""The worker's side of a sweep: one trial in a Ray worker, on any node (`pruning_trial`, the
+function Tune runs).
+
+Everything a trial leaves for others goes to the sweep's storage (`<storage>/<sweep>/resume/`),
+which every node reaches: its latest resume state (`<trial_id>.pt`, replaced whole) and, once
+done, its artifacts (`<trial_id>.final/`, read by the driver and kept until the sweep ends). Tune
+holds no checkpoint of it: a trial restarted by Tune (a resume, or a retry after its worker or
+node died) continues from that state.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from prunetune import search
+from prunetune.errors import error_text
+from prunetune.spec import LoadedSpec, Spec
+from prunetune.storage import Storage
+from prunetune.sweep.paths import SweepPaths
+from prunetune.sweep.protocol import (
+    EPOCHS_KEY,
+    ERROR_KEY,
+    FINAL_FLAG,
+    GPUS_KEY,
+    NODE_ID_KEY,
+    NODE_KEY,
+    PHASE_KEY,
+    RESUMED_KEY,
+)
+
+
+def pruning_trial(config: dict, *, loaded: LoadedSpec, shared: dict, storage: str, sweep: str,
+                  teachers: dict[str, str], cpus: float, checkpoint_s: float) -> None:
+    """One trial in a Ray worker: `config` is what Optuna sampled (and the replicate's index);
+    `loaded` the sweep's spec, already loaded and checked on the driver, which the trial's own
+    spec is resolved from, once.
+
+    The trial's own failure (an exception, a non-finite loss) is reported as its final result
+    with `ERROR_KEY`, not raised: Tune retries what it sees raised, which is then only the death
+    of a worker or a node.
+
+    `shared`: the driver's dataset (`dataset`, read-only shared memory) and the data spec it was
+    loaded for (`data`); a trial whose data spec differs (a searched data key) loads its own.
+    `teachers`: each distillation teacher → its folder in the sweep's storage."""
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+    root = Storage(storage)
+    saved = root.child(sweep).child(SweepPaths.RESUME)
+    tid = tune.get_context().get_trial_id()
+    where = _where()
+    final_rel = f"{tid}.final"
+    if saved.exists(f"{final_rel}/complete"):
+        _report_finished_again(saved, final_rel, where)
+        return
+    work = Path(tempfile.mkdtemp(prefix=f"prunetune-{tid}-"))
+    try:
+        run = _Run(config, loaded, shared, teachers, root, sweep, f"{tid}.pt", work, where, checkpoint_s)
+        result = run.train()
+        if result is None:
+            return  # its own failure, reported
+        saved.put_dir(work / "final", final_rel)
+        saved.write_text(f"{final_rel}/complete", "ok\n")  # last: the artifacts are all there
+        saved.delete(f"{tid}.pt")
+        _report_final(result.metrics, result.final_step, where)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _where() -> dict:
+    """Where this trial runs: the node's IP and Ray id, and the GPUs Ray gave it."""
+    ctx = ray.get_runtime_context()
+    return {NODE_KEY: ray.util.get_node_ip_address(), NODE_ID_KEY: ctx.get_node_id(),
+            GPUS_KEY: ",".join(str(g) for g in ray.get_gpu_ids())}
+
+
+def _report_final(metrics: dict, epoch: int, where: dict) -> None:
+    tune.report({**metrics, **where, FINAL_FLAG: True, "epoch": epoch})
+
+
+def _report_finished_again(saved: Storage, final_rel: str, where: dict) -> None:
+    """The trial had finished when the driver died, before Tune recorded it: report its history
+    again (the driver may not have written all of it) and its final result."""
+    from prunetune.trial import epoch_reports, final_step
+
+    history = saved.read_json(f"{final_rel}/artifacts/history.json")
+    for metrics, epoch in epoch_reports(history):
+        tune.report({**metrics, **where, "epoch": epoch})
+    _report_final(saved.read_json(f"{final_rel}/artifacts/metrics.json"), final_step(history), where)
+
+
+class _Run:
+    """One trial's training in the worker, reporting each epoch to Tune. Saving the state costs
+    time: it is saved at an epoch end when `checkpoint_s` seconds have passed since the last save
+    (0: every epoch), before the epoch is reported; a resumed trial reports its history again
+    (the driver skips what it has)."""
+
+    def __init__(self, config: dict, loaded: LoadedSpec, shared: dict, teachers: dict[str, str], root: Storage,
+                 sweep: str, state_rel: str, work: Path, where: dict, checkpoint_s: float):
+        self.config, self.loaded, self.shared, self.teachers = config, loaded, shared, teachers
+        self.root, self.sweep, self.saved = root, sweep, root.child(sweep).child(SweepPaths.RESUME)
+        self.state_rel, self.work, self.where, self.checkpoint_s = state_rel, work, where, checkpoint_s
+        self.last_save, self.saved_epoch = time.monotonic(), -1
+        self.trial = None
+
+    def train(self):
+        """The trial's result, or None when it failed by its own error (reported as its final
+        result)."""
+        from prunetune.cache import DenseCache
+        from prunetune.trial import Trial
+
+        try:
+            spec = search.spec_of(self.loaded, self.config)
+            self.trial = Trial(spec, teacher_dir=self._teacher(spec), dataset=self._dataset(spec),
+                               rewind_epochs=self.loaded.rewind_points(), on_epoch=self.on_epoch)
+            resume_from = (self.saved.get_file(self.state_rel, self.work / "resume.pt")
+                           if self.saved.exists(self.state_rel) else None)
+            return self.trial.run(self.work / "final" / "artifacts", DenseCache(self.root.child("_dense")),
+                                  resume_from=resume_from)
+        except Exception as exc:  # noqa: BLE001 - the trial's own failure: reported, not retried
+            epoch = self.trial.trainer.epoch if self.trial is not None else 0
+            tune.report({**self.where, FINAL_FLAG: True, ERROR_KEY: error_text(exc), "epoch": epoch})
+            return None
+
+    def _teacher(self, spec: Spec) -> Path | None:
+        """The distillation teacher's files, from the sweep's storage (a local copy where remote)."""
+        if spec.distill is None:
+            return None
+        teacher = self.root.child(self.sweep).child(self.teachers[spec.distill.teacher])
+        return teacher.local_path() if teacher.is_local else teacher.get_dir("", self.work / "teacher")
+
+    def _dataset(self, spec: Spec):
+        """The driver's shared dataset where the trial's data spec is the one it was loaded for."""
+        return self.shared["dataset"] if spec.data.model_dump(mode="json") == self.shared["data"] else None
+
+    def on_epoch(self, epoch) -> None:
+        """`Trial`'s event per epoch (`trial.Epoch`): save the state when due, then report to Tune."""
+        if epoch.save is not None and epoch.index > self.saved_epoch and \
+                time.monotonic() - self.last_save >= self.checkpoint_s:
+            epoch.save(self.work / "trial.pt")
+            self.saved.put_file(self.work / "trial.pt", self.state_rel)
+            self.last_save, self.saved_epoch = time.monotonic(), epoch.index
+        resumed = {} if epoch.resumed_from_epoch is None else {RESUMED_KEY: epoch.resumed_from_epoch}
+        tune.report({**epoch.metrics, **self.where, **resumed, EPOCHS_KEY: epoch.planned_epochs,
+                     PHASE_KEY: epoch.phase, "epoch": epoch.index})
