@@ -1,7 +1,7 @@
 """Layer similarity of trained checkpoints: activation capture and the CKA matrices within each
 model and between every pair, streamed batch by batch (activations are never all kept).
 
-Imports no mlflow: `prunetune cka` finds the checkpoints and logs the results (`results.cka`,
+Imports no mlflow: `prunetune cka` finds the checkpoints and logs the results (`commands.cka`,
 through tracking.py).
 """
 
