@@ -150,15 +150,6 @@ def structured_criteria() -> list[str]:
 
 
 # Kept for callers that still branch on the kind; a criterion's own methods say what differs.
-def is_structured(name: str) -> bool:
-    return name in CRITERIA and CRITERIA[name].structured
-
-
-def is_pattern(name: str) -> bool:
-    """A criterion that keeps a fixed N:M pattern (its sparsity is 1 − N/M)."""
-    return isinstance(CRITERIA.get(name), PatternCriterion)
-
-
 def lookup(registry: dict[str, str], name: str) -> Any:
     """Import and return the implementation registered under `name`."""
     entry = registry[name]
