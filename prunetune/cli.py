@@ -114,7 +114,8 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
     if note:
         click.echo(note, err=True)
     if dry_run:
-        paths, uri, _ = sweep_mod.prepare(loaded, resume=resume, restart=restart)
+        paths, uri, _ = sweep_mod.prepare(loaded, resume=resume, restart=restart,
+                                          echo=lambda line: click.echo(line, err=True))
         click.echo(sweep_mod.plan_text(loaded, paths, uri))
         return
     try:

@@ -28,14 +28,16 @@ def validate_spec(loaded: LoadedSpec) -> tuple[str, str]:
     """`prunetune validate`: the resolved spec as YAML (search entries as written), and one line
     on its data (read here: a missing or malformed root fails) and searched keys."""
     from prunetune.data import load_dataset
+    from prunetune.trial import check_models
 
     fixed = loaded.fixed_spec()
     dataset = load_dataset(fixed.data)
+    notes = check_models(loaded, dataset)  # a factory's model is built and checked
     resolved = fixed.model_dump(mode="json")
     for key in loaded.space:
         set_dotted(resolved, key, get_dotted(loaded.raw, key))
     counts = {s: int((dataset.split == s).sum()) for s in ("train", "val", "test")}
-    return yaml.safe_dump(resolved, sort_keys=False), (
+    return yaml.safe_dump(resolved, sort_keys=False), "".join(f"# {n}\n" for n in notes) + (
         f"# ok: {fixed.data.dataset}, {len(dataset.classes)} classes, "
         f"{counts['train']} train / {counts['val']} val / {counts['test']} test samples; "
         f"{len(loaded.space)} searched key(s): {', '.join(loaded.space) or 'none'}")

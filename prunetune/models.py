@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunetune import registry
+from prunetune import plugins, registry
 from prunetune.errors import UserError
 
 
@@ -100,12 +100,97 @@ def uses_small_stem(stem: str, image_size: int) -> bool:
 
 
 def build_model(model_spec, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Build `model_spec.arch` for the data's classes and channels; load `weights` if given."""
-    small = uses_small_stem(model_spec.stem, image_size)
-    model = registry.lookup(registry.MODELS, model_spec.arch)(num_classes, in_channels, small, image_size)
+    """Build `model_spec.arch` for the data's classes and channels; load `weights` if given. A
+    factory's model (the user's, or torchvision's) is checked on a batch of zeros first: a
+    wrong output is bad input naming model.arch, not a trial that fails later."""
+    arch = model_spec.arch
+    if plugins.is_torchvision(arch):
+        model = torchvision_classifier(arch.removeprefix(plugins.TORCHVISION), num_classes, in_channels,
+                                       model_spec.kwargs)
+    elif plugins.is_ref(arch):
+        model = plugins.call_factory("model.arch", arch, num_classes, in_channels, image_size, **model_spec.kwargs)
+    else:
+        small = uses_small_stem(model_spec.stem, image_size)
+        model = registry.lookup(registry.MODELS, arch)(num_classes, in_channels, small, image_size)
+    if plugins.is_ref(arch):
+        check_output(model, arch, num_classes, in_channels, image_size)
     if model_spec.weights:
         load_weights(model, Path(model_spec.weights).expanduser())
     return model
+
+
+def check_output(model, arch: str, num_classes: int, in_channels: int, image_size: int) -> None:
+    """A factory's model must be an nn.Module giving [batch, num_classes] logits for the data's
+    images; UserError naming model.arch otherwise."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.arch: {arch} returned a {type(model).__name__}, not a torch.nn.Module")
+    was_training = model.training
+    shape = f"[2, {in_channels}, {image_size}, {image_size}]"
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.zeros(2, in_channels, image_size, image_size))
+    except Exception as exc:  # noqa: BLE001 - the user's forward failing on the data's shape is input
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"model.arch: {arch} fails on a batch of the data's images {shape} "
+                        f"({type(exc).__name__}: {first})") from None
+    finally:
+        model.train(was_training)
+    got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != [2, num_classes]:
+        raise UserError(f"model.arch: {arch} outputs {got} for images {shape}; expected logits [2, {num_classes}] "
+                        f"(the data's {num_classes} classes: size the head with the num_classes argument)")
+
+
+def torchvision_classifier(name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+    """Any classification model of torchvision.models, untrained (weights=None: nothing is
+    downloaded), its head sized by `num_classes`. Data with other than 3 channels: the first
+    convolution that reads the 3 RGB channels is replaced by a fresh one reading `in_channels`
+    (same kernel, stride and padding; its weights initialised anew, and skipped by
+    model.weights). GoogLeNet and Inception v3 are built without their auxiliary heads."""
+    tvm = _torchvision_models()
+    names = tvm.list_models(module=tvm)
+    if name not in names:
+        raise UserError(f"model.arch: torchvision:{name} is not a torchvision classification model; valid: "
+                        f"{', '.join(names)}")
+    builder = tvm.get_model_builder(name)
+    if name in ("googlenet", "inception_v3"):
+        kwargs = {"aux_logits": False, "init_weights": True, **kwargs}
+    try:
+        model = builder(weights=None, num_classes=num_classes, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a keyword or size torchvision refuses is input
+        raise UserError(f"model.arch: torchvision:{name} refuses model.kwargs {kwargs} "
+                        f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    if in_channels != 3:
+        _adapt_input(model, name, in_channels)
+    return model
+
+
+def _adapt_input(model: nn.Module, name: str, in_channels: int) -> None:
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            conv = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                             module.dilation, module.groups if module.groups == 1 else in_channels,
+                             module.bias is not None, module.padding_mode)
+            parent, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, conv)
+            return
+    raise UserError(f"model.arch: torchvision:{name} has no 3-channel first convolution to adapt to "
+                    f"{in_channels} channels")
+
+
+def unpruned_weights(model: nn.Module, prunable: list[str]) -> dict[str, list[str]]:
+    """Weight tensors (2-D or more) that no criterion prunes — those of layers other than Conv2d
+    and Linear, e.g. Conv1d, Embedding, attention projections — by module type: skipped, and a
+    sweep says so."""
+    out: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if name in prunable:
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2:
+                out.setdefault(type(module).__name__, []).append(f"{name}.{pname}" if name else pname)
+    return out
 
 
 # torchvision's published DenseNet files name layers `norm.1`, `conv.2`, ...; its models say

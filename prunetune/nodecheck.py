@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 import prunetune
+from prunetune import plugins
+from prunetune.errors import UserError
 from prunetune.storage import Storage
 
 
@@ -45,10 +47,12 @@ def files_fingerprint(root: str) -> tuple[int, str] | None:
     return len(files), digest
 
 
-def expectations(paths: dict[str, str]) -> dict:
+def expectations(paths: dict[str, str], user_code: list[tuple[str, str]] = ()) -> dict:
     """What the driver sees: `paths` is {spec key: local path} of the files trials read
-    (data.root, model.weights)."""
-    return {"code": code_fingerprint(), "files": {key: (path, files_fingerprint(path)) for key, path in paths.items()}}
+    (data.root, model.weights); `user_code` the (key, `package.module:factory`) every node must
+    import."""
+    return {"code": code_fingerprint(), "files": {key: (path, files_fingerprint(path)) for key, path in paths.items()},
+            "user_code": list(user_code)}
 
 
 def problems(storage_uri: str, probe: str, node: str, expected: dict) -> list[str]:
@@ -70,6 +74,11 @@ def problems(storage_uri: str, probe: str, node: str, expected: dict) -> list[st
     except Exception as exc:  # noqa: BLE001 - any filesystem's own error types
         found.append(f"cannot use {storage_uri} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}) "
                      "(tracking.storage: make it reachable from every node, with credentials there)")
+    for key, ref in expected.get("user_code", []):
+        try:
+            plugins.load_factory(key, ref, hint=plugins.SHIPPED)
+        except UserError as exc:
+            found.append(str(exc))
     for key, (path, fingerprint) in expected["files"].items():
         here = files_fingerprint(path)
         if here is None:

@@ -187,3 +187,35 @@ def test_s3_storage_with_an_mlflow_server(cluster, tmp_path):
         assert "CKA run:" in r.stdout
     finally:
         procs.kill_session(server)
+
+
+def test_user_code_only_in_the_drivers_working_folder_reaches_the_node(cluster):
+    """The model and data factories live in the driver's working folder, which the worker node
+    cannot see: Ray's runtime env ships them, and the trials run there. A module whose own import
+    is not shipped (a sibling file it imports) is refused before training, naming the node."""
+    from test_plugins import DATA, MODEL
+
+    work, shared = cluster["work"] / "plug-run", cluster["shared"]
+    work.mkdir()
+    (work / "plugnet.py").write_text(textwrap.dedent(MODEL))
+    (work / "plugdata.py").write_text(textwrap.dedent(DATA))
+    extra = (f"model: {{arch: 'plugnet:build', kwargs: {{width: {{choice: [4, 6]}}}}}}\n"
+             f"tracking: {{storage: {shared}}}\n")
+    spec = write_spec(work, "plug", trials=2, data="{dataset: 'plugdata:load', image_size: 8}", extra=extra)
+    r = sweep([str(spec), "--address", cluster["address"]], work, timeout=600, env=env_for(cluster))
+    assert r.returncode == 0, r.stderr[-3000:]
+    parents, children = runs_of(work, "plug")
+    assert len(children) == 2
+    _child_checks(client(work), children, parents[0].info.run_id, _worker_node_ips(children))
+    assert {r.data.params["model.arch"] for r in children} == {"plugnet:build"}
+
+    (work / "plughelper.py").write_text("WIDTH = 4\n")
+    (work / "needs_helper.py").write_text("import plughelper\nfrom plugnet import build\n")
+    spec = write_spec(work, "plug-helper", trials=1, data="{dataset: 'plugdata:load', image_size: 8}",
+                      extra=f"model: {{arch: 'needs_helper:build'}}\ntracking: {{storage: {shared}}}\n")
+    r = sweep([str(spec), "--address", cluster["address"]], work, timeout=300, env=env_for(cluster))
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = r.stderr.strip()
+    assert line.startswith("error: node ") and "model.arch: cannot import module 'needs_helper'" in line, line
+    assert "No module named 'plughelper'" in line and len(line.splitlines()) == 1
+    assert "plug-helper" not in {p.name for p in shared.iterdir()}  # nothing written for it

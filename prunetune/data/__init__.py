@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prunetune import registry
+from prunetune import plugins, registry
 from prunetune.errors import UserError
 
 
@@ -97,7 +97,12 @@ def load_dataset(data_spec) -> Dataset:
     data without a published one is drawn by `data_spec.split_seed` alone: a trial's `seed` (and
     its replicates) change initialisation, batch order and augmentation, never the test images."""
     seed = data_spec.split_seed
-    src: Source = registry.lookup(registry.DATASETS, data_spec.dataset)(data_spec)
+    if plugins.is_ref(data_spec.dataset):  # the user's own factory
+        from prunetune.data.plugin import load as load_plugin
+
+        src: Source = load_plugin(data_spec)
+    else:
+        src = registry.lookup(registry.DATASETS, data_spec.dataset)(data_spec)
     if src.official_split is not None:
         # Published splits are kept; a split the publisher left out is carved from train.
         split = src.official_split.astype(object).copy()

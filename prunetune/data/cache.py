@@ -37,7 +37,16 @@ def entry_path(kind: str, files: list[Path], image_size: int) -> Path:
 
 def cached(kind: str, files: list[Path], image_size: int, build: Callable[[], Source]) -> Source:
     """`build()`'s Source, decoded once: read from the cache when an entry for these files exists."""
-    path = entry_path(kind, files, image_size)
+    return _cached_at(entry_path(kind, files, image_size), build)
+
+
+def cached_by_digest(name: str, image_size: int, build: Callable[[], Source]) -> Source:
+    """`build()`'s Source, resized once: `name` carries a digest of what it is built from (a
+    dataset factory's output)."""
+    return _cached_at(cache_root() / "data" / f"{name}-{image_size}px-f{FORMAT}.npz", build)
+
+
+def _cached_at(path: Path, build: Callable[[], Source]) -> Source:
     if path.is_file():
         try:
             return _read(path)

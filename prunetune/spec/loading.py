@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from prunetune import metrics, registry
+from prunetune import metrics, plugins, registry
 from prunetune.errors import UserError
 from prunetune.spec import space as space_mod
 from prunetune.spec.dotted import del_dotted, get_dotted, set_dotted
@@ -145,6 +145,25 @@ class LoadedSpec:
             return [value] if is_number(value) else []
         return [v for v in entry.args if is_number(v)] if entry.kind == "choice" else []
 
+    def user_code(self) -> list[tuple[str, str]]:
+        """(key, reference) of the user code (`package.module:factory`) that model.arch and
+        data.dataset take, fixed or as a choice's values."""
+        values = {}
+        for key in plugins.KEYS:
+            entry = self.space.get(key)
+            values[key] = list(entry.probe_values()) if entry else [get_dotted(self.raw, key)]
+        return plugins.refs(values)
+
+    def model_variants(self) -> list[Spec]:
+        """The fixed spec, and one spec per value a searched `model.*` key may take (the others
+        at their first values): each model a sweep's trials may build."""
+        base = {k: e.probe_values()[0] for k, e in self.space.items()}
+        out = [self.fixed_spec()]
+        for key, entry in self.space.items():
+            if key.startswith("model."):
+                out += [self.resolve(dict(base, **{key: v})) for v in entry.probe_values()[1:]]
+        return out
+
     def trial_spec(self) -> Spec:
         """The one spec a `prunetune trial` runs: every searched key that matters must be fixed."""
         missing = space_mod.unfixed_keys(self.raw, self.space)
@@ -233,6 +252,11 @@ def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = 
     _check_criterion_keys(raw, space)
     loaded = LoadedSpec(p, raw, space)
     fixed = loaded.fixed_spec()  # full validation with searched keys at a representative value
+    code = loaded.user_code()
+    if code:  # imported from the working directory and beside the spec, as Python would find it
+        plugins.add_search_paths(p.parent if p is not None else None)
+    for key, ref in code:  # user code that cannot be imported fails now, naming the key
+        plugins.load_factory(key, ref)
     if not for_trial:  # one trial selects nothing
         _check_objectives(fixed, space)
     return loaded

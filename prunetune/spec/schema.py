@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from prunetune import metrics, registry
+from prunetune import metrics, plugins, registry
 from prunetune.errors import UserError
 from prunetune.pruning import schedules
 from prunetune.spec.dotted import flatten
@@ -33,20 +34,65 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _known_or_code(value: str, names, torchvision: bool = False) -> str:
+    """A registered name, or a reference to user code (`package.module:factory`; for models also
+    `torchvision:<name>`, checked against torchvision when the model is built)."""
+    if not plugins.is_ref(value):
+        try:
+            return _known(value, names)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; or your own 'package.module:factory'"
+                             + (" or 'torchvision:<name>'" if torchvision else "")) from None
+    if plugins.is_torchvision(value):
+        if not torchvision or not re.fullmatch(r"[A-Za-z_]\w*", value.removeprefix(plugins.TORCHVISION)):
+            raise ValueError(f"{value!r}: torchvision models are named 'torchvision:<name>' in model.arch, e.g. "
+                             "torchvision:mobilenet_v2" if torchvision else f"{value!r} is a model, not a dataset")
+        return value
+    plugins.parse(value)  # ValueError naming the syntax
+    return value
+
+
+def _plain_kwargs(v: dict) -> dict:
+    bad = [k for k in v if not re.fullmatch(r"[A-Za-z_]\w*", str(k))]
+    if bad:
+        raise ValueError(f"keyword names must be Python identifiers (got {bad[0]!r})")
+    return v
+
+
 class ModelSpec(_Strict):
+    # a built-in name, your own `package.module:factory` (called as factory(num_classes,
+    # in_channels, image_size, **kwargs), returning an nn.Module) or `torchvision:<name>`
     arch: str = "simple_cnn"
+    kwargs: dict[str, Any] = {}  # passed to a factory (or a torchvision builder); searchable
     weights: Optional[str] = None
-    stem: Literal["auto", "imagenet", "small"] = "auto"
+    stem: Literal["auto", "imagenet", "small"] = "auto"  # the built-in archs' first layers
     freeze: list[str] = []
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        return _known(v, registry.MODELS)
+        return _known_or_code(v, registry.MODELS, torchvision=True)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict) -> dict:
+        return _plain_kwargs(v)
+
+    @model_validator(mode="after")
+    def _plugin_keys(self):
+        if self.kwargs and not plugins.is_ref(self.arch):
+            raise ValueError(f"model.kwargs: only a factory takes keywords ('package.module:factory' or "
+                             f"'torchvision:<name>'); the built-in {self.arch} takes none")
+        if self.stem != "auto" and plugins.is_ref(self.arch):
+            raise ValueError(f"model.stem: applies to the built-in archs; {self.arch} builds its own first layers")
+        return self
 
 
 class DataSpec(_Strict):
+    # a built-in layout, or your own `package.module:factory` (called as factory(**kwargs); see
+    # prunetune/data/plugin.py for what it returns)
     dataset: str = "digits"
+    kwargs: dict[str, Any] = {}  # passed to a dataset factory; searchable
     root: Optional[str] = None
     image_size: int = Field(32, ge=4, le=1024)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -58,12 +104,23 @@ class DataSpec(_Strict):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        return _known(v, registry.DATASETS)
+        return _known_or_code(v, registry.DATASETS)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict) -> dict:
+        return _plain_kwargs(v)
 
     @model_validator(mode="after")
     def _fractions(self):
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be below 1")
+        if plugins.is_ref(self.dataset) and self.root is not None:
+            raise ValueError(f"data.root: a dataset factory ({self.dataset}) reads no root; pass its paths "
+                             "in data.kwargs")
+        if self.kwargs and not plugins.is_ref(self.dataset):
+            raise ValueError(f"data.kwargs: only a dataset factory ('package.module:factory') takes keywords; "
+                             f"the built-in {self.dataset} takes none")
         return self
 
 
@@ -282,6 +339,10 @@ class Spec(_Strict):
         extra = dict(registry.CRITERIA[self.schedule.criterion].dense_key(self))  # e.g. a group-lasso penalty
         if d["distill"]:
             extra["distill"] = d["distill"]  # the dense phase is distilled too
+        code = {ref: plugins.source_digest(ref) for ref in (self.model.arch, self.data.dataset)
+                if plugins.is_user_code(ref)}
+        if code:
+            extra["code"] = code  # the user's model or data code: an edit trains a new dense phase
         return _hash({"format": DENSE_FORMAT, "seed": d["seed"], "model": d["model"], "data": d["data"],
                       "train": train, **extra})
 

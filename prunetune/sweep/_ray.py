@@ -27,6 +27,7 @@ import socket
 
 import ray
 
+from prunetune import plugins
 from prunetune.errors import UserError
 from prunetune.sweep import _compat
 
@@ -48,12 +49,12 @@ def _address_host_port(address: str) -> tuple[str, int] | None:
 
 
 @contextlib.contextmanager
-def sweep_ray(address: str | None, workers: int | None = None):
+def sweep_ray(address: str | None, workers: int | None = None, py_modules: list[str] = ()):
     """Ray for one sweep (see `ray_init`). On exit it stops the Ray it started (now, not in an
     exit hook) and gives Tune's actor table its own env vars back, so a later sweep in this
     process that attaches to a cluster propagates them again; a connection it found open is left
     as it was."""
-    started = ray_init(address, workers)
+    started = ray_init(address, workers, py_modules)
     try:
         yield
     finally:
@@ -62,13 +63,16 @@ def sweep_ray(address: str | None, workers: int | None = None):
         _give_tune_its_env_back()
 
 
-def ray_init(address: str | None, workers: int | None = None) -> bool:
+def ray_init(address: str | None, workers: int | None = None, py_modules: list[str] = ()) -> bool:
     """Attach to the cluster at `address` (--address or $RAY_ADDRESS; "auto" is Ray's meaning: the
     one started on this machine), or start a fresh local Ray, whatever other clusters or stale
     records of them this machine holds. `workers`: how many trials run at once at most, so how
-    many idle workers a fresh local Ray starts for them (default: one per CPU, Ray's own). False
-    when this process was already connected (the caller then leaves the connection as it found
-    it)."""
+    many idle workers a fresh local Ray starts for them (default: one per CPU, Ray's own).
+    `py_modules`: the user's code the spec names (`plugins.ship_paths`), shipped to a cluster's
+    nodes with the job's runtime env; a fresh local Ray's workers import it from where the
+    driver does (`plugins.worker_pythonpath`: they inherit the driver's environment, and a
+    runtime env would keep Tune's actors off the preloaded workers). False when this process
+    was already connected (the caller then leaves the connection as it found it)."""
     if ray.is_initialized():
         return False
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False)
@@ -82,6 +86,8 @@ def ray_init(address: str | None, workers: int | None = None) -> bool:
             raise UserError(f"--address {address}: no Ray cluster answers at {host_port[0]}:{host_port[1]} "
                             f"({exc.strerror or exc}); check the address and that the head node runs "
                             "(`ray status` on it)") from None
+        if py_modules:
+            kwargs["runtime_env"] = {"py_modules": list(py_modules)}
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -96,6 +102,9 @@ def ray_init(address: str | None, workers: int | None = None) -> bool:
         config["preload_python_modules"] = list(PRELOAD)
     # what Tune sets for its trial actors (see _trials_take_idle_workers): the workers inherit it
     os.environ.setdefault("PL_DISABLE_FORK", "1")
+    pythonpath = plugins.worker_pythonpath()
+    if pythonpath:
+        os.environ["PYTHONPATH"] = pythonpath
     with _one_sweep_head(workers):
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  **_compat.system_config(config), **kwargs)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from prunetune import search, stored_study, tracking
+from prunetune import plugins, search, stored_study, tracking
 from prunetune.errors import UserError
 from prunetune.metrics import shown_metrics
-from prunetune.spec import LoadedSpec, check_with_layers
+from prunetune.spec import LoadedSpec
 from prunetune.spec.space import fixed_schedule_value
 from prunetune.sweep.paths import SweepPaths, space_fingerprint
 from prunetune.sweep.protocol import failed, succeeded
@@ -96,7 +96,7 @@ def publish_teachers(local: dict[str, str], paths: SweepPaths) -> dict[str, str]
 
 # -- before Ray ------------------------------------------------------------------------------------
 
-def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool):
+def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[str], None] = print):
     """All checks that need no Ray and write nothing; returns the sweep paths, the tracking URI
     and the spec's dataset (loaded to check it; a sweep shares it with its trials)."""
     from prunetune.data import load_dataset
@@ -106,14 +106,12 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool):
     search.check(loaded)
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri)
-    dataset = load_dataset(spec.data)  # a missing or malformed data root fails here
+    dataset = load_dataset(spec.data)  # a missing or malformed data root (or a bad factory) fails here
     teachers(loaded, uri)  # a missing distillation teacher fails here
-    if spec.train.budget_epochs is not None or "train.budget_epochs" in loaded.space:
-        from prunetune.trial import LayerSelection
+    from prunetune.trial import check_models
 
-        # a layerwise schedule's steps depend on the model's layers: build it here (once per
-        # model) so a budget they exceed fails now, not in every trial that draws it
-        check_with_layers(loaded, LayerSelection(dataset))
+    for note in check_models(loaded, dataset):  # a factory's bad model, a budget the layers exceed
+        echo(note)
     paths = SweepPaths.of(spec.tracking.storage, spec.name)
     meta = paths.read_meta()
     if meta is not None and not (resume or restart):
@@ -135,7 +133,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     from prunetune.logs import LogCapture
 
     log = log or LogCapture()
-    paths, uri, dataset = prepare(loaded, resume=resume, restart=restart)
+    paths, uri, dataset = prepare(loaded, resume=resume, restart=restart, echo=echo)
     spec = loaded.fixed_spec()
     address = address or os.environ.get("RAY_ADDRESS") or None
     _ray_environment(address)
@@ -149,7 +147,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             imported = pool.submit(_import_tune)
             client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
-            stack.enter_context(sweep_ray(address, workers=spec.resources.max_concurrent))
+            stack.enter_context(sweep_ray(address, workers=spec.resources.max_concurrent,
+                                          py_modules=plugins.ship_paths(loaded.user_code())))
             imported.result()
             tracker = client.result()
         sweep = _Sweep(loaded, spec_file, paths, uri, tracker, echo, log)

@@ -1,7 +1,7 @@
 """Checks on the driver once Ray is up, before any trial trains: some node can take a trial, and
-every node that can reaches the storage, sees the same data files and runs the same prunetune
-(`nodecheck.problems`, run there as a Ray task). Each problem is a UserError naming the node and
-the key to change."""
+every node that can reaches the storage, sees the same data files, runs the same prunetune and
+imports the user's model and data factories (`nodecheck.problems`, run there as a Ray task).
+Each problem is a UserError naming the node and the key to change."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def check_nodes(storage: Storage, loaded: LoadedSpec, cpus: float, gpus: float, 
     try:
         if local:
             return
-        expected = nodecheck.expectations(_trial_paths(loaded))
+        expected = nodecheck.expectations(_trial_paths(loaded), loaded.user_code())
         nodes = [n for n in ray.nodes() if n.get("Alive") and _fits(n, cpus, gpus)]
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
