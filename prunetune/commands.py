@@ -28,7 +28,7 @@ def validate_spec(loaded: LoadedSpec) -> tuple[str, str]:
     """`prunetune validate`: the resolved spec as YAML (search entries as written), and one line
     on its data (read here: a missing or malformed root fails) and searched keys."""
     from prunetune.data import load_dataset
-    from prunetune.trial import check_models
+    from prunetune.model_check import check_models
 
     fixed = loaded.fixed_spec()
     dataset = load_dataset(fixed.data)

@@ -3,6 +3,7 @@ weights loading, and the prunable layers in forward order."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -121,25 +122,27 @@ def build_model(model_spec, num_classes: int, in_channels: int, image_size: int)
 
 def check_output(model, arch: str, num_classes: int, in_channels: int, image_size: int) -> None:
     """A factory's model must be an nn.Module giving [batch, num_classes] logits for the data's
-    images; UserError naming model.arch otherwise."""
+    images, in eval mode and in training mode (a copy: the model's statistics stay untouched);
+    UserError naming model.arch otherwise."""
     if not isinstance(model, nn.Module):
         raise UserError(f"model.arch: {arch} returned a {type(model).__name__}, not a torch.nn.Module")
-    was_training = model.training
     shape = f"[2, {in_channels}, {image_size}, {image_size}]"
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.zeros(2, in_channels, image_size, image_size))
-    except Exception as exc:  # noqa: BLE001 - the user's forward failing on the data's shape is input
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise UserError(f"model.arch: {arch} fails on a batch of the data's images {shape} "
-                        f"({type(exc).__name__}: {first})") from None
-    finally:
-        model.train(was_training)
-    got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-    if got != [2, num_classes]:
-        raise UserError(f"model.arch: {arch} outputs {got} for images {shape}; expected logits [2, {num_classes}] "
-                        f"(the data's {num_classes} classes: size the head with the num_classes argument)")
+    for mode, net in (("eval", model), ("training", copy.deepcopy(model))):
+        was_training = net.training
+        try:
+            net.train(mode == "training")
+            with torch.no_grad():
+                out = net(torch.zeros(2, in_channels, image_size, image_size))
+        except Exception as exc:  # noqa: BLE001 - the user's forward failing on the data's shape is input
+            raise UserError(f"model.arch: {arch} fails on a batch of the data's images {shape} in {mode} mode "
+                            f"({plugins.one_line(exc)})") from None
+        finally:
+            net.train(was_training)
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if got != [2, num_classes]:
+            raise UserError(f"model.arch: {arch} outputs {got} in {mode} mode for images {shape}; expected logits "
+                            f"[2, {num_classes}] (the data's {num_classes} classes: size the head with the "
+                            "num_classes argument)")
 
 
 def torchvision_classifier(name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
@@ -160,7 +163,7 @@ def torchvision_classifier(name: str, num_classes: int, in_channels: int, kwargs
         model = builder(weights=None, num_classes=num_classes, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a keyword or size torchvision refuses is input
         raise UserError(f"model.arch: torchvision:{name} refuses model.kwargs {kwargs} "
-                        f"({type(exc).__name__}: {str(exc)[:300]})") from None
+                        f"({plugins.one_line(exc)})") from None
     if in_channels != 3:
         _adapt_input(model, name, in_channels)
     return model
@@ -180,9 +183,11 @@ def _adapt_input(model: nn.Module, name: str, in_channels: int) -> None:
 
 
 def unpruned_weights(model: nn.Module, prunable: list[str]) -> dict[str, list[str]]:
-    """Weight tensors (2-D or more) that no criterion prunes — those of layers other than Conv2d
-    and Linear, e.g. Conv1d, Embedding, attention projections — by module type: skipped, and a
-    sweep says so."""
+    """Weight tensors (2-D or more) that no criterion prunes, by the type of their module: those
+    of layers other than Conv2d and Linear (Conv1d, Embedding, attention's packed projections),
+    of Conv2d/Linear layers that an eval-mode forward never calls (an auxiliary head, attention's
+    out_proj, which it reads directly) or that compute with their own forward. Skipped; a sweep
+    says so."""
     out: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         if name in prunable:
@@ -241,6 +246,16 @@ def forward_order(model: nn.Module, example: torch.Tensor, types=(nn.Conv2d, nn.
 
 
 def prunable_layers(model: nn.Module, in_channels: int, image_size: int) -> list[str]:
-    """Conv and linear layers (their `weight` is pruned), in forward order."""
+    """Conv and linear layers (their `weight` is pruned), in forward order: those that compute
+    with torch's own forward from their `weight` as it is. A subclass with its own forward (a
+    weight-standardised conv) or a parametrized weight would compute with something other than
+    the masked weight, so it is left out (`unpruned_weights` names it)."""
     device = next(model.parameters()).device
-    return forward_order(model, torch.zeros(1, in_channels, image_size, image_size, device=device))
+    order = forward_order(model, torch.zeros(1, in_channels, image_size, image_size, device=device))
+    modules = dict(model.named_modules())
+    return [n for n in order if _plain(modules[n])]
+
+
+def _plain(module: nn.Module) -> bool:
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    return type(module).forward is base.forward and not hasattr(module, "parametrizations")

@@ -52,7 +52,7 @@ def expectations(paths: dict[str, str], user_code: list[tuple[str, str]] = ()) -
     (data.root, model.weights); `user_code` the (key, `package.module:factory`) every node must
     import."""
     return {"code": code_fingerprint(), "files": {key: (path, files_fingerprint(path)) for key, path in paths.items()},
-            "user_code": list(user_code)}
+            "user_code": [(key, ref, plugins.source_digest(ref)) for key, ref in user_code]}
 
 
 def problems(storage_uri: str, probe: str, node: str, expected: dict) -> list[str]:
@@ -74,11 +74,16 @@ def problems(storage_uri: str, probe: str, node: str, expected: dict) -> list[st
     except Exception as exc:  # noqa: BLE001 - any filesystem's own error types
         found.append(f"cannot use {storage_uri} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}) "
                      "(tracking.storage: make it reachable from every node, with credentials there)")
-    for key, ref in expected.get("user_code", []):
+    for key, ref, digest in expected.get("user_code", []):
         try:
             plugins.load_factory(key, ref, hint=plugins.SHIPPED)
         except UserError as exc:
             found.append(str(exc))
+            continue
+        if plugins.source_digest(ref) != digest:
+            where = ", ".join(map(str, plugins.units(ref))) or "an installed package"
+            found.append(f"imports other code for {key} {ref} than the driver ({where}); remove or update "
+                         "the copy there that shadows the driver's")
     for key, (path, fingerprint) in expected["files"].items():
         here = files_fingerprint(path)
         if here is None:

@@ -7,14 +7,15 @@ The one home of how such a reference is written, imported, fingerprinted and shi
 - a bad reference is bad input: one line naming the key (`load_factory`, `call_factory`);
 - its source is digested into the dense phase's cache key (`source_digest`), so editing the
   model retrains rather than reusing a stale dense phase;
-- shipped to a cluster's nodes with Ray's runtime env (`ship_paths`: the named module's file,
-  or its whole top-level package).
+- shipped to a cluster's nodes with Ray's runtime env (`ship_paths`: the named module's file, or
+  its whole top-level package, and the modules beside it that they import).
 
 Imports no torch, ray or mlflow (the user's module may).
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib
@@ -60,27 +61,31 @@ def parse(ref: str) -> tuple[str, str]:
 
 
 def add_search_paths(spec_folder: Path | None) -> None:
-    """Put the working directory and the spec file's folder on sys.path (front, once each)."""
-    for folder in (Path.cwd(), spec_folder):
+    """Put the spec file's folder, then the working directory, at the front of sys.path (as
+    `python script.py` puts the script's folder first): where both hold a module of one name, the
+    spec's folder wins, on the driver and on a local Ray's workers alike."""
+    for folder in (Path.cwd(), spec_folder):  # inserted at the front: the last one ends up first
         if folder is None:
             continue
         path = str(folder.resolve())
-        if path not in sys.path:
-            sys.path.insert(0, path)
-        if path not in _added:
-            _added.append(path)
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+        if path in _added:
+            _added.remove(path)
+        _added.insert(0, path)
 
 
 def worker_pythonpath() -> str | None:
     """PYTHONPATH for the workers of a fresh local Ray (they inherit the driver's environment):
-    the folders `add_search_paths` added, before what was there. None: nothing to add."""
-    before = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    new = [p for p in _added if p not in before]
-    return os.pathsep.join(new + before) if new else None
+    the folders `add_search_paths` added, in sys.path's order, before what was there. None:
+    nothing to add."""
+    before = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in _added]
+    return os.pathsep.join(_added + before) if _added else None
 
 
-SHIPPED = ("the spec's modules are shipped to every node (their file, or their top-level package); "
-           "install what else they import on every node")
+SHIPPED = ("the spec's modules are shipped to every node (their file or top-level package, and the "
+           "modules beside them they import by name); install what else they import on every node")
 
 
 def load_factory(key: str, ref: str, hint: str = WHERE) -> Callable:
@@ -90,8 +95,10 @@ def load_factory(key: str, ref: str, hint: str = WHERE) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any error importing the user's module is their input
-        raise UserError(f"{key}: cannot import module {module_name!r} for {ref} ({_one_line(exc)}); "
-                        f"{hint}") from None
+        gone = getattr(exc, "name", None) or ""
+        missing = isinstance(exc, ModuleNotFoundError) and (module_name == gone or module_name.startswith(gone + "."))
+        why = hint if missing else "raised while importing it" + ("" if hint == WHERE else f"; {hint}")
+        raise UserError(f"{key}: cannot import module {module_name!r} for {ref} ({one_line(exc)}); {why}") from None
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -111,53 +118,99 @@ def call_factory(key: str, ref: str, *args, **kwargs) -> Any:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's factory failing is their input
-        raise UserError(f"{key}: {ref} raised {_one_line(exc)}") from None
+        raise UserError(f"{key}: {ref} raised {one_line(exc)}") from None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line (its type and its message's first line), for UserErrors."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
 # -- what a reference's code is, on disk ------------------------------------------------------------
 
-def _top_locations(module_name: str) -> list[Path]:
-    """Where the top-level package (or the single-file module) of `module_name` lives."""
-    top = module_name.split(".")[0]
+def _unit(name: str) -> Path | None:
+    """The folder of top-level package `name`, or its single .py file; None when not found or
+    installed (site-packages: every node has its own install, as of prunetune itself)."""
     try:
-        found = importlib.util.find_spec(top)
+        found = importlib.util.find_spec(name)
     except (ImportError, ValueError):
-        found = None
+        return None
     if found is None:
+        return None
+    if found.submodule_search_locations:  # a package (or a namespace package's first folder)
+        path = Path(list(found.submodule_search_locations)[0])
+    elif found.origin and found.origin.endswith(".py"):
+        path = Path(found.origin)
+    else:
+        return None
+    return None if {"site-packages", "dist-packages"} & set(path.parts) else path
+
+
+def _files(unit: Path) -> list[Path]:
+    return sorted(unit.rglob("*.py")) if unit.is_dir() else [unit]
+
+
+def _imported_names(path: Path) -> set[str]:
+    """The top-level names a file imports (absolute imports, as written)."""
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError):
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def units(ref: str) -> list[Path]:
+    """The user's code behind `ref`: its top-level package (or module file), and the modules
+    and packages beside it that those files import, transitively (as written: a module imported
+    by a computed name is not seen). What is shipped to a cluster and digested into the dense key."""
+    top = parse(ref)[0].split(".")[0]
+    first = _unit(top)
+    if first is None:
         return []
-    if found.submodule_search_locations:  # a package (or namespace package): its folders
-        return [Path(p) for p in found.submodule_search_locations]
-    return [Path(found.origin)] if found.origin and found.origin.endswith(".py") else []
+    found, todo, seen = [first], [first], {top}
+    while todo:
+        unit = todo.pop()
+        for f in _files(unit):
+            for name in sorted(_imported_names(f) - seen):
+                seen.add(name)
+                other = _unit(name)
+                if other is not None and other.parent == first.parent:  # beside it, the user's own
+                    found.append(other)
+                    todo.append(other)
+    return found
 
 
 def ship_paths(refs: Iterable[tuple[str, str]]) -> list[str]:
-    """What Ray's runtime env ships to every node for `refs` (`py_modules`): each one's top-level
-    package folder, or its single .py file. Installed packages (site-packages) are not shipped:
-    every node has its own install, as of prunetune itself."""
+    """What Ray's runtime env ships to every node for `refs` (`py_modules`): `units` of each."""
     out: list[str] = []
     for _, ref in refs:
-        for path in _top_locations(parse(ref)[0]):
-            if "site-packages" not in path.parts and "dist-packages" not in path.parts and str(path) not in out:
-                out.append(str(path))
+        out += [str(u) for u in units(ref) if str(u) not in out]
     return out
 
 
 @functools.lru_cache(maxsize=64)
 def source_digest(ref: str) -> str:
-    """A digest of the source of `ref`'s top-level package (every .py file in it) or module
-    file: a change anywhere in the code the factory may import changes it. "" when not found."""
+    """A digest of the source of `units(ref)` (every .py file in them): a change anywhere in the
+    code the factory imports from beside it changes it."""
     digest = hashlib.sha256()
-    for location in _top_locations(parse(ref)[0]):
-        files = sorted(location.rglob("*.py")) if location.is_dir() else [location]
-        for f in files:
-            digest.update(str(f.relative_to(location.parent)).encode())
+    for unit in units(ref):
+        for f in _files(unit):
+            digest.update(str(f.relative_to(unit.parent)).encode())
             digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def digests(refs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """{reference: source_digest}: what a sweep records of its user code, to refuse resuming
+    on edited code."""
+    return {ref: source_digest(ref) for _, ref in refs}
 
 
 def refs(values: dict[str, list]) -> list[tuple[str, str]]:

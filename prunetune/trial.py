@@ -19,17 +19,17 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from prunetune import artifacts, plugins, registry
+from prunetune import artifacts, registry
 from prunetune.cache import DenseCache  # also re-exported: tests and benchmarks import it from here
 from prunetune.data import Dataset, load_dataset
 from prunetune.data.device import DeviceData
 from prunetune.errors import UserError
-from prunetune.models import build_model, prunable_layers, unpruned_weights
+from prunetune.models import build_model, prunable_layers
 from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
 from prunetune.pruning import schedules, structured
 from prunetune.pruning.criteria import Context
 from prunetune.pruning.masks import Masks
-from prunetune.spec import LoadedSpec, Spec, check_with_layers
+from prunetune.spec import Spec
 from prunetune.train import Report, Trainer, classification_metrics, lr_shape
 
 
@@ -79,56 +79,6 @@ class Epoch:
     # writes the trial's state to a path, for `Trial.run(resume_from=...)`; None where none can be
     # taken (the dense phase and the cached ticket rounds: the dense cache keeps those)
     save: Callable[[Path], None] | None
-
-
-class LayerSelection:
-    """Spec → the layers a trial of it prunes, from the model built on this machine (no weights
-    loaded, no training; once per model and image size). A sweep's driver checks with it, before
-    any trial starts, what depends on the layers (`spec.check_with_layers`)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-        self._built: dict[str, tuple[torch.nn.Module, list[str]]] = {}
-        self.notes: list[str] = []  # one line per built model with weights no criterion prunes
-
-    def __call__(self, spec: Spec) -> list[str]:
-        model, layers = self.build(spec)
-        criterion = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
-        return criterion.layers(model, schedules.select_layers(layers, spec.schedule.layers), spec.schedule)
-
-    def build(self, spec: Spec) -> tuple[torch.nn.Module, list[str]]:
-        """The model of `spec` (a factory's checked: `models.check_output`) and its prunable layers."""
-        size, channels = spec.data.image_size, self.dataset.in_channels
-        key = json.dumps([spec.model.model_dump(mode="json"), size])
-        if key not in self._built:
-            model = build_model(spec.model.model_copy(update={"weights": None}), len(self.dataset.classes),
-                                channels, size)
-            self._built[key] = model, prunable_layers(model, channels, size)
-            skipped = unpruned_weights(*self._built[key])
-            if skipped:
-                self.notes.append(
-                    f"note: model.arch {spec.model.arch}: no criterion prunes layers of type "
-                    f"{', '.join(sorted(skipped))} ({sum(map(len, skipped.values()))} weight tensors, e.g. "
-                    f"{next(iter(skipped.values()))[0]}); they are skipped (criteria prune Conv2d and Linear)")
-        return self._built[key]
-
-
-
-def check_models(loaded: LoadedSpec, dataset) -> list[str]:
-    """Build here, once per model, what a trial's first steps would: a factory's model (each
-    value a searched model key takes) must give the data's logits, and a layerwise schedule's
-    steps, which depend on the model's layers, must fit train.budget_epochs. Bad input fails
-    now, not in every trial that draws it. Returns the notes on layers no criterion prunes."""
-    budget = loaded.fixed_spec().train.budget_epochs is not None or "train.budget_epochs" in loaded.space
-    variants = loaded.model_variants()
-    if not budget and not any(plugins.is_ref(s.model.arch) for s in variants):
-        return []
-    selection = LayerSelection(dataset)
-    for spec in variants:
-        selection.build(spec)
-    if budget:
-        check_with_layers(loaded, selection)
-    return selection.notes
 
 
 def _state_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,8 +9,9 @@ import pytest
 
 from prunetune import spec
 from prunetune.errors import UserError
+from prunetune.model_check import LayerSelection
 from prunetune.pruning import schedules
-from prunetune.trial import DenseCache, LayerSelection, Trial
+from prunetune.trial import DenseCache, Trial
 
 from conftest import digits_raw
 from test_cli import prunetune

@@ -209,8 +209,10 @@ def test_user_code_only_in_the_drivers_working_folder_reaches_the_node(cluster):
     _child_checks(client(work), children, parents[0].info.run_id, _worker_node_ips(children))
     assert {r.data.params["model.arch"] for r in children} == {"plugnet:build"}
 
+    # a sibling it imports by a computed name is not seen, so not shipped (one imported as written is)
     (work / "plughelper.py").write_text("WIDTH = 4\n")
-    (work / "needs_helper.py").write_text("import plughelper\nfrom plugnet import build\n")
+    (work / "needs_helper.py").write_text("import importlib\nimportlib.import_module('plug' + 'helper')\n"
+                                          "from plugnet import build\n")
     spec = write_spec(work, "plug-helper", trials=1, data="{dataset: 'plugdata:load', image_size: 8}",
                       extra=f"model: {{arch: 'needs_helper:build'}}\ntracking: {{storage: {shared}}}\n")
     r = sweep([str(spec), "--address", cluster["address"]], work, timeout=300, env=env_for(cluster))

@@ -69,6 +69,34 @@ MODEL = '''
 
     def with_embedding(num_classes, in_channels, image_size):
         return WithEmbedding(num_classes, in_channels)
+
+
+    class StandardisedConv(nn.Conv2d):  # computes with a function of its weight: masking it is not pruning
+        def forward(self, x):
+            w = self.weight
+            return self._conv_forward(x, (w - w.mean()) / (w.std() + 1e-5), self.bias)
+
+
+    def standardised(num_classes, in_channels, image_size):
+        net = Net(num_classes, in_channels, 4)
+        net.stem = StandardisedConv(in_channels, 4, 3, padding=1)
+        return net
+
+
+    class AuxNet(Net):
+        def forward(self, x):
+            out = super().forward(x)
+            return (out, out) if self.training else out
+
+
+    def aux_in_training(num_classes, in_channels, image_size):
+        return AuxNet(num_classes, in_channels, 4)
+
+
+    def even_only(num_classes, in_channels, image_size, width=4):
+        if width % 2:
+            raise ValueError(f"width must be even, got {width}")
+        return Net(num_classes, in_channels, width)
     '''
 
 DATA = '''
@@ -91,6 +119,18 @@ DATA = '''
 
     def floats():
         return {"images": np.zeros((10, 8, 8), dtype=np.float32), "labels": np.zeros(10, dtype=int)}
+
+
+    def channels_first():
+        return {"images": np.zeros((10, 3, 8, 8), dtype=np.uint8), "labels": np.arange(10) % 2}
+
+
+    def normalised():
+        import torch
+        from torch.utils.data import TensorDataset
+
+        x = torch.randn(20, 1, 8, 8)  # mean/std normalised: not an image's [0, 1]
+        return {"train": TensorDataset(x, torch.arange(20) % 2), "test": TensorDataset(x, torch.arange(20) % 2)}
 
 
     def datasets():
@@ -156,7 +196,8 @@ def test_bad_model_references_are_one_line_naming_model_arch(user_code):
         spec_mod.load(None, raw=raw(model__arch="simple_cnn", model__kwargs={"width": 3}))
     for arch, message in [("mynet:not_a_module", "returned a str, not a torch.nn.Module"),
                           ("mynet:raises", "raised ValueError: width must be even"),
-                          ("mynet:wrong_head", r"outputs \[2, 4\] .* expected logits \[2, 3\]")]:
+                          ("mynet:wrong_head", r"outputs \[2, 4\] in eval mode .* expected logits \[2, 3\]"),
+                          ("mynet:aux_in_training", "outputs tuple in training mode")]:
         spec = spec_mod.load(None, raw=raw(model__arch=arch)).fixed_spec()
         with pytest.raises(UserError, match=rf"^model\.arch: {arch} {message}"):
             build_model(spec.model, 3, 1, 8)
@@ -183,6 +224,29 @@ def test_torchvision_models_get_the_datas_head_and_channels_and_load_local_weigh
         build_model(spec.model, 5, 1, 32)
 
 
+def test_a_missing_import_inside_the_module_is_not_blamed_on_where_modules_are_found(user_code):
+    (user_code / "broken.py").write_text("import not_installed_anywhere\n")
+    with pytest.raises(UserError, match=r"No module named 'not_installed_anywhere'\); raised while importing it$"):
+        spec_mod.load(None, raw=raw(model__arch="broken:build"))
+
+
+def test_every_searched_combination_of_model_values_is_built_before_a_trial(user_code):
+    from prunetune.data import load_dataset
+    from prunetune.model_check import check_models
+
+    # (even_only, 5) is the one bad pair: trying each value alone, with the others at their first, misses it
+    loaded = spec_mod.load(None, raw=raw(model__arch={"choice": ["mynet:build", "mynet:even_only"]},
+                                         model__kwargs={"width": {"choice": [4, 5]}}))
+    with pytest.raises(UserError, match="mynet:even_only raised ValueError: width must be even, got 5"):
+        check_models(loaded, load_dataset(loaded.fixed_spec().data))
+    # searched data keys: each dataset is loaded, and the model checked against its classes
+    loaded = spec_mod.load(None, raw=raw(data__kwargs={"classes": {"choice": [3, 4]}}))
+    assert check_models(loaded, load_dataset(loaded.fixed_spec().data)) == []
+    loaded = spec_mod.load(None, raw=raw(model__arch="mynet:wrong_head", data__kwargs={"classes": {"choice": [3, 5]}}))
+    with pytest.raises(UserError, match=r"expected logits \[2, 3\]"):
+        check_models(loaded, load_dataset(loaded.fixed_spec().data))
+
+
 def test_editing_the_model_source_changes_the_dense_phase_key(user_code):
     spec = spec_mod.load(None, raw=raw()).fixed_spec()
     before = spec.dense_hash()
@@ -190,6 +254,18 @@ def test_editing_the_model_source_changes_the_dense_phase_key(user_code):
     (user_code / "mynet.py").write_text(textwrap.dedent(MODEL) + "\n# a change\n")
     plugins.source_digest.cache_clear()
     assert spec.dense_hash() != before
+    # a module beside it that it imports is its code too: shipped and digested with it
+    (user_code / "helper.py").write_text("WIDTH = 4\n")
+    (user_code / "withhelper.py").write_text("from helper import WIDTH\nfrom mynet import Net\n\n\n"
+                                             "def build(num_classes, in_channels, image_size):\n"
+                                             "    return Net(num_classes, in_channels, WIDTH)\n")
+    assert [Path(p).name for p in plugins.ship_paths([("model.arch", "withhelper:build")])] == \
+        ["withhelper.py", "helper.py", "mynet.py"]
+    with_helper = spec_mod.load(None, raw=raw(model__arch="withhelper:build")).fixed_spec()
+    before = with_helper.dense_hash()
+    (user_code / "helper.py").write_text("WIDTH = 6\n")
+    plugins.source_digest.cache_clear()
+    assert with_helper.dense_hash() != before
     builtin = spec_mod.load(None, raw=raw(model__arch="simple_cnn")).fixed_spec()
     (user_code / "mynet.py").write_text(textwrap.dedent(MODEL) + "\n# another\n")
     plugins.source_digest.cache_clear()
@@ -239,6 +315,11 @@ def test_torch_datasets_per_split_are_read_once(user_code):
 def test_bad_data_is_one_line_naming_data_dataset(user_code):
     from prunetune.data import load_dataset
 
+    with pytest.raises(UserError, match=r"channels go last.*this looks like \[N, C, H, W\]"):
+        load_dataset(spec_mod.load(None, raw=raw(data__dataset="mydata:channels_first")).fixed_spec().data)
+    with pytest.raises(UserError, match=r"tensor with values in \[-.*expected uint8, or floats in \[0, 1\]"):
+        load_dataset(spec_mod.load(None, raw=raw(data__dataset="mydata:normalised")).fixed_spec().data)
+
     with pytest.raises(UserError, match=r"^data\.dataset: mydata:floats returned images of dtype float32"):
         load_dataset(spec_mod.load(None, raw=raw(data__dataset="mydata:floats")).fixed_spec().data)
     with pytest.raises(UserError, match=r"^data\.dataset: mydata:load raised TypeError"):
@@ -284,11 +365,27 @@ def test_every_method_runs_on_a_user_model(user_code, method, tmp_path):
 
 def test_weights_no_criterion_prunes_are_named_in_a_note(user_code):
     from prunetune.data import load_dataset
-    from prunetune.trial import check_models
+    from prunetune.model_check import check_models
 
     loaded = spec_mod.load(None, raw=raw(model__arch="mynet:with_embedding"))
     notes = check_models(loaded, load_dataset(loaded.fixed_spec().data))
-    assert len(notes) == 1 and "Conv1d, Embedding" in notes[0] and "skipped" in notes[0]
+    assert len(notes) == 1 and "2 weight tensors are not pruned" in notes[0] and "Conv1d, Embedding" in notes[0]
+
+
+def test_a_conv_with_its_own_forward_is_left_unpruned_not_masked_wrongly(user_code, tmp_path):
+    """A weight-standardised conv computes with a function of its weight: zeros in the weight are
+    not zeros in what it computes, so masking it would report a sparsity the model does not have."""
+    from prunetune.data import load_dataset
+    from prunetune.model_check import check_models
+    from prunetune.trial import Trial
+
+    loaded = spec_mod.load(None, raw=raw(model__arch="mynet:standardised"))
+    notes = check_models(loaded, load_dataset(loaded.fixed_spec().data))
+    assert len(notes) == 1 and "StandardisedConv" in notes[0] and "stem.weight" in notes[0]
+    trial = Trial(loaded.fixed_spec())
+    assert "stem" not in trial.layers and trial.layers[0] == "block.conv"
+    trial.run(tmp_path / "out")
+    assert torch.count_nonzero(trial.model.stem.weight) == trial.model.stem.weight.numel()
 
 
 # -- the command line -----------------------------------------------------------------------------------
@@ -373,3 +470,20 @@ def test_the_examples_folder_and_its_sweep_validate():
     r = prunetune(["validate", "sweeps/custom_digits.yaml"], cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "model.kwargs.width" in r.stderr and "examples.digits_data:load, 10 classes" in r.stderr
+
+
+def test_resuming_a_sweep_whose_model_code_changed_is_refused(user_code):
+    """sweep.json records the digest of the user's code; --resume on edited code would mix trials
+    of two models in one study."""
+    from prunetune.sweep.driver import prepare
+    from prunetune.sweep.paths import SweepPaths, space_fingerprint
+
+    spec = {**raw(), "tracking": {"uri": f"sqlite:///{user_code}/m.db", "storage": str(user_code / "state")}}
+    loaded = spec_mod.load(None, raw=spec)
+    SweepPaths.of(str(user_code / "state"), "plug").dir.write_json(SweepPaths.META, {
+        "space": space_fingerprint(loaded.space), "code": plugins.digests(loaded.user_code())})
+    assert prepare(loaded, resume=True, restart=False, echo=print)  # unchanged: resumes
+    (user_code / "mynet.py").write_text(textwrap.dedent(MODEL) + "\n# edited\n")
+    plugins.source_digest.cache_clear()
+    with pytest.raises(UserError, match=r"--resume: the code of mynet:build changed since the sweep started"):
+        prepare(loaded, resume=True, restart=False, echo=print)

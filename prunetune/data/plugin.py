@@ -9,7 +9,8 @@ The factory returns a mapping with
 Without a `split`, the stratified (and group-aware) split is drawn by `data.split_seed`, as for
 the built-in datasets. It may instead return `{"train": ds, "val": ds, "test": ds}` (val
 optional) of `torch.utils.data.Dataset`s whose items are (image, label), the image a PIL image,
-a uint8 array [H, W(, C)] or a float tensor [C, H, W] in [0, 1]: they are read once.
+a uint8 array [H, W(, C)] or a tensor [C, H, W] (uint8, or floats in [0, 1]): every item is read
+each time the dataset is loaded (on the driver, once per sweep), and resized once.
 
 The images are resized once to `data.image_size` and kept, as uint8, in the decode cache, keyed
 by a digest of what the factory returned: the factory runs each time, the resize once.
@@ -59,6 +60,9 @@ def _checked(ref: str, out):
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
         raise _fail(ref, f"images of dtype {images.dtype} and shape {list(images.shape)}; expected uint8 "
                          "[N, H, W, C] or [N, H, W]")
+    if images.ndim == 4 and images.shape[-1] not in (1, 3):
+        raise _fail(ref, f"images of shape {list(images.shape)}: channels go last, [N, H, W, C] with C 1 or 3"
+                         + (" (this looks like [N, C, H, W]: transpose it)" if images.shape[1] in (1, 3) else ""))
     n = len(images)
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
         raise _fail(ref, f"labels of dtype {labels.dtype} and shape {list(labels.shape)}; expected integers [{n}]")
@@ -118,8 +122,8 @@ def _materialise(ref: str, splits: dict) -> dict:
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's dataset failing is their input
-            raise UserError(f"{KEY}: reading {ref}'s {name} dataset failed ({type(exc).__name__}: "
-                            f"{str(exc)[:300]}); items must be (image, label)") from None
+            raise UserError(f"{KEY}: reading {ref}'s {name} dataset failed ({plugins.one_line(exc)}); items "
+                            "must be (image, label)") from None
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise _fail(ref, f"images of {len(shapes)} shapes ({', '.join(map(str, sorted(shapes)[:3]))}); "
@@ -128,14 +132,19 @@ def _materialise(ref: str, splits: dict) -> dict:
 
 
 def _uint8_hwc(ref: str, image) -> np.ndarray:
-    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-        return np.asarray(image, dtype=np.uint8)
-    if hasattr(image, "detach"):  # a tensor [C, H, W]: uint8, or float in [0, 1] (ToTensor)
+    """A Dataset's image as uint8 [H, W(, C)]: a PIL image (as L or RGB), a uint8 array
+    [H, W(, C)], or a tensor [C, H, W] of uint8 or of floats in [0, 1] (ToTensor's)."""
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
+        return np.asarray(image if image.mode in ("L", "RGB") else image.convert("RGB"), dtype=np.uint8)
+    if hasattr(image, "detach"):
         arr = image.detach().cpu().numpy()
         if arr.ndim == 3:
             arr = arr.transpose(1, 2, 0)
         if arr.dtype != np.uint8:
-            arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
+            if arr.size and (arr.min() < 0 or arr.max() > 1):
+                raise _fail(ref, f"a Dataset image tensor with values in [{arr.min():.3g}, {arr.max():.3g}]; "
+                                 "expected uint8, or floats in [0, 1] (leave normalisation to prunetune)")
+            arr = np.round(arr * 255.0).astype(np.uint8)
         return arr
     arr = np.asarray(image)
     if arr.dtype != np.uint8:

@@ -154,16 +154,6 @@ class LoadedSpec:
             values[key] = list(entry.probe_values()) if entry else [get_dotted(self.raw, key)]
         return plugins.refs(values)
 
-    def model_variants(self) -> list[Spec]:
-        """The fixed spec, and one spec per value a searched `model.*` key may take (the others
-        at their first values): each model a sweep's trials may build."""
-        base = {k: e.probe_values()[0] for k, e in self.space.items()}
-        out = [self.fixed_spec()]
-        for key, entry in self.space.items():
-            if key.startswith("model."):
-                out += [self.resolve(dict(base, **{key: v})) for v in entry.probe_values()[1:]]
-        return out
-
     def trial_spec(self) -> Spec:
         """The one spec a `prunetune trial` runs: every searched key that matters must be fixed."""
         missing = space_mod.unfixed_keys(self.raw, self.space)

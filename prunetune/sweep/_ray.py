@@ -54,6 +54,7 @@ def sweep_ray(address: str | None, workers: int | None = None, py_modules: list[
     exit hook) and gives Tune's actor table its own env vars back, so a later sweep in this
     process that attaches to a cluster propagates them again; a connection it found open is left
     as it was."""
+    pythonpath = os.environ.get("PYTHONPATH")
     started = ray_init(address, workers, py_modules)
     try:
         yield
@@ -61,6 +62,10 @@ def sweep_ray(address: str | None, workers: int | None = None, py_modules: list[
         if started:
             ray.shutdown()
         _give_tune_its_env_back()
+        if pythonpath is None:  # as it was before a local Ray's workers were given the user's folders
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
 
 
 def ray_init(address: str | None, workers: int | None = None, py_modules: list[str] = ()) -> bool:

@@ -108,7 +108,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     uri = tracking.store_uri(spec.tracking.uri)
     dataset = load_dataset(spec.data)  # a missing or malformed data root (or a bad factory) fails here
     teachers(loaded, uri)  # a missing distillation teacher fails here
-    from prunetune.trial import check_models
+    from prunetune.model_check import check_models
 
     for note in check_models(loaded, dataset):  # a factory's bad model, a budget the layers exceed
         echo(note)
@@ -123,6 +123,11 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
         if meta["space"] != space_fingerprint(loaded.space):
             raise UserError(f"--resume: the search space of {spec.name!r} changed since the sweep started; "
                             "use --restart to start over (or restore the spec)")
+        changed = [ref for ref, digest in plugins.digests(loaded.user_code()).items()
+                   if meta.get("code", {}).get(ref, digest) != digest]
+        if changed:
+            raise UserError(f"--resume: the code of {changed[0]} changed since the sweep started (its trials "
+                            "would mix two models); use --restart to start over (or restore the code)")
     return paths, uri, dataset
 
 
@@ -240,6 +245,7 @@ class _Sweep:
             self.tracker.log_artifact(parent, self.spec_file)
         self.paths.dir.write_json(SweepPaths.META, {
             "parent_run_id": parent, "space": space_fingerprint(self.loaded.space), "tracking_uri": self.uri,
+            "code": plugins.digests(self.loaded.user_code()),
             "storage": self.paths.storage.uri, "optuna_storage": self.study_url, "spec": self.loaded.raw})
         return parent
 

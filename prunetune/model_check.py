@@ -1,0 +1,86 @@
+"""The models a sweep's trials may build, built once on the driver before any trial starts: a
+factory's model must give the data's logits (`models.check_output`), a layerwise schedule's steps
+(which depend on the model's layers) must fit `train.budget_epochs`, and weights no criterion
+prunes are named in a note. Bad input fails here, once, not in every trial that draws it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import torch
+
+from prunetune import plugins, registry
+from prunetune.data import Dataset, load_dataset
+from prunetune.models import build_model, prunable_layers, unpruned_weights
+from prunetune.pruning import schedules
+from prunetune.spec import LoadedSpec, Spec, check_with_layers
+
+MAX_COMBINATIONS = 32  # beyond this many, each searched model/data value is tried alone
+
+
+class LayerSelection:
+    """Spec → the layers a trial of it prunes, from the model built on this machine (no weights
+    loaded, no training; once per model and image size). A sweep's driver checks with it, before
+    any trial starts, what depends on the layers (`spec.check_with_layers`)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self._built: dict[str, tuple[torch.nn.Module, list[str]]] = {}
+        self.notes: list[str] = []  # one line per built model with weights no criterion prunes
+
+    def __call__(self, spec: Spec) -> list[str]:
+        model, layers = self.build(spec)
+        criterion = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+        return criterion.layers(model, schedules.select_layers(layers, spec.schedule.layers), spec.schedule)
+
+    def build(self, spec: Spec) -> tuple[torch.nn.Module, list[str]]:
+        """The model of `spec` (a factory's checked: `models.check_output`) and its prunable layers."""
+        size, channels = spec.data.image_size, self.dataset.in_channels
+        key = json.dumps([spec.model.model_dump(mode="json"), size])
+        if key not in self._built:
+            model = build_model(spec.model.model_copy(update={"weights": None}), len(self.dataset.classes),
+                                channels, size)
+            self._built[key] = model, prunable_layers(model, channels, size)
+            skipped = unpruned_weights(*self._built[key])
+            if skipped:
+                count, example = sum(map(len, skipped.values())), next(iter(skipped.values()))[0]
+                self.notes.append(
+                    f"note: model.arch {spec.model.arch}: {count} weight tensors are not pruned (in modules "
+                    f"of type {', '.join(sorted(skipped))}; e.g. {example}): criteria prune the weights of "
+                    "Conv2d and Linear layers that keep torch's own forward and that an eval-mode forward calls")
+        return self._built[key]
+
+
+def variants(loaded: LoadedSpec) -> list[Spec]:
+    """The fixed spec and the specs of the searched model and data values: every combination
+    (of choices, and of both ends of ranges) where there are at most MAX_COMBINATIONS, else each
+    value alone with the others at their first."""
+    keys = [k for k in loaded.space if k.startswith(("model.", "data."))]
+    base = {k: e.probe_values()[0] for k, e in loaded.space.items()}
+    values = [loaded.space[k].probe_values() for k in keys]
+    if len(list(itertools.islice(itertools.product(*values), MAX_COMBINATIONS + 1))) <= MAX_COMBINATIONS:
+        combos = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+    else:
+        combos = [{k: v} for k, vs in zip(keys, values) for v in vs]
+    return [loaded.fixed_spec()] + [loaded.resolve(dict(base, **c)) for c in combos]
+
+
+def check_models(loaded: LoadedSpec, dataset: Dataset) -> list[str]:
+    """Build each model a trial may build (`variants`) on the data it would get (`dataset` is the
+    fixed spec's; other data specs are loaded), where the model is a factory's or a budget is
+    set. Raises UserError naming the key; returns the notes on weights no criterion prunes."""
+    loaded_specs = variants(loaded)
+    budget = any(s.train.budget_epochs is not None for s in loaded_specs) or "train.budget_epochs" in loaded.space
+    if not budget and not any(plugins.is_ref(s.model.arch) for s in loaded_specs):
+        return []
+    fixed_data = json.dumps(loaded.fixed_spec().data.model_dump(mode="json"))
+    selections = {fixed_data: LayerSelection(dataset)}
+    for spec in loaded_specs:
+        data = json.dumps(spec.data.model_dump(mode="json"))
+        if data not in selections:  # a searched data value: its own classes and channels
+            selections[data] = LayerSelection(load_dataset(spec.data))
+        selections[data].build(spec)
+    if budget:
+        check_with_layers(loaded, selections[fixed_data])
+    return [note for s in selections.values() for note in s.notes]
