@@ -307,9 +307,21 @@ def test_a_published_split_is_kept_and_groups_never_straddle_splits(user_code):
 def test_torch_datasets_per_split_are_read_once(user_code):
     from prunetune.data import load_dataset
 
-    d = load_dataset(spec_mod.load(None, raw=raw(data__dataset="mydata:datasets")).fixed_spec().data)
+    spec = spec_mod.load(None, raw=raw(data__dataset="mydata:datasets")).fixed_spec()
+    d = load_dataset(spec.data)
     assert d.images.shape == (40, 1, 8, 8) and int((d.split == "test").sum()) == 10
     assert d.classes == ["0", "1"] and int((d.split == "val").sum()) == 3  # val carved from train
+    # materialised once: a second load reads the cache, not the Datasets' items
+    import torch.utils.data
+
+    calls = []
+    original = torch.utils.data.TensorDataset.__getitem__
+    torch.utils.data.TensorDataset.__getitem__ = lambda self, i: calls.append(i) or original(self, i)
+    try:
+        again = load_dataset(spec.data)
+    finally:
+        torch.utils.data.TensorDataset.__getitem__ = original
+    assert calls == [] and np.array_equal(again.images, d.images)
 
 
 def test_bad_data_is_one_line_naming_data_dataset(user_code):

@@ -9,8 +9,9 @@ The factory returns a mapping with
 Without a `split`, the stratified (and group-aware) split is drawn by `data.split_seed`, as for
 the built-in datasets. It may instead return `{"train": ds, "val": ds, "test": ds}` (val
 optional) of `torch.utils.data.Dataset`s whose items are (image, label), the image a PIL image,
-a uint8 array [H, W(, C)] or a tensor [C, H, W] (uint8, or floats in [0, 1]): every item is read
-each time the dataset is loaded (on the driver, once per sweep), and resized once.
+a uint8 array [H, W(, C)] or a tensor [C, H, W] (uint8, or floats in [0, 1]): they are read and
+resized once, and kept in the cache keyed by the factory's code (`plugins.source_digest`), its
+kwargs and the Datasets' lengths (files they read are not in the key).
 
 The images are resized once to `data.image_size` and kept, as uint8, in the decode cache, keyed
 by a digest of what the factory returned: the factory runs each time, the resize once.
@@ -31,17 +32,31 @@ SPLITS = ("train", "val", "test")
 
 
 def load(data_spec) -> Source:
-    ref = data_spec.dataset
-    out = plugins.call_factory(KEY, ref, **data_spec.kwargs)
-    if isinstance(out, dict) and out and set(out) <= set(SPLITS) and not isinstance(out.get("train"), np.ndarray):
-        out = _materialise(ref, out)
-    images, labels, split, groups, classes = _checked(ref, out)
-    digest = _digest(images, labels, split, groups, classes)
     from prunetune.data.cache import cached_by_digest
 
-    return cached_by_digest(f"plugin-{digest}", data_spec.image_size, lambda: Source(
-        images=resize_uint8(_nchw(images), data_spec.image_size), labels=labels,
-        ids=[f"{i}" for i in range(len(labels))], classes=classes, official_split=split, groups=groups))
+    ref, size = data_spec.dataset, data_spec.image_size
+    out = plugins.call_factory(KEY, ref, **data_spec.kwargs)
+    if isinstance(out, dict) and out and set(out) <= set(SPLITS) and not isinstance(out.get("train"), np.ndarray):
+        # Datasets per split: read once, keyed by what makes them (their code, kwargs and sizes)
+        key = _digest(ref, repr(sorted(data_spec.kwargs.items())), plugins.source_digest(ref), _sizes(ref, out))
+        return cached_by_digest(f"plugin-datasets-{key}", size, lambda: _source(_checked(ref, _materialise(ref, out)),
+                                                                                 size))
+    arrays = _checked(ref, out)
+    return cached_by_digest(f"plugin-{_digest(*arrays)}", size, lambda: _source(arrays, size))
+
+
+def _source(arrays: tuple, size: int) -> Source:
+    images, labels, split, groups, classes = arrays
+    return Source(images=resize_uint8(_nchw(images), size), labels=labels, ids=[f"{i}" for i in range(len(labels))],
+                  classes=classes, official_split=split, groups=groups)
+
+
+def _sizes(ref: str, splits: dict) -> dict[str, int]:
+    try:
+        return {name: len(ds) for name, ds in sorted(splits.items())}
+    except TypeError:
+        raise _fail(ref, "a Dataset without a length; return map-style Datasets (with __len__ and "
+                         "__getitem__)") from None
 
 
 def _fail(ref: str, what: str) -> UserError:
