@@ -7,6 +7,7 @@ sweep the driver's writes reach a Tracker through `sweep/writer.py`, off Tune's 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -297,6 +298,21 @@ class Tracker:
         """End a trial's run stopped early (ASHA), before its final evaluation."""
         self.set_tags(run_id, {TAG_STATE: "stopped_early"})
         self.end_run(run_id, "KILLED")
+
+
+@contextlib.contextmanager
+def fail_fast_http():
+    """Within it, MLflow's HTTP client fails at once rather than retrying for minutes (and a request
+    that hangs gives up after 30 s): a sweep's tracking writer retries with its own backoff, and
+    notices an outage, and its end, within seconds. Settings the user made are kept."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    added = [k for k in settings if k not in os.environ]
+    os.environ.update({k: settings[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def experiment_url(base: str, experiment_id: str) -> str:

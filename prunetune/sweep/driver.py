@@ -230,7 +230,7 @@ class _Sweep:
             else:
                 tuner = self.new_tuner(trainable, writer, dataset)
             self.log.adopt()  # Optuna's
-            with _graceful_ctrl_c(self.echo) as stopped, _mlflow_http_without_retries():
+            with _graceful_ctrl_c(self.echo) as stopped, tracking.fail_fast_http():
                 grid = tuner.fit()
                 return self.close(parent, grid, stopped.is_set(), writer)
         finally:
@@ -408,21 +408,6 @@ def _rows(trials, runs: dict[str, str], names: list[str]) -> list[dict]:
             row[metric] = last.get(metric) if succeeded(last) else None
         rows.append(row)
     return rows
-
-
-@contextlib.contextmanager
-def _mlflow_http_without_retries():
-    """While the sweep runs, MLflow's HTTP client fails at once rather than retrying for minutes
-    (and a request that hangs gives up after 30 s): the tracking writer retries with its own
-    backoff, and notices an outage, and its end, within seconds. Settings the user made are kept."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-    added = [k for k in settings if k not in os.environ]
-    os.environ.update({k: settings[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
 
 
 @contextlib.contextmanager
