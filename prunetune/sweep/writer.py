@@ -57,7 +57,14 @@ class Journal:
                 if seq > self.done and self.pending_offset is None:
                     self.pending_offset = offset  # the first record not applied before
         self._file = open(path, "ab")  # noqa: SIM115 - open for the writer's life, closed in close()
+        if self._file.tell() and not self._ends_a_line():
+            self._file.write(b"\n")  # a line torn by a kill: new records start on a line of their own
         self._marked_at = 0.0
+
+    def _ends_a_line(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
 
     def _scan(self, offset: int):
         """(seq, offset, next offset, record) from `offset` on; a torn last line is skipped."""
@@ -153,6 +160,7 @@ class Writer:
         self._down_since = 0.0
         self._recovered = False  # an outage ended; its backlog is being written
         self._outage_s = 0.0
+        self._last_down = ""
         self.outages = 0
         self._thread = threading.Thread(target=self._loop, name="prunetune-tracking", daemon=True)
         self._thread.start()
@@ -228,9 +236,9 @@ class Writer:
                     records, self._backlog = self.journal.read(self._backlog, self.bound)
                     self._queue.extend((seq, r) for seq, r in records if seq > self.journal.done)
                     continue
+                self._idle()
                 if self._closing:
                     return None
-                self._idle()
                 self._cv.wait()
 
     def _idle(self) -> None:
@@ -239,7 +247,8 @@ class Writer:
             self.journal.mark(self.journal.done, force=True)
         if self._recovered:
             self._recovered = False
-            line = f"tracking caught up: everything held during the outage is written ({_clock(self._outage_s)})"
+            line = (f"tracking: {self._last_down} answers again and has caught up: everything held is written "
+                    f"(it was out for {_clock(self._outage_s)})")
             log.info(line)
             self.echo(line)
 
@@ -292,11 +301,10 @@ class Writer:
     def _answered(self) -> None:
         if self._down is not None:
             log.info("tracking: %s answers again", self._down)
-            self._down, self._recovered = None, True
+            self._last_down, self._down, self._recovered = self._down, None, True
             self._outage_s = time.monotonic() - self._down_since
 
 
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s since it stopped answering" if seconds >= 60 else \
-        f"{seconds}s since it stopped answering"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds} s"
