@@ -87,7 +87,9 @@ def teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
 def publish_teachers(local: dict[str, str], paths: SweepPaths) -> dict[str, str]:
     """Copy each teacher's files into the sweep's storage, where every node reads them; returns
     teacher → its folder there (relative to the sweep's state)."""
-    from prunetune.distill import TEACHER_FILES
+    if not local:
+        return {}
+    from prunetune.distill import TEACHER_FILES  # imports torch: only where there is a teacher
 
     published = {}
     for teacher, directory in local.items():
@@ -230,8 +232,9 @@ class _Sweep:
             else:
                 tuner = self.new_tuner(trainable, writer, dataset)
             self.log.adopt()  # Optuna's
-            with _graceful_ctrl_c(self.echo) as stopped, tracking.fail_fast_http():
-                grid = tuner.fit()
+            with tracking.fail_fast_http():
+                with _graceful_ctrl_c(self.echo) as stopped:
+                    grid = tuner.fit()
                 return self.close(parent, grid, stopped.is_set(), writer)
         finally:
             writer.close(0)  # after an error: what was not written stays in the journal
