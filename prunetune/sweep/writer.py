@@ -81,6 +81,7 @@ class Journal:
 
     def records(self):
         """Every record in the journal, in order (for a resumed sweep's summary)."""
+        self._file.flush()
         if self.path.is_file():
             for _, _, _, record in self._scan(0):
                 yield record
@@ -147,7 +148,7 @@ class Writer:
     """Applies records in a background thread, in order (see the module's text)."""
 
     def __init__(self, records: Records, journal: Journal, echo: Callable[[str], None], *, bound: int = 5000,
-                 max_delay_s: float = 2.0, max_tries: int = 8):
+                 max_delay_s: float = 2.0, max_tries: int = 20):
         self.records, self.journal, self.echo = records, journal, echo
         self.bound, self.max_delay_s, self.max_tries = bound, max_delay_s, max_tries
         self._cv = threading.Condition()
@@ -161,7 +162,6 @@ class Writer:
         self._recovered = False  # an outage ended; its backlog is being written
         self._outage_s = 0.0
         self._last_down = ""
-        self.outages = 0
         self._thread = threading.Thread(target=self._loop, name="prunetune-tracking", daemon=True)
         self._thread.start()
 
@@ -180,7 +180,6 @@ class Writer:
     def journal_records(self) -> list[dict]:
         """Every record the journal holds (a resumed sweep's logger learns from them)."""
         with self._cv:
-            self.journal._file.flush()
             return list(self.journal.records())
 
     @property
@@ -289,9 +288,8 @@ class Writer:
         return False
 
     def _stopped(self, what: str, exc: Exception) -> None:
-        log.warning("tracking: %s does not answer: %s", what, exc)
+        log.log(logging.DEBUG if self._down else logging.WARNING, "tracking: %s does not answer: %s", what, exc)
         if self._down is None and not self._recovered:
-            self.outages += 1
             self._down_since = time.monotonic()
             line = (f"tracking: {what} stopped answering; trials go on and their records are kept "
                     f"({self.journal.path}) until it answers")
