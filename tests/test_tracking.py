@@ -164,3 +164,41 @@ def test_a_driver_killed_during_an_outage_loses_nothing_finished(tmp_path, monke
         assert not journal.exists()  # gone once the sweep and its records are complete
     finally:
         procs.kill_session(server)
+
+
+@pytest.mark.slow
+def test_a_store_still_down_when_the_trials_end_exits_1_and_resume_writes_the_rest(tmp_path, monkeypatch):
+    """The trials end while the server is down and it stays away past the wait: exit 1 naming
+    --resume, the journal kept; once the server is back, --resume writes it all, running nothing."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port, folder = procs.free_port(), tmp_path / "server"
+    uri = f"http://127.0.0.1:{port}"
+    server = procs.mlflow_server(port, folder)
+    spec = _outage_spec(tmp_path, "behind")
+    spec.write_text(spec.read_text().replace("num_trials: 4", "num_trials: 2"))
+    journal = tmp_path / "mlruns" / "tune" / "behind" / "tracking-journal.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", str(spec), "--tracking-uri", uri],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PRUNETUNE_TRACKING_WAIT_S": "3"})
+    try:
+        _wait(lambda: len(_runs(uri, "behind")[2]) == 2, proc)  # both trials' runs made
+        procs.kill_session(server)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err[-3000:]
+    assert "waiting up to 3 s" in err and f"prunetune sweep {spec} --resume" in err and "Traceback" not in err
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    finals = {r["key"]: r["rows"][0][0]["test_acc"] for r in records if r.get("final")}
+    assert len(finals) == 2
+    server = procs.mlflow_server(port, folder)
+    try:
+        r = subprocess.run([sys.executable, "-m", "prunetune.cli", "sweep", str(spec), "--tracking-uri", uri,
+                            "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs = _check_complete(uri, "behind", 2)
+        assert {tid: run.data.metrics["test_acc"] for tid, run in runs.items()} == finals  # not run again
+        assert not journal.exists()
+    finally:
+        procs.kill_session(server)
