@@ -217,7 +217,7 @@ class Tracker:
         if not self.uri.startswith(("http://", "https://")):
             return None
         run = self._mlflow.get_run(run_id)
-        return f"{experiment_url(self.uri, run.info.experiment_id)}/runs/{run_id}"
+        return f"{experiment_url(self.uri, run.info.experiment_id)}/{run_id}"
 
     def reopen_run(self, run_id: str) -> None:
         """Mark an ended run RUNNING again (a resumed sweep's parent run)."""
