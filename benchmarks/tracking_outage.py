@@ -12,10 +12,13 @@ sweep twice, interleaved, each against a fresh server:
   outage    the server SIGKILLed as soon as the first trial's run is FINISHED, and started again
             (same port, same store) `--outage` seconds later; the outage lasts until it answers
 
-The holdup is the outage sweep's wall time minus the baseline's (median of the repeats). The
-script also checks what the issue asks of the outage sweep: every trial FINISHED exactly once,
-with all its per-epoch metrics (every epoch's step once) and artifacts, one parent run; and that
-the terminal got one line when the store stopped answering and one when it caught up.
+The holdup is the outage sweep's wall time minus the baseline's (median of the repeats). On this
+2-core VM the restarted server shares the cores with the trials, so the script also prints the
+CPU seconds the servers used, and the trials' epochs per minute while the store was down (from
+when the driver took each epoch's report): trials held up by the store make none. It also checks
+what the issue asks of the outage sweep: every trial FINISHED exactly once, with all its
+per-epoch metrics (every epoch's step once) and artifacts, one parent run; and that the terminal
+got one line when the store stopped answering and one when it caught up.
 """
 
 from __future__ import annotations
@@ -75,29 +78,43 @@ def one_sweep(outage: float | None) -> tuple[float, str, dict]:
     port = procs.free_port()
     uri = f"http://127.0.0.1:{port}"
     server = procs.mlflow_server(port, work / "server")
+    server_cpu = -procs.session_cpu_s(server)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", str(work / "outage.yaml"),
                              "--tracking-uri", uri], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    down = back = None
+    down_at = back_at = None
     try:
         if outage is not None:
             while finished(uri) < 1 and proc.poll() is None:
                 time.sleep(0.5)
+            server_cpu += procs.session_cpu_s(server)
             procs.kill_session(server)
-            down = time.perf_counter()
+            down_at = time.time()
             time.sleep(outage)
             server = procs.mlflow_server(port, work / "server")  # returns once it answers
-            down, back = time.perf_counter() - down, time.time()
+            back_at = time.time()
         out, err = proc.communicate()
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             sys.exit(f"the sweep failed:\n{err[-3000:]}")
-        last_end = max(r.info.end_time / 1000 for r in trial_runs(uri) if r.data.tags.get("prunetune.kind") == "trial")
-        return wall, out + err, {"check": check(uri), "down_s": down,
-                                 "margin_s": None if back is None else last_end - back}
+        server_cpu += procs.session_cpu_s(server)
+        return wall, out + err, {"check": check(uri), "server_cpu_s": server_cpu, **progress(uri, down_at, back_at)}
     finally:
         procs.kill_session(server)
+
+
+def progress(uri: str, down_at: float | None, back_at: float | None) -> dict:
+    """The trials' epochs per minute (from when the driver took each epoch's report) over the
+    sweep, and while the store was down; when the last trial ended after the store's return."""
+    c, runs = client(uri), [r for r in trial_runs(uri) if r.data.tags.get("prunetune.kind") == "trial"]
+    taken = sorted(m.timestamp / 1000 for r in runs for m in c.get_metric_history(r.info.run_id, "train_loss"))
+    info = {"epochs_per_min": len(taken) / (taken[-1] - taken[0]) * 60}
+    if down_at is not None:
+        during = [t for t in taken if down_at <= t <= back_at]
+        info.update(down_s=back_at - down_at, epochs_per_min_down=len(during) / (back_at - down_at) * 60,
+                    margin_s=max(r.info.end_time / 1000 for r in runs) - back_at)
+    return info
 
 
 def check(uri: str) -> str:
@@ -132,16 +149,19 @@ def main() -> None:
     args = ap.parse_args()
     holdups = []
     for repeat in range(args.repeats):
-        base, _, base_info = one_sweep(None)
-        print(f"repeat {repeat + 1}: baseline {base:6.1f} s ({base_info['check']})", flush=True)
-        wall, text, info = one_sweep(args.outage)
+        base, _, b = one_sweep(None)
+        print(f"repeat {repeat + 1}: baseline {base:6.1f} s; trials {b['epochs_per_min']:.0f} epochs/min; the server "
+              f"used {b['server_cpu_s']:.1f} CPU s ({b['check']})", flush=True)
+        wall, text, o = one_sweep(args.outage)
         holdups.append(wall - base)
-        lines = [line for line in text.splitlines() if line.startswith("tracking:") or "waiting up to" in line]
-        print(f"repeat {repeat + 1}: outage   {wall:6.1f} s, the server down {info['down_s']:.1f} s "
-              f"(SIGKILL to answering again), the last trial ended {info['margin_s']:.1f} s after it answered; "
-              f"holdup {holdups[-1]:+.1f} s ({info['check']})", flush=True)
-        for line in lines:
-            print(f"    terminal: {line}")
+        print(f"repeat {repeat + 1}: outage   {wall:6.1f} s, holdup {holdups[-1]:+.1f} s; the server down "
+              f"{o['down_s']:.1f} s (SIGKILL to answering again), the trials meanwhile "
+              f"{o['epochs_per_min_down']:.0f} epochs/min ({o['epochs_per_min']:.0f} over the sweep); the last "
+              f"trial ended {o['margin_s']:.1f} s after the server was back; the servers used "
+              f"{o['server_cpu_s']:.1f} CPU s ({o['check']})", flush=True)
+        for line in text.splitlines():
+            if line.startswith("tracking:") or "waiting up to" in line:
+                print(f"    terminal: {line}")
         if "View run" in text:
             print("    MLflow's 'View run' lines reached the terminal")
     print(f"holdup by a {args.outage:.0f} s outage: median {statistics.median(holdups):+.1f} s "
