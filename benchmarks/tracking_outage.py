@@ -83,7 +83,7 @@ def one_sweep(outage: float | None) -> tuple[float, str, dict]:
     proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", str(work / "outage.yaml"),
                              "--tracking-uri", uri], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    down_at = back_at = None
+    down_at = back_at = dead_until = None
     try:
         if outage is not None:
             while finished(uri) < 1 and proc.poll() is None:
@@ -92,6 +92,7 @@ def one_sweep(outage: float | None) -> tuple[float, str, dict]:
             procs.kill_session(server)
             down_at = time.time()
             time.sleep(outage)
+            dead_until = time.time()  # then the new server starts (seconds of CPU on these cores)
             server = procs.mlflow_server(port, work / "server")  # returns once it answers
             back_at = time.time()
         out, err = proc.communicate()
@@ -99,20 +100,22 @@ def one_sweep(outage: float | None) -> tuple[float, str, dict]:
         if proc.returncode != 0:
             sys.exit(f"the sweep failed:\n{err[-3000:]}")
         server_cpu += procs.session_cpu_s(server)
-        return wall, out + err, {"check": check(uri), "server_cpu_s": server_cpu, **progress(uri, down_at, back_at)}
+        info = {"check": check(uri), "server_cpu_s": server_cpu, **progress(uri, down_at, dead_until, back_at)}
+        return wall, out + err, info
     finally:
         procs.kill_session(server)
 
 
-def progress(uri: str, down_at: float | None, back_at: float | None) -> dict:
+def progress(uri: str, down_at: float | None, dead_until: float | None, back_at: float | None) -> dict:
     """The trials' epochs per minute (from when the driver took each epoch's report) over the
-    sweep, and while the store was down; when the last trial ended after the store's return."""
+    sweep, and while the server was dead (before its restart began); when the last trial ended
+    after the store's return."""
     c, runs = client(uri), [r for r in trial_runs(uri) if r.data.tags.get("prunetune.kind") == "trial"]
     taken = sorted(m.timestamp / 1000 for r in runs for m in c.get_metric_history(r.info.run_id, "train_loss"))
     info = {"epochs_per_min": len(taken) / (taken[-1] - taken[0]) * 60}
     if down_at is not None:
-        during = [t for t in taken if down_at <= t <= back_at]
-        info.update(down_s=back_at - down_at, epochs_per_min_down=len(during) / (back_at - down_at) * 60,
+        during = [t for t in taken if down_at <= t <= dead_until]
+        info.update(down_s=back_at - down_at, epochs_per_min_down=len(during) / (dead_until - down_at) * 60,
                     margin_s=max(r.info.end_time / 1000 for r in runs) - back_at)
     return info
 
@@ -155,7 +158,7 @@ def main() -> None:
         wall, text, o = one_sweep(args.outage)
         holdups.append(wall - base)
         print(f"repeat {repeat + 1}: outage   {wall:6.1f} s, holdup {holdups[-1]:+.1f} s; the server down "
-              f"{o['down_s']:.1f} s (SIGKILL to answering again), the trials meanwhile "
+              f"{o['down_s']:.1f} s (SIGKILL to answering again), the trials while it was dead "
               f"{o['epochs_per_min_down']:.0f} epochs/min ({o['epochs_per_min']:.0f} over the sweep); the last "
               f"trial ended {o['margin_s']:.1f} s after the server was back; the servers used "
               f"{o['server_cpu_s']:.1f} CPU s ({o['check']})", flush=True)
