@@ -127,7 +127,7 @@ def thirds(work: Path, samples, concurrent: int) -> None:
 
 def per_trial_store_cost(work: Path, repeats: int = 20) -> None:
     """The writer's per-trial MLflow work and an Optuna ask/tell: on the sweep's stores (N runs and
-    N trials) against empty ones, medians of `repeats`."""
+    N trials) against empty ones, interleaved (one trial on each in turn), medians of `repeats`."""
     import optuna
 
     from prunetune.tracking import Tracker, dataset_input
@@ -135,15 +135,20 @@ def per_trial_store_cost(work: Path, repeats: int = 20) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     empty = Path(tempfile.mkdtemp(prefix="bench-empty-"))
     art = work / "art"
-    art.mkdir()
+    art.mkdir(exist_ok=True)
     (art / "a.txt").write_text("a")
     (art / "b.json").write_text("{}")
     data = dataset_input("digits", [str(i) for i in range(1797)], ["train"] * 1797, '{"dataset": "digits"}', "code")
+    stores = {}
     for label, folder in (("empty store", empty), ("the sweep's store", work)):
         tracker = Tracker(f"sqlite:///{folder}/mlruns/mlflow.db", str(folder / "mlruns" / "artifacts"))
-        parent = tracker.start_run("many", "bench-parent", {"prunetune.kind": "bench"})
-        times = []
-        for i in range(repeats):
+        study = optuna.create_study(study_name="many" if folder == work else "bench", load_if_exists=True,
+                                    storage=f"sqlite:///{folder}/mlruns/optuna.db", directions=["maximize"],
+                                    sampler=optuna.samplers.RandomSampler(seed=0))
+        stores[label] = (tracker, tracker.start_run("many", "bench-parent", {"prunetune.kind": "bench"}), study,
+                         len(study.trials), [], [])
+    for i in range(repeats):
+        for tracker, parent, study, _, times, asks in stores.values():
             start = time.perf_counter()
             run = tracker.create_run("many", f"bench-{i}", {"prunetune.kind": "bench"}, parent_run_id=parent)
             tracker.log_params(run, {f"p{k}": k for k in range(40)})
@@ -154,13 +159,6 @@ def per_trial_store_cost(work: Path, repeats: int = 20) -> None:
             tracker.finish_trial_run(run, art)
             tracker.set_tags(parent, {"prunetune.best_run_id": run})
             times.append(time.perf_counter() - start)
-        storage = f"sqlite:///{folder}/mlruns/optuna.db"
-        study = optuna.create_study(study_name="many" if folder == work else "bench", storage=storage,
-                                    load_if_exists=True, directions=["maximize"],
-                                    sampler=optuna.samplers.RandomSampler(seed=0))
-        n_trials = len(study.trials)
-        asks = []
-        for _ in range(repeats):
             start = time.perf_counter()
             trial = study.ask()
             trial.suggest_categorical("schedule.method", ["oneshot", "iterative"])
@@ -168,21 +166,27 @@ def per_trial_store_cost(work: Path, repeats: int = 20) -> None:
             trial.set_user_attr("trial_id", "x")
             study.tell(trial, 0.5)
             asks.append(time.perf_counter() - start)
+    for label, (_, _, _, n_trials, times, asks) in stores.items():
         print(f"  {label:17s}: MLflow per trial {statistics.median(times) * 1000:6.1f} ms (min "
               f"{min(times) * 1000:.1f}); Optuna ask+tell {statistics.median(asks) * 1000:5.1f} ms "
-              f"(study of {n_trials} trials)")
+              f"(min {min(asks) * 1000:.1f}; study of {n_trials} trials)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--concurrent", type=int, default=2)
+    ap.add_argument("--stores-of", type=Path, default=None, metavar="DIR",
+                    help="only time the per-trial store work, against the stores a run left in DIR")
     args = ap.parse_args()
+    if args.stores_of is not None:
+        per_trial_store_cost(args.stores_of)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-many-"))
     print(f"{args.trials} trials, {args.concurrent} at a time, on {os.cpu_count()} CPUs, in {work}", flush=True)
     samples = run_sweep(work, args.trials, args.concurrent)
     thirds(work, samples, args.concurrent)
-    print("per-trial work against the stores (medians of 20):")
+    print("per-trial work against the stores (medians of 20, interleaved):")
     per_trial_store_cost(work)
 
 
