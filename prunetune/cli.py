@@ -126,6 +126,9 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
         click.echo(f"sweep interrupted; its state is saved. Resume with:\n  prunetune sweep {spec_path} --resume",
                    err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except sweep_mod.TrackingBehind as exc:
+        click.echo(f"error: {exc}:\n  prunetune sweep {spec_path} --resume", err=True)
+        sys.exit(1)
     _print_sweep(result, spec_path)
 
 
@@ -155,7 +158,8 @@ def _print_sweep(result, spec_path: Path) -> None:
         click.echo(f"best run: {done[0]['run_id']} (trial {done[0]['trial_id']})")
     else:
         click.echo("no trial finished", err=True)
-    click.echo(f"parent run: {result.parent_run_id}\ncompare runs in the MLflow UI: prunetune ui {spec_path}")
+    where = result.experiment_page or f"prunetune ui {spec_path}"
+    click.echo(f"parent run: {result.parent_run_id}\ncompare runs in the MLflow UI: {where}")
     if result.log_path is not None:
         click.echo(f"Ray, MLflow and Optuna log: {result.log_path}")
     if not done:
@@ -173,8 +177,8 @@ def _fmt(v) -> str:
 @handle_errors
 def ui(spec_path: Path, tracking_uri: str | None, port: int):
     """Serve the MLflow UI of the spec's tracking store, bound to 127.0.0.1."""
-    uri, cmd = commands.ui_command(spec_mod.load(spec_path, tracking_uri=tracking_uri).fixed_spec(), port)
-    click.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)", err=True)
+    uri, cmd, url = commands.ui_command(spec_mod.load(spec_path, tracking_uri=tracking_uri).fixed_spec(), port)
+    click.echo(f"MLflow UI for {uri}: {url} (Ctrl-C to stop)", err=True)
     sys.exit(commands.serve(cmd))
 
 

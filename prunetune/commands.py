@@ -8,6 +8,7 @@ is written.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -22,6 +23,8 @@ from prunetune import stored_study, tracking
 from prunetune.errors import UserError, error_text
 from prunetune.spec import LoadedSpec, Spec, get_dotted, set_dotted, validate
 from prunetune.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 def validate_spec(loaded: LoadedSpec) -> tuple[str, str]:
@@ -233,16 +236,29 @@ def cka(target: Path, run_ids: list[str], top: int | None, tracking_uri: str | N
 
 # -- prunetune ui --------------------------------------------------------------------------------
 
-def ui_command(spec: Spec, port: int) -> tuple[str, list[str]]:
-    """The spec's tracking URI, and the MLflow UI's command line for it, bound to 127.0.0.1."""
+def ui_command(spec: Spec, port: int) -> tuple[str, list[str], str]:
+    """The spec's tracking URI, the MLflow UI's command line for it (bound to 127.0.0.1), and the
+    URL of the spec's experiment's runs page there (of the UI's front page before any run)."""
     uri = tracking.store_uri(spec.tracking.uri)
     if uri.startswith(("http://", "https://")):
-        raise UserError(f"tracking.uri: {uri} is an MLflow server, which serves its own UI: open it in a browser")
+        raise UserError(f"tracking.uri: {uri} is an MLflow server, which serves its own UI: open "
+                        f"{_experiment_page(uri, spec)}")
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise UserError(f"tracking.uri: {uri} does not exist yet; run a trial or a sweep first")
+    base = f"http://127.0.0.1:{port}"
     return uri, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                  "--default-artifact-root", tracking.artifacts_uri(spec.tracking.artifacts),
-                 "--host", "127.0.0.1", "--port", str(port)]
+                 "--host", "127.0.0.1", "--port", str(port)], _experiment_page(base, spec, uri)
+
+
+def _experiment_page(base: str, spec: Spec, uri: str | None = None) -> str:
+    """The runs page of the spec's experiment in the UI at `base`; the front page if there is none."""
+    try:
+        found = tracking.Tracker(uri or base, spec.tracking.artifacts).find_experiment(spec.name)
+    except Exception as exc:  # noqa: BLE001 - a server that does not answer: its front page
+        log.warning("could not look up experiment %s in %s: %s", spec.name, uri or base, exc)
+        found = None
+    return tracking.experiment_url(base, found) if found else f"{base}/"
 
 
 def serve(cmd: list[str]) -> int:

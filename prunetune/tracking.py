@@ -1,11 +1,16 @@
 """MLflow at the edge: the only module that imports mlflow.
 
 One experiment per spec `name` (artifacts under `tracking.artifacts`), runs created and written
-through `MlflowClient`, so one process (the driver) is the only writer to a SQLite store.
+through `MlflowClient`, so one process (the driver) is the only writer to a SQLite store. In a
+sweep the driver's writes reach a Tracker through `sweep/writer.py`, off Tune's event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import math
 import os
 import shutil
@@ -14,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.errors import ERROR_CHARS, UserError
+
+log = logging.getLogger(__name__)
 
 TAG_SWEEP = "prunetune.sweep"
 TAG_TRIAL_ID = "prunetune.trial_id"
@@ -27,6 +34,8 @@ TAG_GPU_IDS = "prunetune.gpu_ids"  # the GPU ids Ray gave the trial ("" for none
 TAG_RESUMED = "prunetune.resumed_from_epoch"  # a trial that continued its saved state (resume, retry)
 TAG_ERROR = "prunetune.error"  # a failed trial's error text
 TAG_STATE = "prunetune.state"  # "stopped_early": ended by ASHA before its final evaluation
+TAG_BEST_RUN = "prunetune.best_run_id"  # on a sweep's parent run: its best trial's run (by the objective)
+TAG_BEST_TRIAL = "prunetune.best_trial_id"
 # MLflow 3's UI opens an experiment without a kind on its GenAI overview; sweeps train models
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -86,6 +95,8 @@ class Tracker:
         """`create=False`: import MLflow and open an existing store, but create none yet (a new
         SQLite store is made, with its migrations, on first use)."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports from sweeps
+        # MLflow prints "View run … at: URL" on stdout as a run on a server ends: end_run logs it
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.tracking import MlflowClient  # imported here, never at package import
 
         self.uri = absolute_sqlite_uri(uri)
@@ -119,6 +130,11 @@ class Tracker:
             self._client = self._client_class(tracking_uri=self.uri)
         return self._client
 
+    def find_experiment(self, name: str) -> str | None:
+        """The id of the experiment `name`, or None where there is none (nothing is created)."""
+        exp = self._mlflow.get_experiment_by_name(name)
+        return exp.experiment_id if exp is not None else None
+
     def experiment_id(self, name: str) -> str:
         exp = self._mlflow.get_experiment_by_name(name)
         if exp is not None:
@@ -131,33 +147,54 @@ class Tracker:
 
     def start_run(self, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any] | None = None,
                   parent_run_id: str | None = None) -> str:
-        from mlflow.entities import Param
+        run_id = self.create_run(experiment, run_name, tags, parent_run_id)
+        self.log_params(run_id, params or {})
+        return run_id
 
+    def create_run(self, experiment: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
         tags = dict(tags)
         if parent_run_id:
             tags[TAG_PARENT] = parent_run_id
-        run = self._mlflow.create_run(self.experiment_id(experiment), run_name=run_name,
-                                     tags=tags)
-        run_id = run.info.run_id
-        items = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
+        return self._mlflow.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags).info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log params (again: the same value twice is no error)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self._mlflow.log_batch(run_id, params=items[start:start + 100])
-        return run_id
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        self.log_metric_rows(run_id, [(metrics, step)])
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        self.log_metric_rows(run_id, [(metrics, step)], timestamp_ms)
 
-    def log_metric_rows(self, run_id: str, rows: list[tuple[dict[str, float], int]]) -> None:
-        """Log several steps' metrics in as few transactions as MLflow allows (1,000 a batch)."""
+    def log_metric_rows(self, run_id: str, rows: list, timestamp_ms: int | None = None) -> None:
+        """Log several steps' metrics in as few transactions as MLflow allows (1,000 a batch).
+        `rows`: (metrics, step) or (metrics, step, timestamp in ms); a metric logged again with
+        the same step, value and timestamp is kept once."""
         import time
 
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for metrics, step in rows for k, v in metrics.items()
+        now = timestamp_ms or int(time.time() * 1000)
+        items = [Metric(k, float(v), int(row[2]) if len(row) > 2 else now, int(row[1]))
+                 for row in rows for k, v in row[0].items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for start in range(0, len(items), 1000):
             self._mlflow.log_batch(run_id, metrics=items[start:start + 1000])
+
+    def log_dataset(self, run_id: str, dataset: dict) -> None:
+        """Log a dataset input (`dataset_input`'s mapping): the runs table's Dataset column."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entity = Dataset(dataset["name"], dataset["digest"], dataset["source_type"], dataset["source"],
+                         profile=dataset.get("profile"))
+        tags = [InputTag("mlflow.data.context", dataset.get("context", "training"))]
+        self._mlflow.log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
+
+    def ping(self, experiment: str) -> None:
+        """One cheap read: raises when the store does not answer."""
+        self._mlflow.get_experiment_by_name(experiment)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -172,6 +209,15 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._mlflow.set_terminated(run_id, status=status)
+        if self.uri.startswith(("http://", "https://")):
+            log.info("run %s ended %s: %s", run_id, status, self.run_url(run_id))
+
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page on an MLflow server (None for a local store)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return None
+        run = self._mlflow.get_run(run_id)
+        return f"{experiment_url(self.uri, run.info.experiment_id)}/{run_id}"
 
     def reopen_run(self, run_id: str) -> None:
         """Mark an ended run RUNNING again (a resumed sweep's parent run)."""
@@ -237,8 +283,9 @@ class Tracker:
                               spec.flat(), parent_run_id=parent_run_id)
 
     def finish_trial_run(self, run_id: str, artifacts: Path | None = None) -> None:
-        """Log a finished trial's artifacts (once: a resumed sweep may finish it again) and end it."""
-        if artifacts is not None and Path(artifacts).is_dir() and not self.has_artifacts(run_id):
+        """Log a finished trial's artifacts (again after a resume or a retry: each file is
+        overwritten whole, so a partial upload is completed) and end it."""
+        if artifacts is not None and Path(artifacts).is_dir():
             self.log_artifacts(run_id, Path(artifacts))
         self.end_run(run_id, "FINISHED")
 
@@ -251,6 +298,36 @@ class Tracker:
         """End a trial's run stopped early (ASHA), before its final evaluation."""
         self.set_tags(run_id, {TAG_STATE: "stopped_early"})
         self.end_run(run_id, "KILLED")
+
+
+@contextlib.contextmanager
+def fail_fast_http():
+    """Within it, MLflow's HTTP client fails at once rather than retrying for minutes (and a request
+    that hangs gives up after 30 s): a sweep's tracking writer retries with its own backoff, and
+    notices an outage, and its end, within seconds. Settings the user made are kept."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    added = [k for k in settings if k not in os.environ]
+    os.environ.update({k: settings[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The runs page of an experiment in the MLflow UI served at `base` (http://host:port)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def dataset_input(name: str, ids, split, source: str, source_type: str, profile: dict | None = None) -> dict:
+    """A dataset input as `Tracker.log_dataset` takes it: `name`, a digest of the split (each
+    sample's id with its split: equal digests, equal splits), where it came from, and a profile."""
+    digest = hashlib.sha256()
+    for sample_id, part in zip(ids, split):
+        digest.update(f"{sample_id},{part}\n".encode())
+    return {"name": name, "digest": digest.hexdigest()[:16], "source_type": source_type, "source": source,
+            "profile": json.dumps(profile or {}, sort_keys=True)}
 
 
 def empty_store() -> Path:
@@ -272,7 +349,7 @@ def empty_store() -> Path:
     return path
 
 
-def _param_value(v: Any) -> str:
+def param_value(v: Any) -> str:
     text = "null" if v is None else str(v)
     return text[:6000]
 

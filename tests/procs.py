@@ -82,6 +82,18 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120, what: str
         time.sleep(0.3)
 
 
+def session_cpu_s(proc: subprocess.Popen) -> float:
+    """CPU seconds (user + system) the processes of `proc`'s session have used so far."""
+    total = 0.0
+    for pid in session_pids(proc.pid):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
@@ -146,10 +158,13 @@ def s3_server(port: int, bucket: str) -> subprocess.Popen:
 
 
 def mlflow_server(port: int, folder: Path) -> subprocess.Popen:
-    """`mlflow server` with a SQLite store, serving artifacts (clients upload through it)."""
+    """`mlflow server` with a SQLite store, serving artifacts (clients upload through it). Its job
+    runner (eight more processes for MLflow's GenAI jobs, which a sweep never uses) is off: on two
+    cores their start competes with the trials."""
     folder.mkdir(parents=True, exist_ok=True)
     proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
                   "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
-                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log=folder / "server.log")
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                 env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, log=folder / "server.log")
     wait_port(port, proc, what="mlflow server")
     return proc

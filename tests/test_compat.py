@@ -79,3 +79,18 @@ def test_a_repeaters_groups_are_reachable():
     repeater.suggest("a")
     repeater.suggest("b")
     assert _compat.replicate_group(repeater, "b") == ("a", 2)
+
+
+def test_optuna_searchs_study_and_trials_are_reachable():
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    def space(trial):
+        trial.suggest_float("x", 0, 1)
+
+    searcher = OptunaSearch(space=space, metric=["m"], mode=["max"])
+    assert isinstance(_compat.optuna_study(searcher), optuna.Study)
+    searcher.suggest("a")
+    trial = _compat.optuna_trial(searcher, "a")
+    assert isinstance(trial, optuna.Trial) and "x" in trial.params
+    assert _compat.optuna_trial(searcher, "never asked") is None

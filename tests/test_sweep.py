@@ -113,6 +113,25 @@ def test_small_sweep_and_refused_rerun(tmp_path):
     for run in children:
         assert_complete_child(c, run, parents[0].info.run_id)
     assert (tmp_path / "mlruns" / "tune" / "tiny" / "sweep.json").is_file()
+    assert not (tmp_path / "mlruns" / "tune" / "tiny" / "tracking-journal.jsonl").exists()  # all written
+    # what an MLflow user sees: each trial's dataset input (one split, one digest), and the best
+    # trial by the objective on the parent run (its metrics and its run id)
+    inputs = [c.get_run(run.info.run_id).inputs.dataset_inputs for run in children]
+    assert all(len(i) == 1 and i[0].dataset.name == "digits" for i in inputs)
+    assert len({i[0].dataset.digest for i in inputs}) == 1 and '"train": 1347' in inputs[0][0].dataset.profile
+    parent = c.get_run(parents[0].info.run_id)
+    best = next(run for run in children if run.info.run_id == parent.data.tags["prunetune.best_run_id"])
+    assert best.data.metrics["val_acc"] == max(run.data.metrics["val_acc"] for run in children)
+    assert parent.data.metrics["val_acc"] == best.data.metrics["val_acc"]
+    assert parent.data.metrics["test_acc"] == best.data.metrics["test_acc"]
+    assert parent.data.tags["prunetune.best_trial_id"] == best.data.tags["prunetune.trial_id"]
+    # what an Optuna user sees: named objectives, and each trial's Tune trial and MLflow run
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert study.metric_names == ["val_acc"]
+    runs = {run.data.tags["prunetune.trial_id"]: run.info.run_id for run in children}
+    assert {t.user_attrs["trial_id"]: t.user_attrs["mlflow_run_id"] for t in study.trials} == runs
 
     # the same sweep again: refused, with a hint, and nothing written
     db_before = (tmp_path / "mlruns" / "mlflow.db").stat().st_mtime_ns
@@ -422,6 +441,7 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
     (tmp_path / "mlruns").mkdir()
     from mlflow.tracking import MlflowClient
     MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").search_experiments()  # creates the store
+    experiment = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").create_experiment("ui")
     port = procs.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "ui", str(spec), "--port", str(port)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -440,6 +460,8 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
         assert started  # the MLflow server and its workers
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        # it printed the experiment's runs page
+        assert f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs" in proc.stdout.read().decode()
         deadline = time.monotonic() + 10
         while _alive(started) and time.monotonic() < deadline:
             time.sleep(0.2)

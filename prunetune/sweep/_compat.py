@@ -1,8 +1,9 @@
 """Every use of a framework's private API, each in a small named function: the one file an upgrade
 of Ray can break. `tests/test_compat.py` pins the versions it was written for (`WRITTEN_FOR`) and
 checks that each private attribute is still there, so an upgrade fails there, loudly, and this
-file is where to look. Optuna is used through its public API only (a stale trial is told FAIL by
-its number, `stored_study.fail_unfinished`), so it has no entry.
+file is where to look. Optuna itself is used through its public API only (a stale trial is told
+FAIL by its number, `stored_study.fail_unfinished`); Tune's OptunaSearch is reached into for its
+study and its trials (`optuna_study`, `optuna_trial`).
 
 Each function imports what it touches when called: importing this module imports no ray.
 """
@@ -113,6 +114,17 @@ def result_grid_trials(grid) -> list:
     """Tune's `Trial`s behind a `ResultGrid` (status, trial id, config, last result), trials that
     never started included."""
     return grid._experiment_analysis.trials
+
+
+def optuna_study(optuna_search):
+    """The Optuna study behind Tune's `OptunaSearch` (made in its constructor)."""
+    return optuna_search._ot_study
+
+
+def optuna_trial(optuna_search, trial_id: str):
+    """The Optuna trial (an `optuna.Trial`, still running) that `OptunaSearch` asked for a Tune
+    trial, or None."""
+    return optuna_search._ot_trials.get(trial_id)
 
 
 def replicate_group(repeater, trial_id: str) -> tuple[str, int]:

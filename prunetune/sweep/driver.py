@@ -30,6 +30,11 @@ class SweepInterrupted(Exception):
     """The user stopped the sweep (Ctrl-C); its state is saved and it can be resumed."""
 
 
+class TrackingBehind(Exception):
+    """The sweep's trials are done, but the tracking store did not take all their records before
+    the wait ran out; they are kept in the sweep's journal, and `--resume` writes them."""
+
+
 @dataclass
 class SweepResult:
     name: str
@@ -37,6 +42,7 @@ class SweepResult:
     rows: list[dict]  # one per trial: trial_id, run_id, state, params, objectives and test_acc (shown_metrics)
     objectives: list[tuple[str, str]]
     log_path: Path | None = None  # the libraries' log lines (Ray, MLflow, Optuna)
+    experiment_page: str | None = None  # the experiment's runs page on an MLflow server
 
     def ranked(self) -> list[dict]:
         """The rows with a value of the first objective, best first."""
@@ -81,7 +87,9 @@ def teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
 def publish_teachers(local: dict[str, str], paths: SweepPaths) -> dict[str, str]:
     """Copy each teacher's files into the sweep's storage, where every node reads them; returns
     teacher → its folder there (relative to the sweep's state)."""
-    from prunetune.distill import TEACHER_FILES
+    if not local:
+        return {}
+    from prunetune.distill import TEACHER_FILES  # imports torch: only where there is a teacher
 
     published = {}
     for teacher, directory in local.items():
@@ -206,6 +214,8 @@ class _Sweep:
         self.study_url = stored_study.study_url(uri)  # None: the study lives in the sweep's state
         self.objectives = [(o.metric, o.mode) for o in self.spec.search.objectives]
         self.total = self.spec.search.num_trials * self.spec.search.replicates  # each configuration R times
+        self.experiment_page: str | None = None
+        self.known_runs: dict = {}
 
     def run(self, dataset, *, local: bool, resume: bool, restart: bool) -> SweepResult:
         from ray import tune
@@ -216,15 +226,37 @@ class _Sweep:
         if restart:
             self.paths.dir.delete()
         parent = self.reopen_parent_run() if resume else self.open_parent_run()
-        trainable = self.trainable(dataset)
-        if resume and tune.Tuner.can_restore(self.paths.dir.path, storage_filesystem=self.paths.storage.fs):
-            tuner = self.restored_tuner(trainable)
-        else:
-            tuner = self.new_tuner(trainable, parent)
-        self.log.adopt()  # Optuna's
-        with _graceful_ctrl_c(self.echo) as stopped:
-            grid = tuner.fit()
-        return self.close(parent, grid, stopped.is_set())
+        if self.uri.startswith(("http://", "https://")):
+            self.experiment_page = tracking.experiment_url(self.uri, self.tracker.experiment_id(self.spec.name))
+        writer = self.open_writer(parent, resume)
+        try:
+            trainable = self.trainable(dataset)
+            if resume and tune.Tuner.can_restore(self.paths.dir.path, storage_filesystem=self.paths.storage.fs):
+                tuner = self.restored_tuner(trainable, writer)
+            else:
+                tuner = self.new_tuner(trainable, writer, dataset)
+            self.log.adopt()  # Optuna's
+            with tracking.fail_fast_http():
+                with _graceful_ctrl_c(self.echo) as stopped:
+                    grid = tuner.fit()
+                return self.close(parent, grid, stopped.is_set(), writer)
+        finally:
+            writer.close(0)  # after an error: what was not written stays in the journal
+
+    def open_writer(self, parent: str, resume: bool):
+        """The writer of the sweep's tracking records (`sweep/writer.py`), over its journal; a
+        resumed sweep's writer first applies what its journal holds beyond its mark, and knows
+        the runs the store already has of this sweep (one query)."""
+        from prunetune.sweep.mlflow_logger import Records
+        from prunetune.sweep.writer import Journal, Writer
+
+        path = self.paths.journal_file()
+        if not resume:
+            Journal.remove(path)  # a sweep started over (or whose state was deleted) starts a new one
+        records = Records(self.tracker, self.spec.name, self.spec.name, parent, self.echo)
+        self.known_runs = self.tracker.trial_runs(self.spec.name, parent) if resume else {}
+        records.runs.update({tid: run.run_id for tid, run in self.known_runs.items()})
+        return Writer(records, Journal(path), self.echo)
 
     def check_nodes(self, local: bool) -> None:
         """Some node can take a trial, and every node that can reaches the storage and the data."""
@@ -271,18 +303,19 @@ class _Sweep:
                                  cpus=res.cpus_per_trial, checkpoint_s=_checkpoint_s()),
             {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
 
-    def new_tuner(self, trainable, parent: str):
+    def new_tuner(self, trainable, writer, dataset):
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-        from prunetune.sweep.mlflow_logger import MlflowLogger
+        from prunetune.sweep.mlflow_logger import MlflowLogger, dataset_info
         from prunetune.sweep.progress import Progress
         from prunetune.sweep.searcher import make_searcher
 
         spec, res = self.spec, self.spec.resources
-        logger = MlflowLogger(self.uri, spec.tracking.artifacts, spec.name, parent, spec.name, self.loaded,
-                              self.paths.storage.uri)
         metric, mode = self.objectives[0]
+        logger = MlflowLogger(spec.name, spec.name, self.loaded, self.paths.storage.uri, (metric, mode),
+                              dataset_info(spec.data, dataset))
+        logger.attach(writer)
         progress = Progress(metric, mode, self.total, res.max_retries, self.echo,
                             method=fixed_schedule_value(self.loaded.raw, "method"))
         searcher = make_searcher(self.loaded, self.objectives, spec.seed, spec.search.replicates,
@@ -305,9 +338,10 @@ class _Sweep:
                 # errors never reach Tune as errors (see trainable), so they are not retried
                 failure_config=tune.FailureConfig(max_failures=res.max_retries, fail_fast=False)))
 
-    def restored_tuner(self, trainable):
-        """The sweep's Tuner as Tune saved it; its callbacks get this process's output and store,
-        and the runs of trials that finished while the driver was down are closed."""
+    def restored_tuner(self, trainable, writer):
+        """The sweep's Tuner as Tune saved it; its callbacks get this process's output and writer,
+        the logger learns what was handed over before (the journal, else the store), and the runs
+        of trials that finished while the driver was down are closed."""
         from ray import tune
 
         from prunetune.sweep import _compat
@@ -321,29 +355,48 @@ class _Sweep:
             if isinstance(cb, Progress):
                 cb.echo, cb.start = self.echo, time.monotonic()
             if isinstance(cb, MlflowLogger):
-                cb.resumed = True
+                cb.attach(writer)
+                cb.restore(writer.journal_records())
+                cb.adopt_runs(self.known_runs, lambda run_id: max(
+                    (step for step, _ in self.tracker.history(run_id, "train_loss")), default=-1))
                 cb.close_restored(tuner.get_results())
         return tuner
 
-    def close(self, parent: str, grid, stopped: bool) -> SweepResult:
+    def close(self, parent: str, grid, stopped: bool, writer) -> SweepResult:
         """After the fit: drop runs Tune never recorded, end the parent run (KILLED if the sweep
-        did not finish), and at the end close the study and remove the trials' resume state."""
+        did not finish), wait for the tracking store to take every record, and at the end close
+        the study and remove the trials' resume state."""
         from prunetune.sweep import _compat
-        from prunetune.sweep.mlflow_logger import drop_unrecorded_runs
+        from prunetune.sweep.mlflow_logger import PARENT
 
         spec = self.spec
         trials = _compat.result_grid_trials(grid)
-        drop_unrecorded_runs(self.tracker, spec.name, parent, trials, self.echo)
-        rows = _rows(trials, self.tracker, spec.name, parent, shown_metrics([m for m, _ in self.objectives]))
         interrupted = stopped or sum(t.status in ("TERMINATED", "ERROR") for t in trials) < self.total
-        self.tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
-        if not interrupted:
-            stored_study.fail_unfinished(self.study_url, spec.name)  # asked by a driver killed before it could tell
-            self.paths.dir.delete(SweepPaths.RESUME)
-        result = SweepResult(spec.name, parent, rows, self.objectives, self.log.path)
+        writer.submit({"op": "drop", "known": [t.trial_id for t in trials]})
+        writer.submit({"op": "end", "key": PARENT, "status": "KILLED" if interrupted else "FINISHED"})
+        written = self.wait_for_tracking(writer, interrupted)
+        rows = _rows(trials, writer.records.runs, shown_metrics([m for m, _ in self.objectives]))
+        result = SweepResult(spec.name, parent, rows, self.objectives, self.log.path, self.experiment_page)
         if interrupted:
             raise SweepInterrupted(result)
+        if not written:
+            raise TrackingBehind(f"the tracking store did not take {writer.behind} of the sweep's records before "
+                                 f"the wait ran out; they are kept in {writer.journal.path}, and --resume writes "
+                                 "them once it answers")
+        stored_study.fail_unfinished(self.study_url, spec.name)  # asked by a driver killed before it could tell
+        self.paths.dir.delete(SweepPaths.RESUME)
         return result
+
+    def wait_for_tracking(self, writer, interrupted: bool) -> bool:
+        """Wait until the writer has applied every record (at most $PRUNETUNE_TRACKING_WAIT_S,
+        default 600 s, while the store does not answer; 10 s after Ctrl-C); stop it. The journal
+        is removed once a finished sweep's records are all written."""
+        if writer.flush(timeout=1.0) or writer.down is None and writer.flush(timeout=60.0):
+            return writer.close(0, remove=not interrupted)
+        wait = 10.0 if interrupted else float(os.environ.get("PRUNETUNE_TRACKING_WAIT_S", "600"))
+        self.echo(f"waiting up to {wait:.0f} s for the tracking store to take {writer.behind} records "
+                  "(Ctrl-C stops; --resume writes them)")
+        return writer.close(wait, remove=not interrupted)
 
 
 def _checkpoint_s() -> float:
@@ -351,14 +404,13 @@ def _checkpoint_s() -> float:
     return float(os.environ.get("PRUNETUNE_CHECKPOINT_S", "10"))
 
 
-def _rows(trials, tracker: tracking.Tracker, experiment: str, parent: str, names: list[str]) -> list[dict]:
-    """One row per Tune trial: its id, MLflow run, state, sampled config and the `names` metrics."""
-    runs = tracker.trial_runs(experiment, parent)
+def _rows(trials, runs: dict[str, str], names: list[str]) -> list[dict]:
+    """One row per Tune trial: its id, MLflow run (`runs`: trial id → run id), state, sampled
+    config and the `names` metrics."""
     rows = []
     for t in trials:
         last = t.last_result or {}
-        run = runs.get(t.trial_id)
-        row = {"trial_id": t.trial_id, "run_id": run.run_id if run else None,
+        row = {"trial_id": t.trial_id, "run_id": runs.get(t.trial_id),
                "state": "ERROR" if failed(last) else t.status, **dict(t.config)}
         for metric in names:
             row[metric] = last.get(metric) if succeeded(last) else None

@@ -1,5 +1,5 @@
 """Where a sweep's state lives (`<tracking.storage>/<name>/`: Tune's experiment, `sweep.json`,
-the trials' `resume/` folder and the driver's log), and finding a sweep again from its spec or
+the trials' `resume/` folder, the driver's log and its tracking journal), and finding a sweep again from its spec or
 its folder (`locate`, for `prunetune cka` and `prunetune report`). No ray here."""
 
 from __future__ import annotations
@@ -45,6 +45,19 @@ class SweepPaths:
         from prunetune.cache import cache_root
 
         return cache_root() / "logs" / f"{self.name}.log"
+
+    def journal_file(self) -> Path:
+        """The driver's tracking journal (`sweep/writer.py`): beside the sweep's state when that is
+        local (a shared path included), else in this machine's cache (an object store takes no
+        appends), keyed by the storage's URI, so `--resume` replays it from this machine."""
+        if self.dir.is_local:
+            return self.dir.local_path("tracking-journal.jsonl")
+        import hashlib
+
+        from prunetune.cache import cache_root
+
+        key = hashlib.sha256(self.dir.uri.encode()).hexdigest()[:12]
+        return cache_root() / "journals" / f"{self.name}-{key}.jsonl"
 
     def read_meta(self) -> dict | None:
         try:

@@ -1,6 +1,11 @@
 """Tune's searcher: Optuna (through Tune's OptunaSearch) proposing configurations of the spec's
 space, told each trial's final metrics, with each configuration run as several seed replicates
-when asked (their mean is what Optuna is told)."""
+when asked (their mean is what Optuna is told).
+
+What an Optuna user sees of the sweep's study: its objectives by name (`set_metric_names`), and
+on each Optuna trial the user attributes `trial_id` (Tune's trial) and `mlflow_run_id` (the
+trial's MLflow run, set once the store has made it, while the trial runs), so `optuna-dashboard`
+leads from a trial to its run. With replicates, these name the first replicate."""
 
 from __future__ import annotations
 
@@ -14,11 +19,41 @@ from ray.tune.search.optuna import OptunaSearch
 from prunetune import search
 from prunetune.spec import LoadedSpec
 from prunetune.sweep import _compat
+from prunetune.sweep.mlflow_logger import run_id_of
 from prunetune.sweep.protocol import FINAL_FLAG, failed, succeeded
+
+TRIAL_ATTR, RUN_ATTR = "trial_id", "mlflow_run_id"  # the Optuna trials' user attributes
 
 
 class _OptunaSearch(OptunaSearch):
+    def __init__(self, *args, sweep: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sweep = sweep
+        self._linked: set[str] = set()  # trials whose MLflow run id Optuna has
+
+    def suggest(self, trial_id):
+        config = super().suggest(trial_id)
+        ot_trial = _compat.optuna_trial(self, trial_id)
+        if ot_trial is not None:
+            ot_trial.set_user_attr(TRIAL_ATTR, trial_id)
+        return config
+
+    def _link(self, trial_id: str) -> None:
+        """Give the Optuna trial its MLflow run id, once the tracking writer has made the run."""
+        if trial_id in self._linked:
+            return
+        run_id = run_id_of(self.sweep, trial_id)
+        ot_trial = _compat.optuna_trial(self, trial_id)
+        if run_id is not None and ot_trial is not None:
+            ot_trial.set_user_attr(RUN_ATTR, run_id)
+            self._linked.add(trial_id)
+
+    def on_trial_result(self, trial_id, result):
+        self._link(trial_id)
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id, result=None, error=False):
+        self._link(trial_id)
         # A trial stopped early (ASHA) has no final metrics: it is PRUNED in Optuna; one that
         # failed by its own error is FAIL.
         error = error or failed(result)
@@ -36,7 +71,8 @@ def make_searcher(loaded: LoadedSpec, objectives: list[tuple[str, str]], seed: i
     # last result (our final report), not from every per-epoch report.
     optuna_search = _OptunaSearch(space=search.DefineByRun(loaded), metric=[m for m, _ in objectives],
                                   mode=[d for _, d in objectives], sampler=search.make_sampler(loaded, seed),
-                                  study_name=study_name, storage=storage)
+                                  study_name=study_name, storage=storage, sweep=study_name or "")
+    _compat.optuna_study(optuna_search).set_metric_names([m for m, _ in objectives])
     return optuna_search if replicates == 1 else _Replicates(optuna_search, replicates)
 
 

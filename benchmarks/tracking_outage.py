@@ -1,0 +1,175 @@
+"""How long an outage of the tracking store holds a sweep up (issue 23: at most 5 s for 60 s).
+
+    python benchmarks/tracking_outage.py [--outage 60] [--repeats 2]
+
+A real `mlflow server` (SQLite backend, serving artifacts) on 127.0.0.1 is the tracking store of
+a 6-trial sweep, 2 trials at a time (digits at 16 px; trials of about 70 s on a 2-core VM, so a
+60 s outage ends while trials still run, as in the issue's report: a sweep whose trials all end
+during the outage must wait for the store at its end, whatever the design). Each repeat runs the same
+sweep twice, interleaved, each against a fresh server:
+
+  baseline  the server up throughout
+  outage    the server SIGKILLed as soon as the first trial's run is FINISHED, and started again
+            (same port, same store) `--outage` seconds later; the outage lasts until it answers
+
+The holdup is the outage sweep's wall time minus the baseline's (median of the repeats). On this
+2-core VM the restarted server shares the cores with the trials, so the script also prints the
+CPU seconds the servers used, and the trials' epochs per minute while the store was down (from
+when the driver took each epoch's report): trials held up by the store make none. It also checks
+what the issue asks of the outage sweep: every trial FINISHED exactly once, with all its
+per-epoch metrics (every epoch's step once) and artifacts, one parent run; and that the terminal
+got one line when the store stopped answering and one when it caught up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import procs  # noqa: E402 - the tests' server helpers: started in their own session, stopped by PID
+
+SPEC = """
+name: outage
+seed: 0
+data: {dataset: digits, image_size: 16}
+train: {batch_size: 32, lr: 0.05, dense_epochs: 1, finetune_epochs: 90}
+schedule: {method: {choice: [oneshot, iterative]}, sparsity: {uniform: [0.5, 0.9]}, step_size: 0.3, step_epochs: 1}
+search: {sampler: random, num_trials: 6}
+resources: {cpus_per_trial: 1, max_concurrent: 2}
+"""
+PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
+
+
+def client(uri: str):
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # this script's own polling: fail fast
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def trial_runs(uri: str) -> list:
+    c = client(uri)
+    exp = c.get_experiment_by_name("outage")
+    runs = c.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    return runs
+
+
+def finished(uri: str) -> int:
+    try:
+        return sum(r.info.status == "FINISHED" and r.data.tags.get("prunetune.kind") == "trial"
+                   for r in trial_runs(uri))
+    except Exception:  # noqa: BLE001 - the store not made yet
+        return 0
+
+
+def one_sweep(outage: float | None) -> tuple[float, str, dict]:
+    """Run the sweep against a fresh server (with an outage of `outage` s, or none); returns its wall
+    time, its stderr and what the store holds."""
+    work = Path(tempfile.mkdtemp(prefix="bench-outage-"))
+    (work / "outage.yaml").write_text(textwrap.dedent(SPEC))
+    port = procs.free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = procs.mlflow_server(port, work / "server")
+    server_cpu = -procs.session_cpu_s(server)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "prunetune.cli", "sweep", str(work / "outage.yaml"),
+                             "--tracking-uri", uri], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    down_at = back_at = dead_until = None
+    try:
+        if outage is not None:
+            while finished(uri) < 1 and proc.poll() is None:
+                time.sleep(0.5)
+            server_cpu += procs.session_cpu_s(server)
+            procs.kill_session(server)
+            down_at = time.time()
+            time.sleep(outage)
+            dead_until = time.time()  # then the new server starts (seconds of CPU on these cores)
+            server = procs.mlflow_server(port, work / "server")  # returns once it answers
+            back_at = time.time()
+        out, err = proc.communicate()
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.exit(f"the sweep failed:\n{err[-3000:]}")
+        server_cpu += procs.session_cpu_s(server)
+        info = {"check": check(uri), "server_cpu_s": server_cpu, **progress(uri, down_at, dead_until, back_at)}
+        return wall, out + err, info
+    finally:
+        procs.kill_session(server)
+
+
+def progress(uri: str, down_at: float | None, dead_until: float | None, back_at: float | None) -> dict:
+    """The trials' epochs per minute (from when the driver took each epoch's report) over the
+    sweep, and while the server was dead (before its restart began); when the last trial ended
+    after the store's return."""
+    c, runs = client(uri), [r for r in trial_runs(uri) if r.data.tags.get("prunetune.kind") == "trial"]
+    taken = sorted(m.timestamp / 1000 for r in runs for m in c.get_metric_history(r.info.run_id, "train_loss"))
+    info = {"epochs_per_min": len(taken) / (taken[-1] - taken[0]) * 60}
+    if down_at is not None:
+        during = [t for t in taken if down_at <= t <= dead_until]
+        info.update(down_s=back_at - down_at, epochs_per_min_down=len(during) / (dead_until - down_at) * 60,
+                    margin_s=max(r.info.end_time / 1000 for r in runs) - back_at)
+    return info
+
+
+def check(uri: str) -> str:
+    """What the store holds of the sweep, checked as the issue asks: one line."""
+    c, runs = client(uri), trial_runs(uri)
+    parents = [r for r in runs if r.data.tags.get("prunetune.kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("prunetune.kind") == "trial"]
+    problems = []
+    if len(parents) != 1 or parents[0].info.status != "FINISHED":
+        problems.append(f"{len(parents)} parent runs")
+    if len(trials) != 6 or len({r.data.tags["prunetune.trial_id"] for r in trials}) != 6:
+        problems.append(f"{len(trials)} trial runs")
+    for r in trials:
+        epochs = int(r.data.metrics.get("train_epochs_total", 0) + 0.999)
+        for key in PER_EPOCH:
+            steps = [m.step for m in c.get_metric_history(r.info.run_id, key)]
+            if key == "val_acc":
+                steps = steps[:-1]  # its final value, logged once more after the last epoch
+            if steps != list(range(epochs)):
+                problems.append(f"{r.info.run_id} {key} steps {steps}")
+        files = {a.path for a in c.list_artifacts(r.info.run_id)}
+        if r.info.status != "FINISHED" or not {"checkpoint", "config.yaml", "data", "figures"} <= files:
+            problems.append(f"{r.info.run_id} {r.info.status} artifacts {sorted(files)}")
+    return "ok: 6/6 trial runs FINISHED once, every epoch's metrics once, artifacts, one parent" \
+        if not problems else "PROBLEMS: " + "; ".join(problems)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--outage", type=float, default=60.0)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    holdups = []
+    for repeat in range(args.repeats):
+        base, _, b = one_sweep(None)
+        print(f"repeat {repeat + 1}: baseline {base:6.1f} s; trials {b['epochs_per_min']:.0f} epochs/min; the server "
+              f"used {b['server_cpu_s']:.1f} CPU s ({b['check']})", flush=True)
+        wall, text, o = one_sweep(args.outage)
+        holdups.append(wall - base)
+        print(f"repeat {repeat + 1}: outage   {wall:6.1f} s, holdup {holdups[-1]:+.1f} s; the server down "
+              f"{o['down_s']:.1f} s (SIGKILL to answering again), the trials while it was dead "
+              f"{o['epochs_per_min_down']:.0f} epochs/min ({o['epochs_per_min']:.0f} over the sweep); the last "
+              f"trial ended {o['margin_s']:.1f} s after the server was back; the servers used "
+              f"{o['server_cpu_s']:.1f} CPU s ({o['check']})", flush=True)
+        for line in text.splitlines():
+            if line.startswith("tracking:") or "waiting up to" in line:
+                print(f"    terminal: {line}")
+        if "View run" in text:
+            print("    MLflow's 'View run' lines reached the terminal")
+    print(f"holdup by a {args.outage:.0f} s outage: median {statistics.median(holdups):+.1f} s "
+          f"(per repeat {', '.join(f'{h:+.1f}' for h in holdups)}; target ≤ 5 s)")
+
+
+if __name__ == "__main__":
+    main()
