@@ -53,12 +53,13 @@ import torch.nn.functional as F
 
 from prunetune import spec as spec_mod
 from prunetune.analysis.cka import cka_matrix
+from prunetune.cache import DenseCache
 from prunetune.data import Dataset, load_dataset
 from prunetune.data.device import DeviceData
 from prunetune.models import build_model, prunable_layers
 from prunetune.pruning.masks import Masks, nm_valid
 from prunetune.train import Trainer, make_optimizer
-from prunetune.trial import DenseCache, Trial
+from prunetune.trial import Trial
 
 # Max |Δ| allowed on CUDA between a fractional rewind's replay and the weights the dense phase had
 # at that step (on a CPU the replay must be exact: 0, whatever this says). CUDA's default kernels

@@ -200,7 +200,7 @@ def cka(target: Path, run_ids: list[str], top: int | None, tracking_uri: str | N
     run nested under the sweep's parent run; returns (checkpoints, matrices, the cka run's id)."""
     from prunetune.analysis import similarity
     from prunetune.sweep import locate
-    from prunetune.trial import resolve_device
+    from prunetune.train import resolve_device
 
     located = locate(target, tracking_uri, storage)
     spec, parent = located.spec, located.parent_run_id

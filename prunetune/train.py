@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunetune.errors import UserError
+
 Report = Callable[[dict, int], None]
 
 
@@ -294,3 +296,11 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: 
     out[f"{prefix}balanced_acc"] = float(np.mean(recalls)) if recalls else 0.0
     out[f"{prefix}macro_f1"] = float(np.mean(f1s)) if f1s else 0.0
     return out
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda was asked for, but this machine has no CUDA device; use auto or cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -8,10 +8,11 @@ import textwrap
 import pytest
 
 from prunetune import spec
+from prunetune.cache import DenseCache
 from prunetune.errors import UserError
 from prunetune.model_check import LayerSelection
 from prunetune.pruning import schedules
-from prunetune.trial import DenseCache, Trial
+from prunetune.trial import Trial
 
 from conftest import digits_raw
 from test_cli import prunetune

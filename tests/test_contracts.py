@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from prunetune import metrics, registry, spec
+from prunetune.cache import DenseCache
 from prunetune.models import build_model, prunable_layers
 from prunetune.pruning import criteria, schedules
 from prunetune.pruning.masks import Masks, nm_valid
-from prunetune.trial import DenseCache, Trial
+from prunetune.trial import Trial
 
 from conftest import digits_raw
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from prunetune import spec
+from prunetune.cache import DenseCache
 from prunetune.pruning.schedules import Phase, Prune
-from prunetune.trial import DenseCache, Trial, run_trial
+from prunetune.trial import Trial, run_trial
 
 from conftest import digits_raw
 

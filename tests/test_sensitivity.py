@@ -10,7 +10,8 @@ import yaml
 
 from prunetune import spec
 from prunetune.analysis import sensitivity
-from prunetune.trial import DenseCache, Trial
+from prunetune.cache import DenseCache
+from prunetune.trial import Trial
 
 from conftest import digits_raw
 

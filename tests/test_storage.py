@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from prunetune.cache import DenseCache
 from prunetune.errors import UserError
 from prunetune.storage import Lease, Storage
-from prunetune.trial import DenseCache
 
 
 def test_local_storage_round_trips_and_pickles_by_uri(tmp_path):
@@ -102,7 +102,7 @@ def test_a_lease_is_held_while_renewed_and_taken_over_once_its_holder_died(tmp_p
 DENSE_WORKER = """
 import sys, time
 from pathlib import Path
-from prunetune.trial import DenseCache
+from prunetune.cache import DenseCache
 def train(folder):
     (Path(sys.argv[2]) / f"trained-by-{sys.argv[3]}").write_text("")
     time.sleep(2)

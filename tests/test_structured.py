@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from prunetune import spec
+from prunetune.cache import DenseCache
 from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
 from prunetune.pruning.masks import Masks
@@ -18,7 +19,7 @@ from prunetune.pruning.structured import (
     remove_channels,
 )
 from prunetune.spec import ModelSpec
-from prunetune.trial import DenseCache, Trial
+from prunetune.trial import Trial
 
 from conftest import digits_raw
 

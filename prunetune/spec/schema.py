@@ -7,10 +7,19 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from prunetune import metrics, plugins, registry
 from prunetune.errors import UserError
@@ -59,11 +68,14 @@ def _plain_kwargs(v: dict) -> dict:
     return v
 
 
+Kwargs = Annotated[dict[str, Any], AfterValidator(_plain_kwargs)]  # a factory's keywords (searchable)
+
+
 class ModelSpec(_Strict):
     # a built-in name, your own `package.module:factory` (called as factory(num_classes,
     # in_channels, image_size, **kwargs), returning an nn.Module) or `torchvision:<name>`
     arch: str = "simple_cnn"
-    kwargs: dict[str, Any] = {}  # passed to a factory (or a torchvision builder); searchable
+    kwargs: Kwargs = {}  # passed to a factory (or a torchvision builder)
     weights: Optional[str] = None
     stem: Literal["auto", "imagenet", "small"] = "auto"  # the built-in archs' first layers
     freeze: list[str] = []
@@ -72,11 +84,6 @@ class ModelSpec(_Strict):
     @classmethod
     def _known_arch(cls, v: str) -> str:
         return _known_or_code(v, registry.MODELS, torchvision=True)
-
-    @field_validator("kwargs")
-    @classmethod
-    def _kwargs(cls, v: dict) -> dict:
-        return _plain_kwargs(v)
 
     @model_validator(mode="after")
     def _plugin_keys(self):
@@ -92,7 +99,7 @@ class DataSpec(_Strict):
     # a built-in layout, or your own `package.module:factory` (called as factory(**kwargs); see
     # prunetune/data/plugin.py for what it returns)
     dataset: str = "digits"
-    kwargs: dict[str, Any] = {}  # passed to a dataset factory; searchable
+    kwargs: Kwargs = {}  # passed to a dataset factory
     root: Optional[str] = None
     image_size: int = Field(32, ge=4, le=1024)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -105,11 +112,6 @@ class DataSpec(_Strict):
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         return _known_or_code(v, registry.DATASETS)
-
-    @field_validator("kwargs")
-    @classmethod
-    def _kwargs(cls, v: dict) -> dict:
-        return _plain_kwargs(v)
 
     @model_validator(mode="after")
     def _fractions(self):

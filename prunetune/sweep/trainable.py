@@ -87,7 +87,7 @@ def _report_final(metrics: dict, epoch: int, where: dict) -> None:
 def _report_finished_again(saved: Storage, final_rel: str, where: dict) -> None:
     """The trial had finished when the driver died, before Tune recorded it: report its history
     again (the driver may not have written all of it) and its final result."""
-    from prunetune.trial import epoch_reports, final_step
+    from prunetune.reports import epoch_reports, final_step
 
     history = saved.read_json(f"{final_rel}/artifacts/history.json")
     for metrics, epoch in epoch_reports(history):
@@ -140,7 +140,7 @@ class _Run:
         return self.shared["dataset"] if spec.data.model_dump(mode="json") == self.shared["data"] else None
 
     def on_epoch(self, epoch) -> None:
-        """`Trial`'s event per epoch (`trial.Epoch`): save the state when due, then report to Tune."""
+        """`Trial`'s event per epoch (`reports.Epoch`): save the state when due, then report to Tune."""
         if epoch.save is not None and epoch.index > self.saved_epoch and \
                 time.monotonic() - self.last_save >= self.checkpoint_s:
             epoch.save(self.work / "trial.pt")
