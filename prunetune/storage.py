@@ -10,11 +10,15 @@ trial writes for other processes (its resume state, its finished artifacts, the 
 a distillation teacher) goes through this class, never through a local path.
 
 Writes are whole-object: a local file is written aside and renamed; an object store's PUT is
-atomic by itself. No torch, ray or mlflow here.
+atomic by itself. Every operation is idempotent, so a remote one that fails because the store does
+not answer can be tried again: a `Storage` made with `wait_s` (what trials use) does that, with
+backoff, for up to `wait_s` seconds per operation, and logs one line when the store stops
+answering and one when it answers again. No torch, ray or mlflow here.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -43,11 +47,90 @@ def absolute_uri(uri: str) -> str:
     return str(Path(uri).expanduser().resolve())
 
 
-class Storage:
-    """A folder in a filesystem that pyarrow knows (local, NFS, S3, GCS, ...)."""
+# What a remote filesystem says when it does not answer (pyarrow's S3 gives the AWS error name;
+# it has already retried 3 times by then): worth trying again. Anything else (not found, access
+# denied, a bad bucket) is raised at once.
+_UNREACHABLE = ("NETWORK_CONNECTION", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "INTERNAL_FAILURE", "REQUEST_TIMEOUT",
+                "Could not connect", "Connection refused", "Connection reset", "timed out", "Timeout was reached")
+_MAX_DELAY_S = 5.0  # between tries: a store that answers again is noticed within this
+_local = threading.local()
 
-    def __init__(self, uri: str, _fs=None, _path: str | None = None):
+
+def storage_wait_s() -> float:
+    """How long a trial's storage operation waits for a store that does not answer (seconds):
+    $PRUNETUNE_STORAGE_WAIT_S, default 600."""
+    return float(os.environ.get("PRUNETUNE_STORAGE_WAIT_S", "600"))
+
+
+def unreachable(exc: BaseException) -> bool:
+    """The filesystem did not answer (as opposed to answering no)."""
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and \
+        any(marker in str(exc) for marker in _UNREACHABLE)
+
+
+class _Outages:
+    """One log line when a store stops answering this process, one when it answers again."""
+
+    def __init__(self):
+        self._lock, self._since = threading.Lock(), {}
+
+    def began(self, where: str, exc: OSError, wait_s: float) -> None:
+        with self._lock:
+            if where in self._since:
+                return
+            self._since[where] = time.monotonic()
+        log.warning("storage %s stopped answering (%s); trying again for up to %.0f s", where,
+                    str(exc).splitlines()[0][:300], wait_s)
+
+    def ended(self, where: str) -> None:
+        with self._lock:
+            since = self._since.pop(where, None)
+        if since is not None:
+            log.warning("storage %s answers again, after %.0f s", where, time.monotonic() - since)
+
+
+_OUTAGES = _Outages()
+
+
+def _retried(method):
+    """Run a `Storage` method again while its remote store does not answer, for up to the
+    storage's `wait_s` (an operation inside another is tried by the outer one only)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.wait_s <= 0 or self.is_local or getattr(_local, "inside", False):
+            return method(self, *args, **kwargs)
+        _local.inside = True
+        try:
+            start, delay = time.monotonic(), 0.5
+            while True:
+                try:
+                    result = method(self, *args, **kwargs)
+                except OSError as exc:
+                    if not unreachable(exc):
+                        _OUTAGES.ended(self.root_uri)  # it answered, with an error of its own
+                        raise
+                    if time.monotonic() - start + delay > self.wait_s:
+                        raise
+                    _OUTAGES.began(self.root_uri, exc, self.wait_s)
+                    time.sleep(delay)
+                    delay = min(2 * delay, _MAX_DELAY_S)
+                    continue
+                _OUTAGES.ended(self.root_uri)
+                return result
+        finally:
+            _local.inside = False
+
+    return call
+
+
+class Storage:
+    """A folder in a filesystem that pyarrow knows (local, NFS, S3, GCS, ...). `wait_s` > 0: a
+    remote operation is tried again while the store does not answer, for up to that long."""
+
+    def __init__(self, uri: str, wait_s: float = 0.0, _fs=None, _path: str | None = None):
         self.uri = absolute_uri(uri)
+        self.wait_s = wait_s
         if _fs is not None:
             self.fs, self.path = _fs, _path
             return
@@ -64,7 +147,13 @@ class Storage:
         self.path = path.rstrip("/") or "/"
 
     def __reduce__(self):  # pickled by its URI: a worker resolves it with its own credentials
-        return (Storage, (self.uri,))
+        return (Storage, (self.uri, self.wait_s))
+
+    @property
+    def root_uri(self) -> str:
+        """The store's address without the folder: what an outage is named by."""
+        base = self.uri.split("?", 1)[0]
+        return "/".join(base.split("/", 3)[:3]) if "://" in base else base
 
     def __repr__(self) -> str:
         return f"Storage({self.uri!r})"
@@ -77,7 +166,7 @@ class Storage:
         """The sub-folder `rel` (same filesystem)."""
         base, query = (self.uri.split("?", 1) + [""])[:2]
         uri = f"{base.rstrip('/')}/{rel}" + (f"?{query}" if query else "")
-        return Storage(uri, self.fs, self._join(rel))
+        return Storage(uri, self.wait_s, self.fs, self._join(rel))
 
     def local_path(self, rel: str = "") -> Path:
         """The local path of `rel` (local storage only)."""
@@ -91,9 +180,11 @@ class Storage:
         self.fs.create_dir(self._join(rel).rsplit("/", 1)[0], recursive=True)
 
     # -- files: every write is whole (see atomic_fs) -------------------------------------------------
+    @_retried
     def exists(self, rel: str = "") -> bool:
         return self.fs.get_file_info(self._join(rel)).type != _pafs().FileType.NotFound
 
+    @_retried
     def read_bytes(self, rel: str) -> bytes:
         """The file's content; FileNotFoundError when it is absent."""
         if not self.exists(rel):
@@ -107,6 +198,7 @@ class Storage:
     def read_json(self, rel: str):
         return json.loads(self.read_bytes(rel))
 
+    @_retried
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a whole file: readers see the old content or the new one, never a part."""
         self._parent(rel)
@@ -119,24 +211,28 @@ class Storage:
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1).encode())
 
+    @_retried
     def put_file(self, local: Path, rel: str) -> None:
         """Upload a local file as `rel`."""
         self._parent(rel)
         _pafs().copy_files(str(local), self._join(rel), source_filesystem=_pafs().LocalFileSystem(),
                            destination_filesystem=self.fs)
 
+    @_retried
     def get_file(self, rel: str, local: Path) -> Path:
         local.parent.mkdir(parents=True, exist_ok=True)
         _pafs().copy_files(self._join(rel), str(local), source_filesystem=self.fs,
                            destination_filesystem=_pafs().LocalFileSystem())
         return local
 
+    @_retried
     def put_dir(self, local: Path, rel: str) -> None:
         """Upload the files under `local` into `rel`."""
         self.fs.create_dir(self._join(rel), recursive=True)
         _pafs().copy_files(str(local), self._join(rel), source_filesystem=_pafs().LocalFileSystem(),
                            destination_filesystem=self.fs)
 
+    @_retried
     def get_dir(self, rel: str, local: Path) -> Path:
         """Download the files under `rel` into `local`; FileNotFoundError when `rel` is absent."""
         if not self.exists(rel):
@@ -146,6 +242,7 @@ class Storage:
                            destination_filesystem=_pafs().LocalFileSystem())
         return local
 
+    @_retried
     def delete(self, rel: str = "") -> None:
         """Remove a file or a folder and what it holds; nothing when absent."""
         path = self._join(rel)
@@ -155,6 +252,7 @@ class Storage:
         elif kind != _pafs().FileType.NotFound:
             self.fs.delete_file(path)
 
+    @_retried
     def listdir(self, rel: str = "") -> list[str]:
         """Names directly under `rel` (empty when absent)."""
         selector = _pafs().FileSelector(self._join(rel), allow_not_found=True)

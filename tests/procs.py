@@ -1,7 +1,8 @@
 """Real servers for tests, each started in its own session and stopped by its own PIDs (never
 `ray stop`, which would stop every Ray on the machine): Ray head and worker nodes (a worker node
 may get its own mount namespace, so it does not see the driver's working folder, as a second
-machine would not), a local S3-compatible server, an MLflow server."""
+machine would not), a local S3-compatible server, an MLflow server; and a TCP proxy to cut the
+network to one of them for a while."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -168,3 +170,55 @@ def mlflow_server(port: int, folder: Path) -> subprocess.Popen:
                  env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, log=folder / "server.log")
     wait_port(port, proc, what="mlflow server")
     return proc
+
+
+class Proxy:
+    """A TCP forwarder in this process, 127.0.0.1:`port` → 127.0.0.1:`target`: `stop()` is a
+    network outage (new connections refused, open ones cut), `start()` its end. The server behind
+    it keeps running, with what it holds."""
+
+    def __init__(self, target: int):
+        self.target, self.port = target, free_port()
+        self._listener, self._conns = None, []
+        self.start()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return  # stopped
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for sock in (a, b):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        for sock in [self._listener, *self._conns]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self._conns = []

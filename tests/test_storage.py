@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 from prunetune.cache import DenseCache
 from prunetune.errors import UserError
 from prunetune.storage import Lease, Storage
+
+import procs
 
 
 def test_local_storage_round_trips_and_pickles_by_uri(tmp_path):
@@ -164,3 +167,58 @@ def test_a_failed_lease_renewal_is_logged_and_tried_again(tmp_path, monkeypatch,
     lease.release()
     assert len(failures) >= 2  # every beat tries again
     assert "lease.json: renewing failed (storage unreachable)" in caplog.text
+
+
+@pytest.fixture
+def s3_behind_proxy(monkeypatch):
+    """A real S3 server (moto) reached through a proxy that a test can cut."""
+    for key, value in procs.S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    s3_port = procs.free_port()
+    server = procs.s3_server(s3_port, "bucket")
+    proxy = procs.Proxy(s3_port)
+    try:
+        yield proxy, f"s3://bucket/sweeps?endpoint_override=127.0.0.1:{proxy.port}&scheme=http"
+    finally:
+        proxy.stop()
+        procs.kill_session(server)
+
+
+def test_a_trials_storage_waits_for_a_store_that_stops_answering_and_says_so_once(s3_behind_proxy, caplog):
+    proxy, uri = s3_behind_proxy
+    storage = Storage(uri, wait_s=120).child("tiny")
+    storage.write_json("resume/a.json", {"epoch": 1})
+    proxy.stop()
+    done = {}
+
+    def trial_ends():  # what a trial does at its end: its artifacts, then reads back
+        storage.write_json("resume/a.final/metrics.json", {"test_acc": 0.5})
+        done["read"] = storage.read_json("resume/a.json")
+
+    with caplog.at_level("WARNING", logger="prunetune.storage"):
+        writer = threading.Thread(target=trial_ends)
+        writer.start()
+        deadline = time.monotonic() + 60
+        while "stopped answering" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert writer.is_alive(), "the write gave up instead of waiting"
+        proxy.start()
+        writer.join(timeout=120)
+    assert done == {"read": {"epoch": 1}}
+    assert storage.read_json("resume/a.final/metrics.json") == {"test_acc": 0.5}
+    lines = [r.getMessage() for r in caplog.records if r.name == "prunetune.storage"]
+    assert len(lines) == 2 and "stopped answering" in lines[0] and "answers again" in lines[1], lines
+    assert "s3://bucket" in lines[0] and "up to 120 s" in lines[0]
+
+
+def test_a_store_that_answers_no_is_not_waited_for_and_an_outage_longer_than_the_wait_fails(s3_behind_proxy):
+    proxy, uri = s3_behind_proxy
+    storage = Storage(uri, wait_s=120)
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        storage.read_json("absent.json")  # the store answered: no such file
+    assert time.monotonic() - start < 5
+    assert pickle.loads(pickle.dumps(storage.child("x"))).wait_s == 120  # a worker waits as long
+    proxy.stop()
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        Storage(uri, wait_s=1).write_json("b.json", {})  # gives up once the wait is spent
