@@ -58,7 +58,7 @@ _local = threading.local()
 
 def storage_wait_s() -> float:
     """How long a trial's storage operation waits for a store that does not answer (seconds):
-    $PRUNETUNE_STORAGE_WAIT_S, default 600."""
+    $PRUNETUNE_STORAGE_WAIT_S, default 600; read on the driver and given to the trials."""
     return float(os.environ.get("PRUNETUNE_STORAGE_WAIT_S", "600"))
 
 
@@ -73,6 +73,11 @@ class _Outages:
 
     def __init__(self):
         self._lock, self._since = threading.Lock(), {}
+
+    def gave_up(self, where: str, waited_s: float) -> None:
+        with self._lock:
+            self._since.pop(where, None)
+        log.warning("storage %s: gave up an operation after %.0f s without an answer", where, waited_s)
 
     def began(self, where: str, exc: OSError, wait_s: float) -> None:
         with self._lock:
@@ -111,6 +116,7 @@ def _retried(method):
                         _OUTAGES.ended(self.root_uri)  # it answered, with an error of its own
                         raise
                     if time.monotonic() - start + delay > self.wait_s:
+                        _OUTAGES.gave_up(self.root_uri, time.monotonic() - start)
                         raise
                     _OUTAGES.began(self.root_uri, exc, self.wait_s)
                     time.sleep(delay)
@@ -151,9 +157,15 @@ class Storage:
 
     @property
     def root_uri(self) -> str:
-        """The store's address without the folder: what an outage is named by."""
-        base = self.uri.split("?", 1)[0]
-        return "/".join(base.split("/", 3)[:3]) if "://" in base else base
+        """The store's address without the folder (its bucket and endpoint): what an outage is
+        named by."""
+        base, query = (self.uri.split("?", 1) + [""])[:2]
+        root = "/".join(base.split("/", 3)[:3]) if "://" in base else base
+        return f"{root}?{query}" if query else root
+
+    def waiting(self, wait_s: float) -> "Storage":
+        """The same folder, its operations waiting up to `wait_s` for a store that does not answer."""
+        return Storage(self.uri, wait_s, self.fs, self.path)
 
     def __repr__(self) -> str:
         return f"Storage({self.uri!r})"
@@ -295,6 +307,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _read(self) -> dict | None:
+        start = time.monotonic()
         try:
             return self.storage.read_json(self.rel)
         except FileNotFoundError:
@@ -302,6 +315,9 @@ class Lease:
         except ValueError as exc:  # not JSON: not a lease any holder wrote whole
             log.warning("lease %s: unreadable (%s); taken as free", self.rel, exc)
             return None
+        finally:
+            if time.monotonic() - start > LEASE_BEAT_S:
+                self._seen = None  # the read waited out an outage: the holder could not renew either
 
     def _stale(self, lease: dict) -> bool:
         now = time.monotonic()
@@ -348,8 +364,8 @@ class Lease:
         beat = 0
         while not self._stop.wait(min(LEASE_BEAT_S, lease_timeout_s() / 4)):
             beat += 1
-            try:
-                self.storage.write_json(self.rel, {"owner": self.owner, "beat": beat})
+            try:  # not waiting for a store that does not answer: the next beat tries again
+                self.storage.waiting(0).write_json(self.rel, {"owner": self.owner, "beat": beat})
             except OSError as exc:  # a storage hiccup: the next beat tries again
                 log.warning("lease %s: renewing failed (%s); retrying at the next beat", self.rel, exc)
 

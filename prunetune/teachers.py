@@ -1,14 +1,18 @@
 """A distillation teacher named in a spec → its local checkpoint directory (the edge between
-`distill.teacher` and the tracking store; `distill.py` itself reads only directories)."""
+`distill.teacher` and the tracking store; `distill.py` itself reads only directories), and a
+sweep's teachers: which they are, fetched on the driver, published where every node reads them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from prunetune import tracking
 from prunetune.errors import UserError
+from prunetune.spec import LoadedSpec
+from prunetune.storage import Storage
 
 
 def teacher_dir(teacher: str, uri: str, artifacts: str) -> Path:
@@ -45,3 +49,34 @@ def teacher_dir(teacher: str, uri: str, artifacts: str) -> Path:
     if not entry.is_dir():
         tmp.rename(entry)
     return entry
+
+
+def teacher_names(loaded: LoadedSpec) -> list[str]:
+    """Every distillation teacher the sweep may use (run ids or directories)."""
+    entry = loaded.space.get("distill.teacher")
+    spec = loaded.fixed_spec()
+    return list(entry.probe_values()) if entry else [spec.distill.teacher] if spec.distill else []
+
+
+def local_teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
+    """Every distillation teacher of the sweep → its local checkpoint directory on the driver."""
+    artifacts = loaded.fixed_spec().tracking.artifacts
+    return {t: str(teacher_dir(t, uri, artifacts)) for t in teacher_names(loaded)}
+
+
+def publish_teachers(local: dict[str, str], state: Storage) -> dict[str, str]:
+    """Copy each teacher's files into the sweep's state (`state`), where every node reads them;
+    returns teacher → its folder there (relative to `state`)."""
+    if not local:
+        return {}
+    from prunetune.distill import TEACHER_FILES  # imports torch: only where there is a teacher
+
+    published = {}
+    for teacher, directory in local.items():
+        rel = f"teachers/{hashlib.sha256(teacher.encode()).hexdigest()[:16]}"
+        if not state.exists(f"{rel}/complete"):
+            for f in TEACHER_FILES:
+                state.put_file(Path(directory) / f, f"{rel}/{f}")
+            state.write_text(f"{rel}/complete", "ok\n")
+        published[teacher] = rel
+    return published

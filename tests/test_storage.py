@@ -222,3 +222,27 @@ def test_a_store_that_answers_no_is_not_waited_for_and_an_outage_longer_than_the
     proxy.stop()
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
         Storage(uri, wait_s=1).write_json("b.json", {})  # gives up once the wait is spent
+
+
+def test_a_lease_read_that_waited_out_an_outage_does_not_find_its_holder_stale(tmp_path, monkeypatch):
+    """The holder could not renew while the store was away either: a read that took longer than
+    a beat starts the waiter's count again instead of taking the lease."""
+    monkeypatch.setattr("prunetune.storage.LEASE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("prunetune.storage.LEASE_BEAT_S", 0.05)
+    storage = Storage(str(tmp_path))
+    storage.write_json("lease.json", {"owner": "holder", "beat": 7})
+    waiter = Lease(storage, "lease.json", owner="waiter")
+    assert not waiter.try_claim()  # seen for the first time
+    time.sleep(0.4)  # unrenewed for longer than the timeout, on the waiter's clock
+    read = Storage.read_json
+
+    def slow_read(self, rel):  # as a read retried through an outage
+        time.sleep(0.1)
+        return read(self, rel)
+
+    monkeypatch.setattr(Storage, "read_json", slow_read)
+    assert not waiter.try_claim()
+    monkeypatch.setattr(Storage, "read_json", read)
+    time.sleep(0.4)
+    assert waiter.try_claim()  # unrenewed for the timeout since the outage: stale, taken over
+    waiter.release()

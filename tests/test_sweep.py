@@ -89,6 +89,17 @@ def assert_complete_child(c, run, parent_id):
     return method
 
 
+def assert_tune_counts_only_what_it_reads(sweep_dir: Path) -> None:
+    import json
+
+    [state] = sweep_dir.rglob("experiment_state-*.json")
+    trials = json.loads(state.read_text())["trial_data"]
+    assert trials
+    for _, metadata in trials:
+        counted = set(json.loads(metadata)["metric_analysis"])
+        assert {"epoch", "val_acc"} <= counted and not counted & (FINAL | PER_EPOCH) - {"val_acc"}, counted
+
+
 def test_small_sweep_and_refused_rerun(tmp_path):
     spec = write_spec(tmp_path, trials=4)
     r = sweep([str(spec)], tmp_path, env={**os.environ, "PRUNETUNE_PROGRESS_S": "1"})
@@ -132,6 +143,9 @@ def test_small_sweep_and_refused_rerun(tmp_path):
     assert study.metric_names == ["val_acc"]
     runs = {run.data.tags["prunetune.trial_id"]: run.info.run_id for run in children}
     assert {t.user_attrs["trial_id"]: t.user_attrs["mlflow_run_id"] for t in study.trials} == runs
+    # Tune's own record of each trial, rewritten every second, counts statistics only of the
+    # numbers Tune reads (the objective, ASHA's val_acc and epoch), not of every metric
+    assert_tune_counts_only_what_it_reads(tmp_path / "mlruns" / "tune" / "tiny")
 
     # the same sweep again: refused, with a hint, and nothing written
     db_before = (tmp_path / "mlruns" / "mlflow.db").stat().st_mtime_ns

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import os
 import signal
 import threading
@@ -22,8 +21,10 @@ from prunetune.errors import UserError
 from prunetune.metrics import shown_metrics
 from prunetune.spec import LoadedSpec
 from prunetune.spec.space import fixed_schedule_value
+from prunetune.storage import storage_wait_s
 from prunetune.sweep.paths import SweepPaths, space_fingerprint
-from prunetune.sweep.protocol import failed, succeeded
+from prunetune.sweep.protocol import ASHA_METRIC, failed, succeeded, unpack
+from prunetune.teachers import local_teachers, publish_teachers
 
 
 class SweepInterrupted(Exception):
@@ -67,41 +68,6 @@ def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
     return "\n".join(lines)
 
 
-# -- distillation teachers -----------------------------------------------------------------------
-
-def teacher_names(loaded: LoadedSpec) -> list[str]:
-    """Every distillation teacher the sweep may use (run ids or directories)."""
-    entry = loaded.space.get("distill.teacher")
-    spec = loaded.fixed_spec()
-    return list(entry.probe_values()) if entry else [spec.distill.teacher] if spec.distill else []
-
-
-def teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
-    """Every distillation teacher → its local checkpoint directory on the driver."""
-    from prunetune.teachers import teacher_dir
-
-    artifacts = loaded.fixed_spec().tracking.artifacts
-    return {t: str(teacher_dir(t, uri, artifacts)) for t in teacher_names(loaded)}
-
-
-def publish_teachers(local: dict[str, str], paths: SweepPaths) -> dict[str, str]:
-    """Copy each teacher's files into the sweep's storage, where every node reads them; returns
-    teacher → its folder there (relative to the sweep's state)."""
-    if not local:
-        return {}
-    from prunetune.distill import TEACHER_FILES  # imports torch: only where there is a teacher
-
-    published = {}
-    for teacher, directory in local.items():
-        rel = f"teachers/{hashlib.sha256(teacher.encode()).hexdigest()[:16]}"
-        if not paths.dir.exists(f"{rel}/complete"):
-            for f in TEACHER_FILES:
-                paths.dir.put_file(Path(directory) / f, f"{rel}/{f}")
-            paths.dir.write_text(f"{rel}/complete", "ok\n")
-        published[teacher] = rel
-    return published
-
-
 # -- before Ray ------------------------------------------------------------------------------------
 
 def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[str], None] = print):
@@ -115,7 +81,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri)
     dataset = load_dataset(spec.data)  # a missing or malformed data root (or a bad factory) fails here
-    teachers(loaded, uri)  # a missing distillation teacher fails here
+    local_teachers(loaded, uri)  # a missing distillation teacher fails here
     from prunetune.model_check import check_models
 
     for note in check_models(loaded, dataset):  # a factory's bad model, a budget the layers exceed
@@ -296,11 +262,11 @@ class _Sweep:
         # The decoded data goes to Ray's object store once: the trials of a node map one copy
         # (zero-copy numpy).
         shared = {"data": self.spec.data.model_dump(mode="json"), "dataset": dataset}
+        teachers = publish_teachers(local_teachers(self.loaded, self.uri), self.paths.dir)
         return tune.with_resources(
             tune.with_parameters(pruning_trial, loaded=self.loaded, shared=shared, storage=self.paths.storage.uri,
-                                 sweep=self.spec.name, teachers=publish_teachers(teachers(self.loaded, self.uri),
-                                                                                 self.paths),
-                                 cpus=res.cpus_per_trial, checkpoint_s=_checkpoint_s()),
+                                 sweep=self.spec.name, teachers=teachers, cpus=res.cpus_per_trial,
+                                 checkpoint_s=_checkpoint_s(), storage_wait_s=storage_wait_s()),
             {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
 
     def new_tuner(self, trainable, writer, dataset):
@@ -321,7 +287,7 @@ class _Sweep:
         searcher = make_searcher(self.loaded, self.objectives, spec.seed, spec.search.replicates,
                                    study_name=spec.name, storage=stored_study.rdb_storage(self.study_url))
         # ASHA compares trials on val_acc after the dense phase (which all trials share)
-        scheduler = (ASHAScheduler(metric="val_acc", mode="max", time_attr="epoch", max_t=10_000,
+        scheduler = (ASHAScheduler(metric=ASHA_METRIC, mode="max", time_attr="epoch", max_t=10_000,
                                    grace_period=spec.train.dense_epochs + 1)
                      if spec.search.early_stop == "asha" else FIFOScheduler())
         return tune.Tuner(
@@ -409,7 +375,7 @@ def _rows(trials, runs: dict[str, str], names: list[str]) -> list[dict]:
     config and the `names` metrics."""
     rows = []
     for t in trials:
-        last = t.last_result or {}
+        last = unpack(t.last_result)
         row = {"trial_id": t.trial_id, "run_id": runs.get(t.trial_id),
                "state": "ERROR" if failed(last) else t.status, **dict(t.config)}
         for metric in names:

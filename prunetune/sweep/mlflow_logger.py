@@ -33,6 +33,7 @@ from prunetune.sweep.protocol import (
     failed,
     succeeded,
     tune_error_text,
+    unpack,
 )
 from prunetune.sweep.writer import Writer
 
@@ -300,7 +301,7 @@ class MlflowLogger(tune.Callback):
         self.run_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        tid = self.run_for(trial)
+        tid, result = self.run_for(trial), unpack(result)
         self._tag_where(tid, result)
         if result.get(FINAL_FLAG):
             if succeeded(result):
@@ -335,7 +336,7 @@ class MlflowLogger(tune.Callback):
         """After a restore: close the runs of trials that finished while the driver was down
         (their results are in Tune's state; their runs were never closed)."""
         for result in results:
-            metrics = result.metrics or {}
+            metrics = unpack(result.metrics)
             tid = metrics.get("trial_id")
             if tid in self._opened and tid not in self._closed and metrics.get(FINAL_FLAG):
                 if succeeded(metrics):

@@ -9,7 +9,7 @@ from typing import Callable
 
 from ray import tune
 
-from prunetune.sweep.protocol import EPOCHS_KEY, FINAL_FLAG, PHASE_KEY, failed, tune_error_text
+from prunetune.sweep.protocol import EPOCHS_KEY, FINAL_FLAG, PHASE_KEY, failed, tune_error_text, unpack
 
 
 class Progress(tune.Callback):
@@ -90,7 +90,7 @@ class Progress(tune.Callback):
         self._running[trial.trial_id] = {"method": method, "start": time.monotonic(), "epoch_s": []}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        t = self._running.get(trial.trial_id)
+        t, result = self._running.get(trial.trial_id), unpack(result)
         if t is None or result.get(FINAL_FLAG) or "epoch" not in result:
             return
         t.update(epoch=result["epoch"], epochs=result.get(EPOCHS_KEY), phase=result.get(PHASE_KEY, ""),

@@ -4,6 +4,8 @@ its worker died). Shared by the worker (`trainable`) and the driver's callbacks;
 
 from __future__ import annotations
 
+import json
+import numbers
 from pathlib import Path
 
 from prunetune.errors import ERROR_CHARS
@@ -14,6 +16,44 @@ ERROR_KEY = "prunetune_error"  # in the last report of a trial that failed by it
 NODE_KEY, NODE_ID_KEY, GPUS_KEY = "prunetune_node", "prunetune_node_id", "prunetune_gpu_ids"
 RESUMED_KEY = "prunetune_resumed_from_epoch"  # in the reports of a trial that continued a saved state
 PHASE_KEY, EPOCHS_KEY = "prunetune_phase", "prunetune_epochs"  # for live progress: phase, planned epochs
+PACKED_KEY = "prunetune_packed"  # the report's other numbers, as one JSON string (see `pack`)
+ASHA_METRIC = "val_acc"  # what ASHA compares trials on, in every per-epoch report
+
+
+def tune_metrics(objectives) -> frozenset[str]:
+    """The numbers Tune itself reads from a trial's reports: the objectives (its searcher), the
+    per-epoch metric ASHA compares and the epoch (ASHA's time)."""
+    return frozenset({"epoch", ASHA_METRIC, *(o.metric for o in objectives)})
+
+
+def pack(report: dict, keep: frozenset[str]) -> dict:
+    """A report as Tune gets it. Tune keeps running statistics (min, max, mean, last 5, last 10)
+    of every number in every report, in each trial's record, and writes all the records to its
+    experiment state every second: with each metric as a number, 37 KB a trial (10 classes; a
+    per-class recall each), 7.35 MB at 200 trials. Numbers other than `keep` travel as one JSON
+    string (`PACKED_KEY`), which Tune carries but does not count; `unpack` is its inverse.
+    Flags (booleans: `FINAL_FLAG`) and strings (`ERROR_KEY`, where the trial ran) are never
+    packed, so Tune's record of a trial's last result answers `failed`/`succeeded` as it is."""
+    packed = {k: v for k, v in report.items()
+              if isinstance(v, numbers.Number) and not isinstance(v, bool) and k not in keep}
+    if not packed:
+        return report
+    return {**{k: v for k, v in report.items() if k not in packed},
+            PACKED_KEY: json.dumps(packed, default=_plain_number)}
+
+
+def _plain_number(value):
+    """A numpy or torch scalar as the Python number JSON writes."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not a number JSON can hold: {value!r}")
+
+
+def unpack(result: dict | None) -> dict:
+    """A trial's report (or last result) with its packed numbers back among its keys."""
+    if not result or PACKED_KEY not in result:
+        return dict(result or {})
+    return {**{k: v for k, v in result.items() if k != PACKED_KEY}, **json.loads(result[PACKED_KEY])}
 
 
 def failed(result: dict | None) -> bool:

@@ -10,6 +10,7 @@ node died) continues from that state.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ from ray import tune
 from prunetune import search
 from prunetune.errors import error_text
 from prunetune.spec import LoadedSpec, Spec
-from prunetune.storage import Storage
+from prunetune.storage import Storage, unreachable
 from prunetune.sweep.paths import SweepPaths
 from prunetune.sweep.protocol import (
     EPOCHS_KEY,
@@ -32,11 +33,13 @@ from prunetune.sweep.protocol import (
     NODE_KEY,
     PHASE_KEY,
     RESUMED_KEY,
+    pack,
+    tune_metrics,
 )
 
 
 def pruning_trial(config: dict, *, loaded: LoadedSpec, shared: dict, storage: str, sweep: str,
-                  teachers: dict[str, str], cpus: float, checkpoint_s: float) -> None:
+                  teachers: dict[str, str], cpus: float, checkpoint_s: float, storage_wait_s: float) -> None:
     """One trial in a Ray worker: `config` is what Optuna sampled (and the replicate's index);
     `loaded` the sweep's spec, already loaded and checked on the driver, which the trial's own
     spec is resolved from, once.
@@ -47,28 +50,30 @@ def pruning_trial(config: dict, *, loaded: LoadedSpec, shared: dict, storage: st
 
     `shared`: the driver's dataset (`dataset`, read-only shared memory) and the data spec it was
     loaded for (`data`); a trial whose data spec differs (a searched data key) loads its own.
-    `teachers`: each distillation teacher → its folder in the sweep's storage."""
+    `teachers`: each distillation teacher → its folder in the sweep's storage. `storage_wait_s`:
+    how long each storage operation waits for a remote store that does not answer; past that the
+    trial raises, and Tune retries it from its last saved state."""
     import torch
 
     torch.set_num_threads(max(1, int(cpus)))
-    root = Storage(storage)
+    root = Storage(storage, wait_s=storage_wait_s)
     saved = root.child(sweep).child(SweepPaths.RESUME)
     tid = tune.get_context().get_trial_id()
-    where = _where()
+    report = _Reporter(_where(), tune_metrics(loaded.fixed_spec().search.objectives))
     final_rel = f"{tid}.final"
     if saved.exists(f"{final_rel}/complete"):
-        _report_finished_again(saved, final_rel, where)
+        _report_finished_again(saved, final_rel, report)
         return
     work = Path(tempfile.mkdtemp(prefix=f"prunetune-{tid}-"))
     try:
-        run = _Run(config, loaded, shared, teachers, root, sweep, f"{tid}.pt", work, where, checkpoint_s)
+        run = _Run(config, loaded, shared, teachers, root, sweep, f"{tid}.pt", work, report, checkpoint_s)
         result = run.train()
         if result is None:
             return  # its own failure, reported
         saved.put_dir(work / "final", final_rel)
         saved.write_text(f"{final_rel}/complete", "ok\n")  # last: the artifacts are all there
         saved.delete(f"{tid}.pt")
-        _report_final(result.metrics, result.final_step, where)
+        report.final(result.metrics, result.final_step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -80,19 +85,30 @@ def _where() -> dict:
             GPUS_KEY: ",".join(str(g) for g in ray.get_gpu_ids())}
 
 
-def _report_final(metrics: dict, epoch: int, where: dict) -> None:
-    tune.report({**metrics, **where, FINAL_FLAG: True, "epoch": epoch})
+@dataclasses.dataclass(frozen=True)
+class _Reporter:
+    """A trial's reports to Tune: each with where the trial runs (`where`), and its numbers other
+    than those Tune reads (`keep`) packed (`protocol.pack`)."""
+
+    where: dict
+    keep: frozenset[str]
+
+    def __call__(self, report: dict) -> None:
+        tune.report(pack({**report, **self.where}, self.keep))
+
+    def final(self, metrics: dict, epoch: int) -> None:
+        self({**metrics, FINAL_FLAG: True, "epoch": epoch})
 
 
-def _report_finished_again(saved: Storage, final_rel: str, where: dict) -> None:
+def _report_finished_again(saved: Storage, final_rel: str, report: _Reporter) -> None:
     """The trial had finished when the driver died, before Tune recorded it: report its history
     again (the driver may not have written all of it) and its final result."""
     from prunetune.reports import epoch_reports, final_step
 
     history = saved.read_json(f"{final_rel}/artifacts/history.json")
     for metrics, epoch in epoch_reports(history):
-        tune.report({**metrics, **where, "epoch": epoch})
-    _report_final(saved.read_json(f"{final_rel}/artifacts/metrics.json"), final_step(history), where)
+        report({**metrics, "epoch": epoch})
+    report.final(saved.read_json(f"{final_rel}/artifacts/metrics.json"), final_step(history))
 
 
 class _Run:
@@ -102,10 +118,10 @@ class _Run:
     (the driver skips what it has)."""
 
     def __init__(self, config: dict, loaded: LoadedSpec, shared: dict, teachers: dict[str, str], root: Storage,
-                 sweep: str, state_rel: str, work: Path, where: dict, checkpoint_s: float):
+                 sweep: str, state_rel: str, work: Path, report: _Reporter, checkpoint_s: float):
         self.config, self.loaded, self.shared, self.teachers = config, loaded, shared, teachers
         self.root, self.sweep, self.saved = root, sweep, root.child(sweep).child(SweepPaths.RESUME)
-        self.state_rel, self.work, self.where, self.checkpoint_s = state_rel, work, where, checkpoint_s
+        self.state_rel, self.work, self.report, self.checkpoint_s = state_rel, work, report, checkpoint_s
         self.last_save, self.saved_epoch = time.monotonic(), -1
         self.trial = None
 
@@ -124,8 +140,10 @@ class _Run:
             return self.trial.run(self.work / "final" / "artifacts", DenseCache(self.root.child("_dense")),
                                   resume_from=resume_from)
         except Exception as exc:  # noqa: BLE001 - the trial's own failure: reported, not retried
+            if unreachable(exc):
+                raise  # the sweep's storage stayed away: not the trial's fault, Tune retries it
             epoch = self.trial.trainer.epoch if self.trial is not None else 0
-            tune.report({**self.where, FINAL_FLAG: True, ERROR_KEY: error_text(exc), "epoch": epoch})
+            self.report({FINAL_FLAG: True, ERROR_KEY: error_text(exc), "epoch": epoch})
             return None
 
     def _teacher(self, spec: Spec) -> Path | None:
@@ -147,5 +165,5 @@ class _Run:
             self.saved.put_file(self.work / "trial.pt", self.state_rel)
             self.last_save, self.saved_epoch = time.monotonic(), epoch.index
         resumed = {} if epoch.resumed_from_epoch is None else {RESUMED_KEY: epoch.resumed_from_epoch}
-        tune.report({**epoch.metrics, **self.where, **resumed, EPOCHS_KEY: epoch.planned_epochs,
-                     PHASE_KEY: epoch.phase, "epoch": epoch.index})
+        self.report({**epoch.metrics, **resumed, EPOCHS_KEY: epoch.planned_epochs, PHASE_KEY: epoch.phase,
+                     "epoch": epoch.index})
