@@ -17,6 +17,10 @@ end; the trials are cut in thirds by the order they ended in, and for the first 
                take a trial's reports, hand them to MLflow and tell Optuna, and Tune's own state
   driver RSS   at the end of each third; peak over the whole sweep (target < 1 GB)
 
+Then Tune's own experiment state, which it rewrites every second (`TUNE_GLOBAL_CHECKPOINT_S=1`):
+its size, per trial, the share that is Tune's statistics of the trials' metrics, and the time
+one write of it takes (its `json.dumps`, median of 5).
+
 Then the per-trial work against the stores themselves, timed directly in this process against the
 store the sweep left (N runs, N trials) and against an empty one, medians of 20:
 
@@ -61,6 +65,8 @@ def proc_sample(pid: int) -> tuple[float, float, float] | None:
     except OSError:
         return None
     kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("Vm")}
+    if "VmRSS" not in kb:
+        return None  # it has exited (a zombie until it is waited for)
     return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK"), kb["VmRSS"] / 2**20, kb["VmHWM"] / 2**20
 
 
@@ -125,6 +131,28 @@ def thirds(work: Path, samples, concurrent: int) -> None:
           f"{top[0] - ends[-1]:+.0f} s from the last trial's end (target < 1 GB)")
 
 
+def tune_state(work: Path) -> None:
+    """The size of Tune's experiment state the sweep left, and the time to serialise it."""
+    import json
+
+    [path] = (work / "mlruns" / "tune").rglob("experiment_state-*.json")
+    text = path.read_text()
+    state = json.loads(text)
+    trials = state["trial_data"]
+    stats = sum(len(json.dumps(json.loads(m)[k], indent=2)) for _, m in trials
+                for k in ("metric_analysis", "metric_n_steps"))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        json.dumps(state, indent=2)
+        times.append(time.perf_counter() - start)
+    counted = sorted(json.loads(trials[0][1])["metric_analysis"])
+    print(f"Tune's experiment state: {len(text) / 1e6:.2f} MB for {len(trials)} trials, "
+          f"{len(text) / len(trials) / 1e3:.1f} KB per trial, {stats / len(text):.0%} of it statistics of "
+          f"{len(counted)} numbers per trial; one write's json.dumps {statistics.median(times) * 1000:.0f} ms")
+    print(f"  numbers Tune counts: {', '.join(counted)}")
+
+
 def per_trial_store_cost(work: Path, repeats: int = 20) -> None:
     """The writer's per-trial MLflow work and an Optuna ask/tell: on the sweep's stores (N runs and
     N trials) against empty ones, interleaved (one trial on each in turn), medians of `repeats`."""
@@ -186,6 +214,7 @@ def main() -> None:
     print(f"{args.trials} trials, {args.concurrent} at a time, on {os.cpu_count()} CPUs, in {work}", flush=True)
     samples = run_sweep(work, args.trials, args.concurrent)
     thirds(work, samples, args.concurrent)
+    tune_state(work)
     print("per-trial work against the stores (medians of 20, interleaved):")
     per_trial_store_cost(work)
 

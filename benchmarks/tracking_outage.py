@@ -143,7 +143,7 @@ def progress(uri: str, down_at: float | None, dead_until: float | None, back_at:
     info = {"epochs_per_min": len(taken) / (taken[-1] - taken[0]) * 60}
     if down_at is not None:
         during = [t for t in taken if down_at <= t <= dead_until]
-        info.update(down_s=back_at - down_at, epochs_per_min_down=len(during) / max(dead_until - down_at, 1) * 60,
+        info.update(down_s=back_at - down_at, epochs_per_min_down=len(during) / max(dead_until - down_at, 1e-9) * 60,
                     margin_s=max(r.info.end_time / 1000 for r in runs) - back_at)
     return info
 
@@ -186,9 +186,11 @@ def main() -> None:
         for arm, outage in (("restart", 0.0), ("outage", args.outage)):
             wall, text, o = one_sweep(outage)
             holdups[arm].append(wall - base)
+            pace = (f"the trials while it was dead {o['epochs_per_min_down']:.0f} epochs/min "
+                    f"({o['epochs_per_min']:.0f} over the sweep)" if outage else
+                    f"the trials {o['epochs_per_min']:.0f} epochs/min over the sweep")
             print(f"repeat {repeat + 1}: {arm:8s} {wall:6.1f} s, holdup {holdups[arm][-1]:+.1f} s; the server down "
-                  f"{o['down_s']:.1f} s (SIGKILL to answering again), the trials while it was dead "
-                  f"{o['epochs_per_min_down']:.0f} epochs/min ({o['epochs_per_min']:.0f} over the sweep); the last "
+                  f"{o['down_s']:.1f} s (SIGKILL to answering again), {pace}; the last "
                   f"trial ended {o['margin_s']:.1f} s after the server was back; the servers used "
                   f"{o['server_cpu_s']:.1f} CPU s ({o['check']})", flush=True)
             for line in text.splitlines():
