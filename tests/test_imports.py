@@ -33,3 +33,16 @@ def test_mlflow_and_optuna_each_stay_in_one_module():
     code = "import sys, prunetune.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_sweep_driver_without_a_model_to_check_keeps_torch_out(tmp_path):
+    """The driver lives as long as the sweep: it imports torch (0.45 GB resident) only where it
+    builds a model to check it (a factory's model, a budget) or has a distillation teacher."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\ndata: {dataset: digits, image_size: 8}\nsearch: {num_trials: 1}\n")
+    code = ("import sys\nfrom prunetune.spec import load\nfrom prunetune.sweep.driver import prepare\n"
+            f"prepare(load({str(spec)!r}), resume=False, restart=False, echo=lambda _: None)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
