@@ -64,6 +64,22 @@ def local_teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
     return {t: str(teacher_dir(t, uri, artifacts)) for t in teacher_names(loaded)}
 
 
+def teacher_code(local: dict[str, str]) -> list[tuple[str, str]]:
+    """("distill.teacher", reference) of each teacher whose model is the user's code (its
+    `config.yaml`'s `model.arch`): trials build the teacher, so every node must import it."""
+    import yaml
+
+    from prunetune import plugins
+
+    archs = []
+    for directory in local.values():
+        config = yaml.safe_load((Path(directory) / "config.yaml").read_text()) or {}
+        arch = (config.get("model") or {}).get("arch")
+        if isinstance(arch, str) and plugins.is_user_code(arch) and arch not in archs:
+            archs.append(arch)
+    return [("distill.teacher", arch) for arch in archs]
+
+
 def publish_teachers(local: dict[str, str], state: Storage) -> dict[str, str]:
     """Copy each teacher's files into the sweep's state (`state`), where every node reads them;
     returns teacher → its folder there (relative to `state`)."""

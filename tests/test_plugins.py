@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from prunetune import plugins
 from prunetune import spec as spec_mod
@@ -482,6 +483,25 @@ def test_the_examples_folder_and_its_sweep_validate():
     r = prunetune(["validate", "sweeps/custom_digits.yaml"], cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "model.kwargs.width" in r.stderr and "examples.digits_data:load, 10 classes" in r.stderr
+
+
+def test_a_teachers_model_from_user_code_is_shipped_and_checked_like_the_students(user_code):
+    """Trials build the distillation teacher too: its model's module (named in the teacher's
+    config.yaml) is user code every node must import, and its digest is recorded."""
+    from prunetune.sweep.driver import prepare
+
+    (user_code / "teachernet.py").write_text(textwrap.dedent(MODEL))
+    teacher = user_code / "teacher"
+    for f in ("checkpoint/model.pt", "data/split.csv"):
+        (teacher / f).parent.mkdir(parents=True, exist_ok=True)
+        (teacher / f).write_text("")
+    (teacher / "config.yaml").write_text(yaml.safe_dump(raw(model__arch="teachernet:build")))
+    spec = {**raw(distill={"teacher": str(teacher)}),
+            "tracking": {"uri": f"sqlite:///{user_code}/m.db", "storage": str(user_code / "state")}}
+    _, _, _, code = prepare(spec_mod.load(None, raw=spec), resume=False, restart=False, echo=print)
+    assert ("distill.teacher", "teachernet:build") in code and ("model.arch", "mynet:build") in code
+    assert str(user_code / "teachernet.py") in plugins.ship_paths(code)
+    assert "teachernet:build" in plugins.digests(code)
 
 
 def test_resuming_a_sweep_whose_model_code_changed_is_refused(user_code):

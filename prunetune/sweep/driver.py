@@ -24,7 +24,7 @@ from prunetune.spec.space import fixed_schedule_value
 from prunetune.storage import storage_wait_s
 from prunetune.sweep.paths import SweepPaths, space_fingerprint
 from prunetune.sweep.protocol import ASHA_METRIC, failed, succeeded, unpack
-from prunetune.teachers import local_teachers, publish_teachers
+from prunetune.teachers import local_teachers, publish_teachers, teacher_code
 
 
 class SweepInterrupted(Exception):
@@ -71,8 +71,9 @@ def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
 # -- before Ray ------------------------------------------------------------------------------------
 
 def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[str], None] = print):
-    """All checks that need no Ray and write nothing; returns the sweep paths, the tracking URI
-    and the spec's dataset (loaded to check it; a sweep shares it with its trials)."""
+    """All checks that need no Ray and write nothing; returns the sweep paths, the tracking URI,
+    the spec's dataset (loaded to check it; a sweep shares it with its trials) and the user code
+    its trials import ((key, reference): the spec's factories and its teachers' models)."""
     from prunetune.data import load_dataset
 
     if resume and restart:
@@ -81,7 +82,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri)
     dataset = load_dataset(spec.data)  # a missing or malformed data root (or a bad factory) fails here
-    local_teachers(loaded, uri)  # a missing distillation teacher fails here
+    code = loaded.user_code() + teacher_code(local_teachers(loaded, uri))  # a missing teacher fails here
     from prunetune.model_check import check_models
 
     for note in check_models(loaded, dataset):  # a factory's bad model, a budget the layers exceed
@@ -97,12 +98,12 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
         if meta["space"] != space_fingerprint(loaded.space):
             raise UserError(f"--resume: the search space of {spec.name!r} changed since the sweep started; "
                             "use --restart to start over (or restore the spec)")
-        changed = [ref for ref, digest in plugins.digests(loaded.user_code()).items()
+        changed = [ref for ref, digest in plugins.digests(code).items()
                    if meta.get("code", {}).get(ref, digest) != digest]
         if changed:
             raise UserError(f"--resume: the code of {changed[0]} changed since the sweep started (its trials "
                             "would mix two models); use --restart to start over (or restore the code)")
-    return paths, uri, dataset
+    return paths, uri, dataset, code
 
 
 def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = False, restart: bool = False,
@@ -112,7 +113,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     from prunetune.logs import LogCapture
 
     log = log or LogCapture()
-    paths, uri, dataset = prepare(loaded, resume=resume, restart=restart, echo=echo)
+    paths, uri, dataset, code = prepare(loaded, resume=resume, restart=restart, echo=echo)
     spec = loaded.fixed_spec()
     address = address or os.environ.get("RAY_ADDRESS") or None
     _ray_environment(address)
@@ -127,10 +128,10 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
             imported = pool.submit(_import_tune)
             client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
             stack.enter_context(sweep_ray(address, workers=spec.resources.max_concurrent,
-                                          py_modules=plugins.ship_paths(loaded.user_code())))
+                                          py_modules=plugins.ship_paths(code)))
             imported.result()
             tracker = client.result()
-        sweep = _Sweep(loaded, spec_file, paths, uri, tracker, echo, log)
+        sweep = _Sweep(loaded, spec_file, paths, uri, tracker, echo, log, code)
         return sweep.run(dataset, local=address is None, resume=resume, restart=restart)
 
 
@@ -173,9 +174,10 @@ class _Sweep:
     """One sweep once Ray is up and the tracker made; `run` takes its steps in order."""
 
     def __init__(self, loaded: LoadedSpec, spec_file: Path | None, paths: SweepPaths, uri: str,
-                 tracker: tracking.Tracker, echo: Callable[[str], None], log):
+                 tracker: tracking.Tracker, echo: Callable[[str], None], log, code: list[tuple[str, str]]):
         self.loaded, self.spec_file, self.paths, self.uri = loaded, spec_file, paths, uri
         self.tracker, self.echo, self.log = tracker, echo, log
+        self.code = code  # the user code trials import (`prepare`)
         self.spec = loaded.fixed_spec()
         self.study_url = stored_study.study_url(uri)  # None: the study lives in the sweep's state
         self.objectives = [(o.metric, o.mode) for o in self.spec.search.objectives]
@@ -230,7 +232,8 @@ class _Sweep:
 
         res = self.spec.resources
         check_resources(res.cpus_per_trial, res.gpus_per_trial)
-        check_nodes(self.paths.storage, self.loaded, res.cpus_per_trial, res.gpus_per_trial, local=local)
+        check_nodes(self.paths.storage, self.loaded, self.code, res.cpus_per_trial, res.gpus_per_trial,
+                    local=local)
 
     def open_parent_run(self) -> str:
         """A new sweep's parent run (an old Optuna study of its name deleted), and its sweep.json."""
@@ -243,7 +246,7 @@ class _Sweep:
             self.tracker.log_artifact(parent, self.spec_file)
         self.paths.dir.write_json(SweepPaths.META, {
             "parent_run_id": parent, "space": space_fingerprint(self.loaded.space), "tracking_uri": self.uri,
-            "code": plugins.digests(self.loaded.user_code()),
+            "code": plugins.digests(self.code),
             "storage": self.paths.storage.uri, "optuna_storage": self.study_url, "spec": self.loaded.raw})
         return parent
 

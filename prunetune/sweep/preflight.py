@@ -43,12 +43,13 @@ def _trial_paths(loaded: LoadedSpec) -> dict[str, str]:
     return paths
 
 
-def check_nodes(storage: Storage, loaded: LoadedSpec, cpus: float, gpus: float, local: bool,
-                timeout_s: float = 120) -> None:
+def check_nodes(storage: Storage, loaded: LoadedSpec, user_code: list[tuple[str, str]], cpus: float, gpus: float,
+                local: bool, timeout_s: float = 120) -> None:
     """Before any trial trains: on every alive node that can take a trial, a task checks that the
     node reaches the storage (reads what the driver wrote there; the driver reads what it wrote),
-    sees the same data files and runs the same prunetune. A fresh local Ray is this machine only:
-    the driver checks the storage itself. Raises UserError naming the node and the key."""
+    sees the same data files, runs the same prunetune and imports the same `user_code`. A fresh
+    local Ray is this machine only: the driver checks the storage itself. Raises UserError naming
+    the node and the key."""
     probe = f"_probe-{uuid.uuid4().hex[:12]}"
     created = _missing_top(storage)
     try:
@@ -58,7 +59,7 @@ def check_nodes(storage: Storage, loaded: LoadedSpec, cpus: float, gpus: float, 
     try:
         if local:
             return
-        expected = nodecheck.expectations(_trial_paths(loaded), loaded.user_code())
+        expected = nodecheck.expectations(_trial_paths(loaded), user_code)
         nodes = [n for n in ray.nodes() if n.get("Alive") and _fits(n, cpus, gpus)]
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
