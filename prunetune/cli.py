@@ -114,9 +114,9 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
     if note:
         click.echo(note, err=True)
     if dry_run:
-        paths, uri, _ = sweep_mod.prepare(loaded, resume=resume, restart=restart,
-                                          echo=lambda line: click.echo(line, err=True))
-        click.echo(sweep_mod.plan_text(loaded, paths, uri))
+        prepared = sweep_mod.prepare(loaded, resume=resume, restart=restart,
+                                     echo=lambda line: click.echo(line, err=True))
+        click.echo(sweep_mod.plan_text(loaded, prepared.paths, prepared.uri))
         return
     try:
         result = sweep_mod.run_sweep(loaded, spec_path, resume=resume, restart=restart, address=address,

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -202,3 +203,44 @@ def test_a_store_still_down_when_the_trials_end_exits_1_and_resume_writes_the_re
         assert not journal.exists()
     finally:
         procs.kill_session(server)
+
+
+# -- an S3 storage that stops answering mid-sweep ---------------------------------------------------
+
+@pytest.mark.slow
+def test_an_s3_storage_outage_fails_no_trial_and_loses_nothing(tmp_path, monkeypatch):
+    """The sweep's state on S3 (a real S3 server behind a proxy), cut for OUTAGE_S once a trial
+    has finished: trials save their state in the background and wait for the store where they
+    must (their artifacts), so none fails or is retried; every trial ends FINISHED once with all
+    it logs."""
+    for key, value in procs.S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    s3_port = procs.free_port()
+    server = procs.s3_server(s3_port, "sweeps")
+    proxy = procs.Proxy(s3_port)
+    storage = f"s3://sweeps/state?endpoint_override=127.0.0.1:{proxy.port}&scheme=http"
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    spec = _outage_spec(tmp_path, "s3out")
+    proc = _start_sweep([str(spec), "--storage", storage], tmp_path)
+
+    def finished() -> int:  # read-only: an MLflow client here would create the store's tables too
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{tmp_path}/mlruns/mlflow.db?mode=ro", uri=True)) as db:
+                return db.execute("select count(*) from runs where status = 'FINISHED'").fetchone()[0]
+        except sqlite3.Error:  # not made yet
+            return 0
+
+    try:
+        _wait(lambda: finished() >= 1, proc)
+        proxy.stop()
+        time.sleep(OUTAGE_S)
+        proxy.start()
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proxy.stop()
+        procs.kill_session(server)
+    _check_complete(uri, "s3out", 4)
+    assert "retried" not in err and "failed" not in err.replace("0 failed", ""), err[-3000:]

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from prunetune import plugins, search, stored_study, tracking
 from prunetune.errors import UserError
@@ -34,6 +34,17 @@ class SweepInterrupted(Exception):
 class TrackingBehind(Exception):
     """The sweep's trials are done, but the tracking store did not take all their records before
     the wait ran out; they are kept in the sweep's journal, and `--resume` writes them."""
+
+
+class Prepared(NamedTuple):
+    """What `prepare` found: the sweep's paths, the tracking URI, the spec's dataset (loaded to
+    check it; a sweep shares it with its trials) and the user code its trials import ((key,
+    reference): the spec's factories and its teachers' models)."""
+
+    paths: SweepPaths
+    uri: str
+    dataset: object
+    code: list[tuple[str, str]]
 
 
 @dataclass
@@ -70,10 +81,8 @@ def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
 
 # -- before Ray ------------------------------------------------------------------------------------
 
-def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[str], None] = print):
-    """All checks that need no Ray and write nothing; returns the sweep paths, the tracking URI,
-    the spec's dataset (loaded to check it; a sweep shares it with its trials) and the user code
-    its trials import ((key, reference): the spec's factories and its teachers' models)."""
+def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[str], None] = print) -> Prepared:
+    """All checks that need no Ray and write nothing."""
     from prunetune.data import load_dataset
 
     if resume and restart:
@@ -103,7 +112,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
         if changed:
             raise UserError(f"--resume: the code of {changed[0]} changed since the sweep started (its trials "
                             "would mix two models); use --restart to start over (or restore the code)")
-    return paths, uri, dataset, code
+    return Prepared(paths, uri, dataset, code)
 
 
 def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = False, restart: bool = False,

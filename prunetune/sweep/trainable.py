@@ -11,8 +11,10 @@ node died) continues from that state.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +38,8 @@ from prunetune.sweep.protocol import (
     pack,
     tune_metrics,
 )
+
+log = logging.getLogger(__name__)
 
 
 def pruning_trial(config: dict, *, loaded: LoadedSpec, shared: dict, storage: str, sweep: str,
@@ -65,9 +69,11 @@ def pruning_trial(config: dict, *, loaded: LoadedSpec, shared: dict, storage: st
         _report_finished_again(saved, final_rel, report)
         return
     work = Path(tempfile.mkdtemp(prefix=f"prunetune-{tid}-"))
+    uploads = _StateUploads(saved, f"{tid}.pt")
     try:
-        run = _Run(config, loaded, shared, teachers, root, sweep, f"{tid}.pt", work, report, checkpoint_s)
+        run = _Run(config, loaded, shared, teachers, root, sweep, uploads, work, report, checkpoint_s)
         result = run.train()
+        uploads.wait()  # before the state is deleted: no upload may bring it back
         if result is None:
             return  # its own failure, reported
         saved.put_dir(work / "final", final_rel)
@@ -75,6 +81,7 @@ def pruning_trial(config: dict, *, loaded: LoadedSpec, shared: dict, storage: st
         saved.delete(f"{tid}.pt")
         report.final(result.metrics, result.final_step)
     finally:
+        uploads.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -111,17 +118,52 @@ def _report_finished_again(saved: Storage, final_rel: str, report: _Reporter) ->
     report.final(saved.read_json(f"{final_rel}/artifacts/metrics.json"), final_step(history))
 
 
+class _StateUploads:
+    """A trial's resume state goes to the sweep's storage in the background, one upload at a time,
+    so training never waits for the store (a slow S3, or one that stopped answering): a save that
+    comes due while the last upload still runs is skipped, and the next due epoch saves again. A
+    PUT is whole, so the stored state is always one complete save."""
+
+    def __init__(self, saved: Storage, rel: str):
+        self.saved, self.rel = saved, rel
+        self._thread: threading.Thread | None = None
+
+    def idle(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def start(self, local: Path) -> None:
+        self._thread = threading.Thread(target=self._upload, args=(local,), daemon=True, name="prunetune-state")
+        self._thread.start()
+
+    def _upload(self, local: Path) -> None:
+        try:
+            self.saved.put_file(local, self.rel)
+        except OSError as exc:  # the store stayed away: the trial's last stored state stays
+            log.warning("trial state %s not saved (%s); the next due epoch saves it again", self.rel,
+                        str(exc).splitlines()[0][:300])
+        finally:
+            local.unlink(missing_ok=True)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def resume_from(self, local: Path) -> Path | None:
+        """The stored state, fetched to `local`, or None when there is none."""
+        return self.saved.get_file(self.rel, local) if self.saved.exists(self.rel) else None
+
+
 class _Run:
-    """One trial's training in the worker, reporting each epoch to Tune. Saving the state costs
-    time: it is saved at an epoch end when `checkpoint_s` seconds have passed since the last save
-    (0: every epoch), before the epoch is reported; a resumed trial reports its history again
-    (the driver skips what it has)."""
+    """One trial's training in the worker, reporting each epoch to Tune. Its state is saved at an
+    epoch end when `checkpoint_s` seconds have passed since the last save (0: every epoch) and the
+    last upload is done (`_StateUploads`); a resumed trial reports its history again (the driver
+    skips what it has)."""
 
     def __init__(self, config: dict, loaded: LoadedSpec, shared: dict, teachers: dict[str, str], root: Storage,
-                 sweep: str, state_rel: str, work: Path, report: _Reporter, checkpoint_s: float):
+                 sweep: str, uploads: _StateUploads, work: Path, report: _Reporter, checkpoint_s: float):
         self.config, self.loaded, self.shared, self.teachers = config, loaded, shared, teachers
-        self.root, self.sweep, self.saved = root, sweep, root.child(sweep).child(SweepPaths.RESUME)
-        self.state_rel, self.work, self.report, self.checkpoint_s = state_rel, work, report, checkpoint_s
+        self.root, self.sweep, self.uploads = root, sweep, uploads
+        self.work, self.report, self.checkpoint_s = work, report, checkpoint_s
         self.last_save, self.saved_epoch = time.monotonic(), -1
         self.trial = None
 
@@ -135,8 +177,7 @@ class _Run:
             spec = search.spec_of(self.loaded, self.config)
             self.trial = Trial(spec, teacher_dir=self._teacher(spec), dataset=self._dataset(spec),
                                rewind_epochs=self.loaded.rewind_points(), on_epoch=self.on_epoch)
-            resume_from = (self.saved.get_file(self.state_rel, self.work / "resume.pt")
-                           if self.saved.exists(self.state_rel) else None)
+            resume_from = self.uploads.resume_from(self.work / "resume.pt")
             return self.trial.run(self.work / "final" / "artifacts", DenseCache(self.root.child("_dense")),
                                   resume_from=resume_from)
         except Exception as exc:  # noqa: BLE001 - the trial's own failure: reported, not retried
@@ -159,10 +200,11 @@ class _Run:
 
     def on_epoch(self, epoch) -> None:
         """`Trial`'s event per epoch (`reports.Epoch`): save the state when due, then report to Tune."""
-        if epoch.save is not None and epoch.index > self.saved_epoch and \
+        if epoch.save is not None and epoch.index > self.saved_epoch and self.uploads.idle() and \
                 time.monotonic() - self.last_save >= self.checkpoint_s:
-            epoch.save(self.work / "trial.pt")
-            self.saved.put_file(self.work / "trial.pt", self.state_rel)
+            local = self.work / f"trial-{epoch.index}.pt"
+            epoch.save(local)
+            self.uploads.start(local)
             self.last_save, self.saved_epoch = time.monotonic(), epoch.index
         resumed = {} if epoch.resumed_from_epoch is None else {RESUMED_KEY: epoch.resumed_from_epoch}
         self.report({**epoch.metrics, **resumed, EPOCHS_KEY: epoch.planned_epochs, PHASE_KEY: epoch.phase,
