@@ -64,19 +64,29 @@ def local_teachers(loaded: LoadedSpec, uri: str) -> dict[str, str]:
     return {t: str(teacher_dir(t, uri, artifacts)) for t in teacher_names(loaded)}
 
 
-def teacher_code(local: dict[str, str]) -> list[tuple[str, str]]:
+def teacher_code(local: dict[str, str], spec_folder: Path | None) -> list[tuple[str, str]]:
     """("distill.teacher", reference) of each teacher whose model is the user's code (its
-    `config.yaml`'s `model.arch`): trials build the teacher, so every node must import it."""
+    `config.yaml`'s `model.arch`): trials build the teacher, so every node must import it. Each is
+    imported here (from beside the spec, then the working directory, as the student's code is):
+    one that cannot be fails now, naming the key."""
     import yaml
 
     from prunetune import plugins
 
     archs = []
     for directory in local.values():
-        config = yaml.safe_load((Path(directory) / "config.yaml").read_text()) or {}
-        arch = (config.get("model") or {}).get("arch")
+        config = Path(directory) / "config.yaml"
+        try:
+            arch = yaml.safe_load(config.read_text())["model"]["arch"]
+        except Exception as exc:  # noqa: BLE001 - the user's file
+            raise UserError(f"distill.teacher: {config} is not a prunetune trial config ({type(exc).__name__})") \
+                from None
         if isinstance(arch, str) and plugins.is_user_code(arch) and arch not in archs:
             archs.append(arch)
+    if archs:
+        plugins.add_search_paths(spec_folder)
+    for arch in archs:
+        plugins.load_factory("distill.teacher", arch)
     return [("distill.teacher", arch) for arch in archs]
 
 

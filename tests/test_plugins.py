@@ -502,6 +502,13 @@ def test_a_teachers_model_from_user_code_is_shipped_and_checked_like_the_student
     assert ("distill.teacher", "teachernet:build") in code and ("model.arch", "mynet:build") in code
     assert str(user_code / "teachernet.py") in plugins.ship_paths(code)
     assert "teachernet:build" in plugins.digests(code)
+    # a teacher whose module cannot be imported, or whose config is not a trial's: exit 2 before Ray
+    (teacher / "config.yaml").write_text(yaml.safe_dump(raw(model__arch="nosuchnet:build")))
+    with pytest.raises(UserError, match=r"distill.teacher: cannot import module 'nosuchnet'"):
+        prepare(spec_mod.load(None, raw=spec), resume=False, restart=False, echo=print)
+    (teacher / "config.yaml").write_text("- not a config\n")
+    with pytest.raises(UserError, match=r"distill.teacher: .*config.yaml is not a prunetune trial config"):
+        prepare(spec_mod.load(None, raw=spec), resume=False, restart=False, echo=print)
 
 
 def test_resuming_a_sweep_whose_model_code_changed_is_refused(user_code):

@@ -91,7 +91,8 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri)
     dataset = load_dataset(spec.data)  # a missing or malformed data root (or a bad factory) fails here
-    code = loaded.user_code() + teacher_code(local_teachers(loaded, uri))  # a missing teacher fails here
+    teachers = local_teachers(loaded, uri)  # a missing distillation teacher fails here
+    code = loaded.user_code() + teacher_code(teachers, loaded.path.parent if loaded.path else None)
     from prunetune.model_check import check_models
 
     for note in check_models(loaded, dataset):  # a factory's bad model, a budget the layers exceed

@@ -73,15 +73,16 @@ def pruning_trial(config: dict, *, loaded: LoadedSpec, shared: dict, storage: st
     try:
         run = _Run(config, loaded, shared, teachers, root, sweep, uploads, work, report, checkpoint_s)
         result = run.train()
-        uploads.wait()  # before the state is deleted: no upload may bring it back
         if result is None:
             return  # its own failure, reported
+        uploads.wait()  # before the state is deleted: no upload may bring it back
         saved.put_dir(work / "final", final_rel)
         saved.write_text(f"{final_rel}/complete", "ok\n")  # last: the artifacts are all there
         saved.delete(f"{tid}.pt")
         report.final(result.metrics, result.final_step)
     finally:
-        uploads.wait()
+        # Not waiting for an upload here: a trial stopped early (ASHA) must end within Tune's 2 s
+        # for its worker to be reused; its upload ends by itself (its file may be gone: skipped).
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -127,8 +128,12 @@ class _StateUploads:
     def __init__(self, saved: Storage, rel: str):
         self.saved, self.rel = saved, rel
         self._thread: threading.Thread | None = None
+        self._error: OSError | None = None  # an upload's error other than the store not answering
 
     def idle(self) -> bool:
+        """No upload runs; raises what the last one raised, unless the store did not answer."""
+        if self._error is not None:
+            raise self._error
         return self._thread is None or not self._thread.is_alive()
 
     def start(self, local: Path) -> None:
@@ -138,15 +143,21 @@ class _StateUploads:
     def _upload(self, local: Path) -> None:
         try:
             self.saved.put_file(local, self.rel)
-        except OSError as exc:  # the store stayed away: the trial's last stored state stays
-            log.warning("trial state %s not saved (%s); the next due epoch saves it again", self.rel,
-                        str(exc).splitlines()[0][:300])
+        except OSError as exc:
+            if not local.exists():
+                return  # the trial has ended (stopped early) and its folder is gone
+            if not unreachable(exc):
+                self._error = exc  # raised in the trial's own thread (access denied, a full disk...)
+                return
+            log.warning("trial state %s not saved, the store did not answer (%s); the next due epoch "
+                        "saves it again", self.rel, str(exc).splitlines()[0][:300])
         finally:
             local.unlink(missing_ok=True)
 
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
+        self.idle()  # its error, if any
 
     def resume_from(self, local: Path) -> Path | None:
         """The stored state, fetched to `local`, or None when there is none."""
