@@ -158,11 +158,11 @@ def test_a_failed_lease_renewal_is_logged_and_tried_again(tmp_path, monkeypatch,
     assert lease.try_claim()
     failures = []
 
-    def unwritable(rel, obj):
+    def unwritable(self, rel, obj):
         failures.append(rel)
         raise OSError("storage unreachable")
 
-    monkeypatch.setattr(lease.storage, "write_json", unwritable)
+    monkeypatch.setattr(Storage, "write_json", unwritable)  # every Storage: renewals use their own view
     time.sleep(0.5)
     lease.release()
     assert len(failures) >= 2  # every beat tries again
