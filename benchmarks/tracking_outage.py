@@ -88,11 +88,9 @@ class ServerCpu:
         while not self.stopped.wait(0.5):
             server = self.server
             for pid in procs.session_pids(server.pid) if server else ():
-                try:
-                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                self.seen[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                used = procs.cpu_s(pid)
+                if used is not None:
+                    self.seen[pid] = used
 
     def total(self) -> float:
         self.stopped.set()

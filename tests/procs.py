@@ -84,16 +84,18 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120, what: str
         time.sleep(0.3)
 
 
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process `pid` has used so far; None once it has ended."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def session_cpu_s(proc: subprocess.Popen) -> float:
     """CPU seconds (user + system) the processes of `proc`'s session have used so far."""
-    total = 0.0
-    for pid in session_pids(proc.pid):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # it ended
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(cpu_s(pid) or 0.0 for pid in session_pids(proc.pid))
 
 
 def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:

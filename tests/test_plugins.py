@@ -498,7 +498,7 @@ def test_a_teachers_model_from_user_code_is_shipped_and_checked_like_the_student
     (teacher / "config.yaml").write_text(yaml.safe_dump(raw(model__arch="teachernet:build")))
     spec = {**raw(distill={"teacher": str(teacher)}),
             "tracking": {"uri": f"sqlite:///{user_code}/m.db", "storage": str(user_code / "state")}}
-    _, _, _, code = prepare(spec_mod.load(None, raw=spec), resume=False, restart=False, echo=print)
+    code = prepare(spec_mod.load(None, raw=spec), resume=False, restart=False, echo=print).code
     assert ("distill.teacher", "teachernet:build") in code and ("model.arch", "mynet:build") in code
     assert str(user_code / "teachernet.py") in plugins.ship_paths(code)
     assert "teachernet:build" in plugins.digests(code)

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -222,16 +221,10 @@ def test_an_s3_storage_outage_fails_no_trial_and_loses_nothing(tmp_path, monkeyp
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     spec = _outage_spec(tmp_path, "s3out")
     proc = _start_sweep([str(spec), "--storage", storage], tmp_path)
-
-    def finished() -> int:  # read-only: an MLflow client here would create the store's tables too
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{tmp_path}/mlruns/mlflow.db?mode=ro", uri=True)) as db:
-                return db.execute("select count(*) from runs where status = 'FINISHED'").fetchone()[0]
-        except sqlite3.Error:  # not made yet
-            return 0
+    from test_sweep import _finished_children  # read-only: an MLflow client would make the tables too
 
     try:
-        _wait(lambda: finished() >= 1, proc)
+        _wait(lambda: _finished_children(tmp_path / "mlruns" / "mlflow.db") >= 1, proc)
         proxy.stop()
         time.sleep(OUTAGE_S)
         proxy.start()

@@ -38,13 +38,15 @@ class TrackingBehind(Exception):
 
 class Prepared(NamedTuple):
     """What `prepare` found: the sweep's paths, the tracking URI, the spec's dataset (loaded to
-    check it; a sweep shares it with its trials) and the user code its trials import ((key,
-    reference): the spec's factories and its teachers' models)."""
+    check it; a sweep shares it with its trials), the user code its trials import ((key,
+    reference): the spec's factories and its teachers' models) and each distillation teacher's
+    local checkpoint directory."""
 
     paths: SweepPaths
     uri: str
     dataset: object
     code: list[tuple[str, str]]
+    teachers: dict[str, str]
 
 
 @dataclass
@@ -113,7 +115,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
         if changed:
             raise UserError(f"--resume: the code of {changed[0]} changed since the sweep started (its trials "
                             "would mix two models); use --restart to start over (or restore the code)")
-    return Prepared(paths, uri, dataset, code)
+    return Prepared(paths, uri, dataset, code, teachers)
 
 
 def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = False, restart: bool = False,
@@ -123,7 +125,7 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     from prunetune.logs import LogCapture
 
     log = log or LogCapture()
-    paths, uri, dataset, code = prepare(loaded, resume=resume, restart=restart, echo=echo)
+    prepared = prepare(loaded, resume=resume, restart=restart, echo=echo)
     spec = loaded.fixed_spec()
     address = address or os.environ.get("RAY_ADDRESS") or None
     _ray_environment(address)
@@ -136,13 +138,13 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     with contextlib.ExitStack() as stack:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             imported = pool.submit(_import_tune)
-            client = pool.submit(tracking.Tracker, uri, spec.tracking.artifacts, create=False)
+            client = pool.submit(tracking.Tracker, prepared.uri, spec.tracking.artifacts, create=False)
             stack.enter_context(sweep_ray(address, workers=spec.resources.max_concurrent,
-                                          py_modules=plugins.ship_paths(code)))
+                                          py_modules=plugins.ship_paths(prepared.code)))
             imported.result()
             tracker = client.result()
-        sweep = _Sweep(loaded, spec_file, paths, uri, tracker, echo, log, code)
-        return sweep.run(dataset, local=address is None, resume=resume, restart=restart)
+        sweep = _Sweep(loaded, spec_file, prepared, tracker, echo, log)
+        return sweep.run(prepared.dataset, local=address is None, resume=resume, restart=restart)
 
 
 def _import_tune() -> None:
@@ -183,13 +185,13 @@ def _ray_environment(address: str | None) -> None:
 class _Sweep:
     """One sweep once Ray is up and the tracker made; `run` takes its steps in order."""
 
-    def __init__(self, loaded: LoadedSpec, spec_file: Path | None, paths: SweepPaths, uri: str,
-                 tracker: tracking.Tracker, echo: Callable[[str], None], log, code: list[tuple[str, str]]):
-        self.loaded, self.spec_file, self.paths, self.uri = loaded, spec_file, paths, uri
+    def __init__(self, loaded: LoadedSpec, spec_file: Path | None, prepared: Prepared, tracker: tracking.Tracker,
+                 echo: Callable[[str], None], log):
+        self.loaded, self.spec_file, self.prepared = loaded, spec_file, prepared
+        self.paths, self.uri, self.code = prepared.paths, prepared.uri, prepared.code
         self.tracker, self.echo, self.log = tracker, echo, log
-        self.code = code  # the user code trials import (`prepare`)
         self.spec = loaded.fixed_spec()
-        self.study_url = stored_study.study_url(uri)  # None: the study lives in the sweep's state
+        self.study_url = stored_study.study_url(self.uri)  # None: the study lives in the sweep's state
         self.objectives = [(o.metric, o.mode) for o in self.spec.search.objectives]
         self.total = self.spec.search.num_trials * self.spec.search.replicates  # each configuration R times
         self.experiment_page: str | None = None
@@ -275,7 +277,7 @@ class _Sweep:
         # The decoded data goes to Ray's object store once: the trials of a node map one copy
         # (zero-copy numpy).
         shared = {"data": self.spec.data.model_dump(mode="json"), "dataset": dataset}
-        teachers = publish_teachers(local_teachers(self.loaded, self.uri), self.paths.dir)
+        teachers = publish_teachers(self.prepared.teachers, self.paths.dir)
         return tune.with_resources(
             tune.with_parameters(pruning_trial, loaded=self.loaded, shared=shared, storage=self.paths.storage.uri,
                                  sweep=self.spec.name, teachers=teachers, cpus=res.cpus_per_trial,
