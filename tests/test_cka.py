@@ -182,3 +182,30 @@ def test_each_run_sees_inputs_normalised_as_it_was_trained(tmp_path):
     similarity.cka_matrices(runs, batches)
     torch.testing.assert_close(seen["imagenet"], runs[0].inputs(x))
     torch.testing.assert_close(seen["scratch"], runs[1].inputs(x))
+
+
+class _SharedLayer(torch.nn.Module):
+    """One Linear called twice in a forward (on x, then on x²), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(6, 5)
+        self.head = torch.nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.shared(x), self.shared(x * x)], dim=1))
+
+
+def test_a_layer_called_twice_is_compared_by_both_calls_outputs():
+    from prunetune.analysis import similarity
+
+    torch.manual_seed(0)
+    model = _SharedLayer().eval()
+    run = similarity.Checkpoint("a", None, model, ["shared", "head"], torch.zeros(1), torch.ones(1))
+    x = torch.randn(48, 6)
+    with torch.no_grad():
+        both = torch.cat([model.shared(x), model.shared(x * x)], dim=1)
+        head = model(x)
+    matrix = similarity.cka_matrices([run], [x[:24], x[24:]])[0, 0]
+    expected = reference_cka([both, head], [both, head], batch_size=24)
+    torch.testing.assert_close(matrix.double(), expected, rtol=0, atol=1e-5)

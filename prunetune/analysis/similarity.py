@@ -60,18 +60,27 @@ def load_checkpoint(label: str, config_yaml: Path, state_path: Path, dataset, de
 
 
 class _Capture:
-    """Forward hooks that keep the latest output of each named module."""
+    """Forward hooks that keep each named module's outputs of one forward pass. A module the
+    forward calls more than once (a shared layer) is represented by all its calls' outputs side
+    by side, not by whichever came last."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         modules = dict(model.named_modules())
-        self.outputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.hooks = [modules[n].register_forward_hook(self._hook(n)) for n in names]
         self.names = names
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            self.outputs[name] = output.detach().flatten(1)
+            self.outputs[name].append(output.detach().flatten(1))
         return hook
+
+    def features(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run `model` on `x`; each named module's features, [batch, features], in `names` order."""
+        for outs in self.outputs.values():
+            outs.clear()
+        model(x)
+        return [torch.cat(self.outputs[n], dim=1) for n in self.names]
 
     def close(self):
         for h in self.hooks:
@@ -90,10 +99,7 @@ def cka_matrices(checkpoints: list[Checkpoint], batches) -> dict[tuple[int, int]
         for x in batches:
             if len(x) < 4:
                 continue  # the unbiased HSIC needs 4 samples; a short last batch is left out
-            feats = []
-            for c, cap in zip(checkpoints, captures):
-                c.model(c.inputs(x))
-                feats.append([cap.outputs[n] for n in cap.names])
+            feats = [cap.features(c.model, c.inputs(x)) for c, cap in zip(checkpoints, captures)]
             for i, j in pairs:
                 accs[i, j].update(feats[i], None if i == j else feats[j])
     finally:
