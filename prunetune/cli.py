@@ -18,7 +18,7 @@ import click
 from prunetune import commands
 from prunetune import spec as spec_mod
 from prunetune.errors import UserError
-from prunetune.metrics import selection_note, shown_metrics
+from prunetune.metrics import shown_metrics
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -110,9 +110,6 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
     from prunetune import sweep as sweep_mod
 
     loaded = spec_mod.load(spec_path, list(sets), tracking_uri=tracking_uri, storage=storage)
-    note = selection_note([o.metric for o in loaded.fixed_spec().search.objectives])
-    if note:
-        click.echo(note, err=True)
     if dry_run:
         prepared = sweep_mod.prepare(loaded, resume=resume, restart=restart,
                                      echo=lambda line: click.echo(line, err=True))

@@ -36,6 +36,7 @@ TAG_ERROR = "prunetune.error"  # a failed trial's error text
 TAG_STATE = "prunetune.state"  # "stopped_early": ended by ASHA before its final evaluation
 TAG_BEST_RUN = "prunetune.best_run_id"  # on a sweep's parent run: its best trial's run (by the objective)
 TAG_BEST_TRIAL = "prunetune.best_trial_id"
+TAG_NOTE = "mlflow.note.content"  # a run's description in the MLflow UI: a sweep's notes on its parent run
 # MLflow 3's UI opens an experiment without a kind on its GenAI overview; sweeps train models
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 

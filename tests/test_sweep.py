@@ -428,6 +428,9 @@ def test_two_objectives_nsga2_and_asha(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     parents, children = runs_of(tmp_path, "pareto")
     assert len(children) == 4 and parents[0].info.status == "FINISHED"
+    # selecting on the test split is said once on the terminal and kept as the parent's description
+    note = [line for line in r.stderr.splitlines() if "test-split" in line]
+    assert len(note) == 1 and parents[0].data.tags["mlflow.note.content"] == note[0], r.stderr[-2000:]
     for run in children:
         if run.info.status == "KILLED":
             assert run.data.tags["prunetune.state"] == "stopped_early"

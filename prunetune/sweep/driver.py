@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 
 from prunetune import plugins, search, stored_study, tracking
 from prunetune.errors import UserError
-from prunetune.metrics import shown_metrics
+from prunetune.metrics import selection_note, shown_metrics
 from prunetune.spec import LoadedSpec
 from prunetune.spec.space import fixed_schedule_value
 from prunetune.storage import storage_wait_s
@@ -40,13 +40,15 @@ class Prepared(NamedTuple):
     """What `prepare` found: the sweep's paths, the tracking URI, the spec's dataset (loaded to
     check it; a sweep shares it with its trials), the user code its trials import ((key,
     reference): the spec's factories and its teachers' models) and each distillation teacher's
-    local checkpoint directory."""
+    local checkpoint directory; the notes it printed (a test-split objective, weights no criterion
+    prunes), which the parent run keeps as its description."""
 
     paths: SweepPaths
     uri: str
     dataset: object
     code: list[tuple[str, str]]
     teachers: dict[str, str]
+    notes: list[str]
 
 
 @dataclass
@@ -97,7 +99,9 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     code = loaded.user_code() + teacher_code(teachers, loaded.path.parent if loaded.path else None)
     from prunetune.model_check import check_models
 
-    for note in check_models(loaded, dataset):  # a factory's bad model, a budget the layers exceed
+    notes = [selection_note([o.metric for o in spec.search.objectives])]
+    notes = [n for n in notes if n] + check_models(loaded, dataset)  # a factory's bad model, a budget too small
+    for note in notes:
         echo(note)
     paths = SweepPaths.of(spec.tracking.storage, spec.name)
     meta = paths.read_meta()
@@ -115,7 +119,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
         if changed:
             raise UserError(f"--resume: the code of {changed[0]} changed since the sweep started (its trials "
                             "would mix two models); use --restart to start over (or restore the code)")
-    return Prepared(paths, uri, dataset, code, teachers)
+    return Prepared(paths, uri, dataset, code, teachers, notes)
 
 
 def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = False, restart: bool = False,
@@ -206,6 +210,8 @@ class _Sweep:
         if restart:
             self.paths.dir.delete()
         parent = self.reopen_parent_run() if resume else self.open_parent_run()
+        if self.prepared.notes:  # shown as the run's description in the MLflow UI
+            self.tracker.set_tags(parent, {tracking.TAG_NOTE: "\n".join(self.prepared.notes)})
         if self.uri.startswith(("http://", "https://")):
             self.experiment_page = tracking.experiment_url(self.uri, self.tracker.experiment_id(self.spec.name))
         writer = self.open_writer(parent, resume)
