@@ -97,6 +97,27 @@ class _Outages:
 _OUTAGES = _Outages()
 
 
+def _answered(where: str, wait_s: float, operation):
+    """`operation()`, run again while the store at `where` does not answer, for up to `wait_s`."""
+    start, delay = time.monotonic(), 0.5
+    while True:
+        try:
+            result = operation()
+        except OSError as exc:
+            if not unreachable(exc):
+                _OUTAGES.ended(where)  # it answered, with an error of its own
+                raise
+            if time.monotonic() - start + delay > wait_s:
+                _OUTAGES.gave_up(where, time.monotonic() - start)
+                raise
+            _OUTAGES.began(where, exc, wait_s)
+            time.sleep(delay)
+            delay = min(2 * delay, _MAX_DELAY_S)
+            continue
+        _OUTAGES.ended(where)
+        return result
+
+
 def _retried(method):
     """Run a `Storage` method again while its remote store does not answer, for up to the
     storage's `wait_s` (an operation inside another is tried by the outer one only)."""
@@ -107,23 +128,7 @@ def _retried(method):
             return method(self, *args, **kwargs)
         _local.inside = True
         try:
-            start, delay = time.monotonic(), 0.5
-            while True:
-                try:
-                    result = method(self, *args, **kwargs)
-                except OSError as exc:
-                    if not unreachable(exc):
-                        _OUTAGES.ended(self.root_uri)  # it answered, with an error of its own
-                        raise
-                    if time.monotonic() - start + delay > self.wait_s:
-                        _OUTAGES.gave_up(self.root_uri, time.monotonic() - start)
-                        raise
-                    _OUTAGES.began(self.root_uri, exc, self.wait_s)
-                    time.sleep(delay)
-                    delay = min(2 * delay, _MAX_DELAY_S)
-                    continue
-                _OUTAGES.ended(self.root_uri)
-                return result
+            return _answered(self.root_uri, self.wait_s, lambda: method(self, *args, **kwargs))
         finally:
             _local.inside = False
 
@@ -140,9 +145,15 @@ class Storage:
         if _fs is not None:
             self.fs, self.path = _fs, _path
             return
-        try:
-            fs, path = _pafs().FileSystem.from_uri(self.uri)
+
+        def resolve():
+            return _pafs().FileSystem.from_uri(self.uri)
+
+        try:  # S3 without a region in the URI asks AWS for the bucket's: a trial waits for an answer
+            fs, path = _answered(self.root_uri, wait_s, resolve) if wait_s > 0 else resolve()
         except (ValueError, OSError) as exc:  # pyarrow.lib.ArrowInvalid is a ValueError
+            if wait_s > 0 and unreachable(exc):
+                raise  # a trial's store stayed away: not the user's input (Tune retries the trial)
             raise UserError(f"tracking.storage: cannot use {uri!r} ({str(exc).splitlines()[0]}); give a "
                             "path, a shared filesystem path, or a URI such as s3://bucket/prefix") from None
         if isinstance(fs, _pafs().LocalFileSystem):

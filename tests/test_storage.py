@@ -246,3 +246,40 @@ def test_a_lease_read_that_waited_out_an_outage_does_not_find_its_holder_stale(t
     time.sleep(0.4)
     assert waiter.try_claim()  # unrenewed for the timeout since the outage: stale, taken over
     waiter.release()
+
+
+def test_a_trial_resolving_its_storage_during_an_outage_waits_and_the_driver_says_which_key(monkeypatch, caplog):
+    """S3 without a region in the URI asks AWS for the bucket's region when the Storage is made
+    (in a trial: when it is unpickled). Its error during an outage, as pyarrow gives it on a
+    machine that reaches no network, is replayed here: a trial's Storage waits, the driver's
+    names tracking.storage."""
+    import pyarrow.fs
+
+    error = OSError("When resolving region for bucket 'b': AWS Error NETWORK_CONNECTION during HeadBucket "
+                    "operation: curlCode: 6, Could not resolve hostname")
+    calls = []
+
+    class FileSystem:
+        @staticmethod
+        def from_uri(uri):
+            calls.append(uri)
+            if len(calls) <= failures:
+                raise error
+            return pyarrow.fs.FileSystem.from_uri(uri.replace("s3://b/", "mock:///"))
+
+    monkeypatch.setattr("prunetune.storage._pafs", lambda: type("fs", (), {"FileSystem": FileSystem,
+                                                                        "LocalFileSystem": pyarrow.fs.LocalFileSystem}))
+    failures = 2
+    with caplog.at_level("WARNING", logger="prunetune.storage"):
+        storage = Storage("s3://b/sweeps", wait_s=30)
+    assert len(calls) == 3 and storage.path == "sweeps"
+    lines = [r.getMessage() for r in caplog.records if r.name == "prunetune.storage"]
+    assert len(lines) == 2 and "stopped answering" in lines[0] and "answers again" in lines[1], lines
+    calls.clear()
+    with pytest.raises(UserError, match=r"^tracking\.storage: cannot use 's3://b/sweeps' \(When resolving region"):
+        Storage("s3://b/sweeps")  # the driver: no wait, one line naming the key
+    calls.clear()
+    failures = 100
+    with pytest.raises(OSError, match="NETWORK_CONNECTION") as raised:
+        Storage("s3://b/sweeps", wait_s=1)  # a trial past its wait: Tune retries it, not a user error
+    assert not isinstance(raised.value, UserError) and len(calls) >= 2
