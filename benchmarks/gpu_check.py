@@ -33,6 +33,8 @@ import ast
 import json
 import math
 import os
+import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,7 +88,9 @@ THROUGHPUT_LR = 1e-3  # the learning rate does not change the speed; a small one
 # the rest). The distillation teacher is the oneshot check's trial directory.
 TRIALS = {
     "oneshot": {"schedule": {"method": "oneshot", "sparsity": 0.8}},
-    "iterative": {"schedule": {"method": "iterative", "sparsity": 0.8, "step_size": 0.4, "step_epochs": 0.5}},
+    # ... also drawing its batches with the class-balanced sampler (a CPU generator's draw)
+    "iterative": {"schedule": {"method": "iterative", "sparsity": 0.8, "step_size": 0.4, "step_epochs": 0.5},
+                  "train": {"class_balance": "balanced_sampler"}},
     "lottery": {"schedule": {"method": "lottery", "sparsity": 0.8, "step_size": 0.4, "rewind_epoch": 0.5}},
     "gradual": {"schedule": {"method": "gradual", "sparsity": 0.8, "start_epoch": 0.0, "end_epoch": 1.0,
                              "step_epochs": 0.5}},
@@ -312,7 +316,8 @@ def nm_figures(ctx: Context, trial: Trial, metrics: dict) -> str:
         return f"{n}:{m} valid; the semi-structured export needs CUDA (not measured)"
     capability = torch.cuda.get_device_capability(ctx.device)
     if capability >= (8, 0):
-        raise CheckFailed(f"remove: true on a GPU of compute capability {capability} gave no measured_speedup")
+        raise CheckFailed(f"remove: true on a GPU of compute capability {capability} gave no measured_speedup "
+                          "(why, if the export raised: prunetune.pruning.semistructured's warning on stderr)")
     return f"{n}:{m} valid; no sparse tensor cores on compute capability {capability}"
 
 
@@ -570,7 +575,14 @@ def packing_worker(device: str, steps: int) -> int:
     return 0
 
 
+WORKER_WAIT_S = 300  # for a packing worker's next line (start-up, or its timed steps)
+
+
 def _read(proc: subprocess.Popen) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], WORKER_WAIT_S)
+    if not ready:
+        proc.kill()
+        raise CheckFailed(f"a packing worker wrote nothing for {WORKER_WAIT_S} s (killed)")
     line = proc.stdout.readline()
     if not line:
         raise CheckFailed(f"a packing worker exited with code {proc.wait()} (its stderr is above)")
@@ -686,6 +698,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def environment(device: torch.device) -> str:
+    """One line on stderr: what the checks ran with (what a compile or the 2:4 export needs)."""
+    parts = [f"torch {torch.__version__}", f"python {sys.version.split()[0]}",
+             f"C compiler {shutil.which('cc') or shutil.which('gcc') or 'none'} (torch.compile's Triton needs one)"]
+    try:
+        if device.type == "cuda":
+            parts += [f"CUDA {torch.version.cuda}", torch.cuda.get_device_name(device),
+                      f"compute capability {torch.cuda.get_device_capability(device)}",
+                      f"cuSPARSELt {torch.backends.cusparselt.is_available()}"]
+    except Exception as exc:  # noqa: BLE001 - a description only: the checks say what fails
+        parts.append(f"({type(exc).__name__} describing the GPU: {exc})")
+    return "gpu_check: " + ", ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -695,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # the CPU checks check, they do not time: one thread each is fastest on a busy machine
     start = time.perf_counter()
+    print(environment(device), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         os.environ.setdefault("PRUNETUNE_CACHE", str(Path(work) / "cache"))
         ctx = Context(device, sizes_for(device.type == "cuda", args.quick), Path(work))
