@@ -262,3 +262,18 @@ def test_spec_refuses_what_the_new_keys_cannot_do():
     with pytest.raises(UserError, match="synflow_iters"):
         spec.validate(digits_raw(schedule__criterion="synflow", schedule__synflow_iters=0))
     assert registry.structured_criteria() == ["l1_filter", "l2_filter"]
+
+
+def test_a_2_4_export_torch_cannot_run_is_a_warning_not_a_failed_trial(monkeypatch, caplog):
+    """Where torch has no semi-structured kernel for a layer (here: its real error for a CPU
+    tensor, standing in for a GPU or build without one), the trial keeps its other metrics: no
+    latency is reported and a warning says why."""
+    from prunetune.pruning import semistructured
+
+    monkeypatch.setattr(semistructured, "available", lambda device: True)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    with torch.no_grad():
+        model[1].weight[:, 1::2] = 0  # 2:4 in every group of four inputs
+    with caplog.at_level("WARNING", logger="prunetune.pruning.semistructured"):
+        assert semistructured.semi_structured_speedup(model, torch.randn(1, 128), ["1"]) == {}
+    assert "2:4 export: 1 not converted" in caplog.text and "Only CUDA tensors" in caplog.text
