@@ -25,7 +25,14 @@ Report = Callable[[dict, int], None]
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite: the trial fails with this error."""
+    """The training loss became NaN or infinite in epoch `epoch`: the trial fails with this error."""
+
+    def __init__(self, message: str, epoch: int):
+        super().__init__(message)
+        self.epoch = epoch
+
+    def __reduce__(self):  # pickled whole (a Ray worker's error travels pickled)
+        return NonFiniteLoss, (str(self), self.epoch)
 
 
 def lr_shape(kind: str, t: float, horizon: float) -> float:
@@ -244,7 +251,7 @@ class Trainer:
         if bool(self._nonfinite):
             self._nonfinite.zero_()
             epoch = max(0, self.global_step - 1) // self.steps_per_epoch  # the last step's
-            raise NonFiniteLoss(f"non-finite training loss in epoch {epoch} (by step {self.global_step})")
+            raise NonFiniteLoss(f"non-finite training loss in epoch {epoch} (by step {self.global_step})", epoch)
 
     def end_epoch(self) -> None:
         """Report the epoch in progress (also a partial one at the end of training)."""

@@ -142,13 +142,15 @@ def test_non_finite_loss_fails_the_trial(tmp_path):
     """Checked once an epoch (a per-step check would sync a GPU every step): the diverged epoch
     fails the trial before it is reported or saved."""
     import math
+    import pickle
 
     from prunetune.train import NonFiniteLoss
     reported = []
-    with pytest.raises(NonFiniteLoss, match=r"^non-finite training loss in epoch 0 \(by step \d+\)$"):
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite training loss in epoch 0 \(by step \d+\)$") as raised:
         run_trial(spec.validate(digits_raw(train__lr=1e12, train__optimizer="sgd")), tmp_path,
                   report=lambda metrics, epoch: reported.append(metrics))
     assert all(math.isfinite(m["train_loss"]) for m in reported)
+    assert raised.value.epoch == 0 and pickle.loads(pickle.dumps(raised.value)).epoch == 0
 
 
 @pytest.mark.parametrize("method,criterion", [("iterative", "l1_unstructured"), ("lottery", "l1_unstructured"),

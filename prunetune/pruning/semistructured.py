@@ -27,6 +27,16 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def _device_failure(exc: BaseException) -> bool:
+    """Out of memory, or a fault of the device itself: not a missing kernel, never swallowed."""
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None)) if k)
+    return isinstance(exc, kinds)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
 def _latency_ms(model: nn.Module, x: torch.Tensor) -> float:
     times = []
     with torch.inference_mode():
@@ -59,7 +69,9 @@ def semi_structured_speedup(model: nn.Module, example: torch.Tensor, layers: lis
             try:
                 sparse_weight = to_sparse_semi_structured(module.weight.detach())
             except (RuntimeError, NotImplementedError) as exc:  # no kernel for this shape, dtype or GPU
-                log.warning("2:4 export: %s not converted: %s", name, str(exc).splitlines()[0][:300])
+                if _device_failure(exc):
+                    raise
+                log.warning("2:4 export: %s not converted: %s", name, _first_line(exc))
                 continue
             module.weight = nn.Parameter(sparse_weight, requires_grad=False)
             converted += 1
@@ -69,6 +81,8 @@ def semi_structured_speedup(model: nn.Module, example: torch.Tensor, layers: lis
     try:
         dense_ms, sparse_ms = _latency_ms(dense, x), _latency_ms(sparse, x)
     except (RuntimeError, NotImplementedError) as exc:  # a torch build without the sparse kernels
-        log.warning("2:4 export not measured: %s", str(exc).splitlines()[0][:300])
+        if _device_failure(exc):
+            raise
+        log.warning("2:4 export not measured: %s", _first_line(exc))
         return {}
     return {"latency_ms_dense": dense_ms, "latency_ms_compact": sparse_ms, "measured_speedup": dense_ms / sparse_ms}

@@ -195,6 +195,7 @@ class _Run:
             if unreachable(exc):
                 raise  # the sweep's storage stayed away: not the trial's fault, Tune retries it
             epoch = self.trial.trainer.epoch if self.trial is not None else 0
+            epoch = getattr(exc, "epoch", epoch)  # a non-finite loss: the epoch it happened in
             self.report({FINAL_FLAG: True, ERROR_KEY: error_text(exc), "epoch": epoch})
             return None
 
