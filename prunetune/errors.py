@@ -12,6 +12,12 @@ class UserError(Exception):
 ERROR_CHARS = 5000  # how much of an error's text a failed trial's run keeps
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name where it has none): what a one-line
+    error or log line quotes of it."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def error_text(exc: BaseException) -> str:
     """A trial's error as its run records it: the type and the message, truncated."""
     return f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]

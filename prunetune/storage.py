@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from prunetune.errors import UserError
+from prunetune.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class _Outages:
                 return
             self._since[where] = time.monotonic()
         log.warning("storage %s stopped answering (%s); trying again for up to %.0f s", where,
-                    str(exc).splitlines()[0][:300], wait_s)
+                    first_line(exc)[:300], wait_s)
 
     def ended(self, where: str) -> None:
         with self._lock:
@@ -154,7 +154,7 @@ class Storage:
         except (ValueError, OSError) as exc:  # pyarrow.lib.ArrowInvalid is a ValueError
             if wait_s > 0 and unreachable(exc):
                 raise  # a trial's store stayed away: not the user's input (Tune retries the trial)
-            raise UserError(f"tracking.storage: cannot use {uri!r} ({str(exc).splitlines()[0]}); give a "
+            raise UserError(f"tracking.storage: cannot use {uri!r} ({first_line(exc)}); give a "
                             "path, a shared filesystem path, or a URI such as s3://bucket/prefix") from None
         if isinstance(fs, _pafs().LocalFileSystem):
             from prunetune.atomic_fs import atomic_local_fs

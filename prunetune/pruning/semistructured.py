@@ -17,6 +17,8 @@ import time
 import torch
 from torch import nn
 
+from prunetune.errors import first_line
+
 log = logging.getLogger(__name__)
 
 BATCH = 256  # sparse kernels pay off on matrices, not at batch 1
@@ -31,10 +33,6 @@ def _device_failure(exc: BaseException) -> bool:
     """Out of memory, or a fault of the device itself: not a missing kernel, never swallowed."""
     kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None)) if k)
     return isinstance(exc, kinds)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _latency_ms(model: nn.Module, x: torch.Tensor) -> float:
@@ -71,7 +69,7 @@ def semi_structured_speedup(model: nn.Module, example: torch.Tensor, layers: lis
             except (RuntimeError, NotImplementedError) as exc:  # no kernel for this shape, dtype or GPU
                 if _device_failure(exc):
                     raise
-                log.warning("2:4 export: %s not converted: %s", name, _first_line(exc))
+                log.warning("2:4 export: %s not converted: %s", name, first_line(exc)[:300])
                 continue
             module.weight = nn.Parameter(sparse_weight, requires_grad=False)
             converted += 1
@@ -83,6 +81,6 @@ def semi_structured_speedup(model: nn.Module, example: torch.Tensor, layers: lis
     except (RuntimeError, NotImplementedError) as exc:  # a torch build without the sparse kernels
         if _device_failure(exc):
             raise
-        log.warning("2:4 export not measured: %s", _first_line(exc))
+        log.warning("2:4 export not measured: %s", first_line(exc)[:300])
         return {}
     return {"latency_ms_dense": dense_ms, "latency_ms_compact": sparse_ms, "measured_speedup": dense_ms / sparse_ms}

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from prunetune import metrics, plugins, registry
-from prunetune.errors import UserError
+from prunetune.errors import UserError, first_line
 from prunetune.spec import space as space_mod
 from prunetune.spec.dotted import del_dotted, get_dotted, set_dotted
 from prunetune.spec.schema import Spec, validate
@@ -49,7 +49,7 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise UserError(f"spec file {path}:{where}: YAML syntax error: {problem}") from None
     if data is None:
         raise UserError(f"spec file {path}: the file is empty; a spec needs at least `name:`")

@@ -99,8 +99,8 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     code = loaded.user_code() + teacher_code(teachers, loaded.path.parent if loaded.path else None)
     from prunetune.model_check import check_models
 
-    notes = [selection_note([o.metric for o in spec.search.objectives])]
-    notes = [n for n in notes if n] + check_models(loaded, dataset)  # a factory's bad model, a budget too small
+    on_test = selection_note([o.metric for o in spec.search.objectives])
+    notes = ([on_test] if on_test else []) + check_models(loaded, dataset)  # a bad factory or budget raises
     for note in notes:
         echo(note)
     paths = SweepPaths.of(spec.tracking.storage, spec.name)

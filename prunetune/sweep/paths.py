@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prunetune import tracking
-from prunetune.errors import UserError
+from prunetune.errors import UserError, first_line
 from prunetune.spec import SearchEntry, Spec, load
 from prunetune.storage import Storage
 
@@ -65,7 +65,7 @@ class SweepPaths:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise UserError(f"tracking.storage: cannot read {self.dir.uri} ({str(exc).splitlines()[0]})") from None
+            raise UserError(f"tracking.storage: cannot read {self.dir.uri} ({first_line(exc)})") from None
 
 
 class Located(NamedTuple):

@@ -12,7 +12,7 @@ from pathlib import Path
 import ray
 
 from prunetune import nodecheck
-from prunetune.errors import UserError
+from prunetune.errors import UserError, first_line
 from prunetune.spec import LoadedSpec
 from prunetune.storage import Storage
 
@@ -55,7 +55,7 @@ def check_nodes(storage: Storage, loaded: LoadedSpec, user_code: list[tuple[str,
     try:
         storage.write_text(f"{probe}/driver", probe)
     except OSError as exc:
-        raise UserError(f"tracking.storage: cannot write to {storage.uri} ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"tracking.storage: cannot write to {storage.uri} ({first_line(exc)})") from None
     try:
         if local:
             return

@@ -22,7 +22,7 @@ import ray
 from ray import tune
 
 from prunetune import search
-from prunetune.errors import error_text
+from prunetune.errors import error_text, first_line
 from prunetune.spec import LoadedSpec, Spec
 from prunetune.storage import Storage, unreachable
 from prunetune.sweep.paths import SweepPaths
@@ -150,7 +150,7 @@ class _StateUploads:
                 self._error = exc  # raised in the trial's own thread (access denied, a full disk...)
                 return
             log.warning("trial state %s not saved, the store did not answer (%s); the next due epoch "
-                        "saves it again", self.rel, str(exc).splitlines()[0][:300])
+                        "saves it again", self.rel, first_line(exc)[:300])
         finally:
             local.unlink(missing_ok=True)
 
