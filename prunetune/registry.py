@@ -32,6 +32,26 @@ DATASETS: dict[str, str] = {
     "medmnist": "prunetune.data.medmnist:load",
 }
 
+@dataclass(frozen=True)
+class Sampler:
+    """An Optuna sampler's registry entry: its builder (`target`, called as `target(loaded, seed)`,
+    in `samplers.py`), the packages it needs beyond optuna (`needs`: a sweep without them exits 2
+    naming search.sampler) and whether it handles several objectives."""
+
+    target: str
+    needs: tuple[str, ...] = ()
+    multi_objective: bool = True
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "tpe": Sampler("prunetune.samplers:tpe"),
+    "nsga2": Sampler("prunetune.samplers:nsga2"),
+    "random": Sampler("prunetune.samplers:random"),
+    "grid": Sampler("prunetune.samplers:grid"),
+    "cmaes": Sampler("prunetune.samplers:cmaes", needs=("cmaes",), multi_objective=False),
+}
+
+
 # Spec keys that act only with some criteria: a spec that sets one where its criterion (fixed,
 # not searched) would ignore it is refused, rather than silently doing nothing.
 CRITERION_KEYS = ("schedule.remove", "train.group_lasso")

@@ -1,9 +1,9 @@
-"""The spec's search space → Optuna: a define-by-run function, the samplers, and the grid's
-checks. (The stored study itself is `stored_study.py`.)
+"""The spec's search space → Optuna: a define-by-run function and the grid's checks. (The
+samplers are `samplers.py`; the stored study is `stored_study.py`.)
 
 `schedule.method` is sampled first, then `schedule.retrain` where the method uses it; a
 method-specific key (step_size, step_epochs, rewind_epoch, ...) is sampled only when the sampled
-method (and retraining) uses it (`spec.space.keys_used`). Imports optuna lazily (only the sweep
+method (and retraining) uses it (`spec.space.keys_used`). Imports no optuna (only the sweep
 needs it).
 """
 
@@ -75,21 +75,6 @@ def spec_of(loaded: LoadedSpec, config: dict) -> Spec:
     params = {k: v for k, v in config.items() if k != REPLICATE}
     spec = loaded.resolve(decode(loaded, params))
     return spec.model_copy(update={"seed": spec.seed + int(config.get(REPLICATE, 0))})
-
-
-def make_sampler(loaded: LoadedSpec, seed: int):
-    import optuna
-
-    search = loaded.fixed_spec().search
-    if search.sampler == "tpe":
-        # group=True lets multivariate TPE model a conditional (method-dependent) space
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                          n_startup_trials=min(10, max(2, search.num_trials // 3)))
-    if search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(grid(loaded), seed=seed)
 
 
 def grid(loaded: LoadedSpec) -> dict[str, list]:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from prunetune.registry import SAMPLERS
+
 import procs
 
 pytestmark = pytest.mark.slow
@@ -269,8 +271,9 @@ def _finished_before(tmp_path, name):
             for r in children if r.info.status == "FINISHED"}
 
 
-def test_sigkill_then_resume(tmp_path):
-    spec = write_spec(tmp_path, name="killed", trials=5, finetune=8)
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_sigkill_then_resume(tmp_path, sampler):
+    spec = write_spec(tmp_path, name="killed", trials=5, finetune=8, sampler=sampler)
     # trials of several seconds each, so some are still running when the driver is killed
     spec.write_text(spec.read_text().replace("image_size: 8", "image_size: 16")
                     .replace("batch_size: 128", "batch_size: 32"))
@@ -288,6 +291,20 @@ def test_sigkill_then_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     _check_resumed(tmp_path, "killed", 5, before)
     assert not resume.exists()  # removed once the sweep completes
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_runs_a_sweep(tmp_path, sampler):
+    """The contract over `registry.SAMPLERS` (a sampler added there is swept here): a 2-trial
+    sweep whose searcher Tune pickles into its state, on a space every sampler takes (choices)."""
+    spec = write_spec(tmp_path, name=sampler, trials=2, sampler=sampler, finetune=0.5)
+    spec.write_text(spec.read_text().replace("{uniform: [0.5, 0.9]}", "{choice: [0.5, 0.8]}")
+                    .replace("{int: [0, 1]}", "{choice: [0, 1]}"))
+    r = sweep([str(spec)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parents, children = runs_of(tmp_path, sampler)
+    assert len(children) == 2 and parents[0].info.status == "FINISHED"
+    assert all(run.info.status == "FINISHED" for run in children)
 
 
 def test_ctrl_c_exits_130_and_resumes(tmp_path):

@@ -233,12 +233,17 @@ class Objective(_Strict):
 
 
 class SearchSpec(_Strict):
-    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
+    sampler: str = "tpe"  # a name in registry.SAMPLERS
     # selection is on validation: choosing on test_* would bias the test score reported for the choice
     objectives: list[Objective] = Field(default_factory=lambda: [Objective(metric="val_acc", mode="max")], min_length=1)
     num_trials: int = Field(8, ge=1)
     early_stop: Literal["none", "asha"] = "none"
     replicates: int = Field(1, ge=1)
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        return _known(v, registry.SAMPLERS)
 
 
 class ResourcesSpec(_Strict):

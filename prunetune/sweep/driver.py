@@ -92,6 +92,9 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     if resume and restart:
         raise UserError("--resume and --restart: choose one")
     search.check(loaded)
+    from prunetune import samplers  # imports optuna
+
+    samplers.check(loaded)  # the sampler can run here
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri)
     dataset = load_dataset(spec.data)  # a missing or malformed data root (or a bad factory) fails here

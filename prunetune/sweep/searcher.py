@@ -5,7 +5,10 @@ when asked (their mean is what Optuna is told).
 What an Optuna user sees of the sweep's study: its objectives by name (`set_metric_names`), and
 on each Optuna trial the user attributes `trial_id` (Tune's trial) and `mlflow_run_id` (the
 trial's MLflow run, set once the store has made it, while the trial runs), so `optuna-dashboard`
-leads from a trial to its run. With replicates, these name the first replicate."""
+leads from a trial to its run. With replicates, these name the first replicate.
+
+Tune pickles this searcher with the sweep's state; its sampler is a `samplers.Rebuilt`, which
+pickles whatever the Optuna release (see `samplers.py`)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 from ray.tune.search import Repeater
 from ray.tune.search.optuna import OptunaSearch
 
-from prunetune import search
+from prunetune import samplers, search
 from prunetune.spec import LoadedSpec
 from prunetune.sweep import _compat
 from prunetune.sweep.mlflow_logger import run_id_of
@@ -70,7 +73,7 @@ def make_searcher(loaded: LoadedSpec, objectives: list[tuple[str, str]], seed: i
     # Objectives are always given as a list: OptunaSearch then reads them only from a trial's
     # last result (our final report), not from every per-epoch report.
     optuna_search = _OptunaSearch(space=search.DefineByRun(loaded), metric=[m for m, _ in objectives],
-                                  mode=[d for _, d in objectives], sampler=search.make_sampler(loaded, seed),
+                                  mode=[d for _, d in objectives], sampler=samplers.Rebuilt(loaded, seed),
                                   study_name=study_name, storage=storage, sweep=study_name or "")
     _compat.optuna_study(optuna_search).set_metric_names([m for m, _ in objectives])
     return optuna_search if replicates == 1 else _Replicates(optuna_search, replicates)
