@@ -130,10 +130,13 @@ def _history(tracker: tracking.Tracker, run_id: str, keys) -> list[dict]:
 
 def _best_pruned(done, objective: tuple[str, str]):
     """The best finished trial by the objective, among the pruned ones where there are any."""
+    from prunetune.metrics import selection_key
+
     metric, mode = objective
     pruned = done[done["schedule.sparsity"].astype(float) > 0]
     pool = pruned if not pruned.empty else done
-    return pool.loc[pool[metric].idxmax() if mode == "max" else pool[metric].idxmin()]
+    pool = pool.dropna(subset=[metric])
+    return pool.loc[min(pool.index, key=lambda i: selection_key(pool.at[i, metric], mode, pool.at[i, "trial_id"]))]
 
 
 def report(target: Path, out: Path | None, tracking_uri: str | None = None,

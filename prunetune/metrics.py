@@ -85,6 +85,13 @@ def selection_note(objectives: list[str]) -> str | None:
             "scores are optimistically biased; select on val_acc")
 
 
+def selection_key(value: float, mode: str, trial_id: str) -> tuple:
+    """The one order every selection of trials uses (the top table, the best run, the parent run's
+    best-trial tags, the report's best trial, `cka --top`): the first objective, best first, then
+    the trial id (ascending, as text) among trials that tie on it. Sort ascending by this key."""
+    return (-value if mode == "max" else value, trial_id)
+
+
 def shown_metrics(objectives: list[str]) -> list[str]:
     """The metrics a sweep's top table shows: the objectives, then test_acc beside them when it is
     not one (reported for the trials the objectives chose, never used to choose them)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.errors import ERROR_CHARS, UserError
+from prunetune.metrics import selection_key
 
 log = logging.getLogger(__name__)
 
@@ -255,14 +256,15 @@ class Tracker:
         return _record(runs[0]) if runs else None
 
     def best_trials(self, experiment: str, parent_run_id: str, metric: str, mode: str, top: int) -> list[RunRecord]:
-        """The sweep's `top` finished trial runs, best first by `metric`."""
-        order = "DESC" if mode == "max" else "ASC"
-        runs = self._mlflow.search_runs(
+        """The sweep's `top` finished trial runs, best first by `metric`, ties by trial id
+        (`metrics.selection_key`: the order of every selection)."""
+        runs = map(_record, self._mlflow.search_runs(
             [self.experiment_id(experiment)],
             filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_KIND}` = 'trial' "
-                          "and attributes.status = 'FINISHED'",
-            order_by=[f"metrics.{metric} {order}"], max_results=max(top, 0))
-        return [_record(r) for r in runs]
+                          "and attributes.status = 'FINISHED'", max_results=50_000))
+        ranked = sorted((r for r in runs if metric in r.metrics),
+                        key=lambda r: selection_key(r.metrics[metric], mode, r.trial_id or ""))
+        return ranked[:max(top, 0)]
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """Every (step, value) logged for a metric, in step order."""

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 
 from prunetune import plugins, search, stored_study, tracking
 from prunetune.errors import UserError
-from prunetune.metrics import selection_note, shown_metrics
+from prunetune.metrics import selection_key, selection_note, shown_metrics
 from prunetune.spec import LoadedSpec
 from prunetune.spec.space import fixed_schedule_value
 from prunetune.storage import storage_wait_s
@@ -61,10 +61,10 @@ class SweepResult:
     experiment_page: str | None = None  # the experiment's runs page on an MLflow server
 
     def ranked(self) -> list[dict]:
-        """The rows with a value of the first objective, best first."""
+        """The rows with a value of the first objective, best first (`metrics.selection_key`)."""
         metric, mode = self.objectives[0]
         done = [r for r in self.rows if r.get(metric) is not None]
-        return sorted(done, key=lambda r: r[metric], reverse=(mode == "max"))
+        return sorted(done, key=lambda r: selection_key(r[metric], mode, r["trial_id"]))
 
 
 def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:

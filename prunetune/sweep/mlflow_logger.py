@@ -19,7 +19,7 @@ from ray import tune
 
 from prunetune import search, tracking
 from prunetune.errors import ERROR_CHARS
-from prunetune.metrics import PER_EPOCH, is_metric
+from prunetune.metrics import PER_EPOCH, is_metric, selection_key
 from prunetune.spec import LoadedSpec
 from prunetune.storage import Storage
 from prunetune.sweep.paths import SweepPaths
@@ -272,8 +272,8 @@ class MlflowLogger(tune.Callback):
         self._finals += 1
         metric, mode = self.objective
         value = final.get(metric)
-        if value is not None and (self._best is None or (value > self._best[0] if mode == "max"
-                                                          else value < self._best[0])):
+        if value is not None and (self._best is None or selection_key(value, mode, tid)
+                                  < selection_key(self._best[0], mode, self._best[1])):
             self._best = (value, tid)
             self.submit({"op": "best", "of": tid, "value": value, "metrics": final, "step": self._finals,
                          "ts": _ms()})
