@@ -215,19 +215,14 @@ def _budget_spec(method, retrain, control, budget, **train):
     return s, TrainSpec(**{"dense_epochs": 4, "finetune_epochs": 2.0, "budget_epochs": budget, **train})
 
 
-def _own_epochs(s, train):
-    """A method's own epochs, by definition: what it trains with no fine-tuning and no budget."""
-    return schedules.trained_epochs(plan(s, train.model_copy(update={"finetune_epochs": 0.0, "budget_epochs": None}),
-                                         LAYERS))
-
-
 # own epochs here are at most 9 (lottery: 3 rounds × (4 − 1)); 9 is a budget with nothing left over
 @pytest.mark.parametrize("budget", [9, 12.5, 30, 101.3])
 @pytest.mark.parametrize("method,retrain,control", _budget_variants())
 def test_every_method_trains_exactly_the_budget_after_the_dense_phase(method, retrain, control, budget):
     s, train = _budget_spec(method, retrain, control, budget)
     phases = plan(s, train, LAYERS)
-    assert schedules.trained_epochs(phases) == pytest.approx(budget, abs=1e-9)
+    # a control's budget counts its ticket's mask-search rounds (see the control test below)
+    assert sum(p.epochs for p in phases) == pytest.approx(budget, abs=1e-9)
     assert all(p.epochs >= 0 for p in phases)
     # the budget changes how long, never what is pruned
     free = plan(s, train.model_copy(update={"budget_epochs": None}), LAYERS)
@@ -237,11 +232,11 @@ def test_every_method_trains_exactly_the_budget_after_the_dense_phase(method, re
 @pytest.mark.parametrize("method,retrain,control", _budget_variants())
 def test_a_budget_below_the_methods_own_steps_is_refused(method, retrain, control):
     s, train = _budget_spec(method, retrain, control, None)
-    own = _own_epochs(s, train)
+    own = sum(p.epochs for p in plan(s, train.model_copy(update={"finetune_epochs": 0.0}), LAYERS))
     if own == 0:  # oneshot with finetune prunes and fine-tunes: no step of its own
         return
     fits = plan(s, train.model_copy(update={"budget_epochs": own}), LAYERS)
-    assert schedules.trained_epochs(fits) == pytest.approx(own)
+    assert sum(p.epochs for p in fits) == pytest.approx(own)
     with pytest.raises(schedules.BudgetError, match=r"^train\.budget_epochs \(.*\) is less than the .* epochs"):
         plan(s, train.model_copy(update={"budget_epochs": own - 0.25}), LAYERS)
 
@@ -265,7 +260,7 @@ def test_the_remainder_goes_where_finetune_epochs_would():
 
 
 @pytest.mark.parametrize("method,retrain", [("lottery", "finetune"), ("iterative", "lr_rewind"),
-                                            ("oneshot", "reinit")])
+                                            ("oneshot", "reinit"), ("iterative", "weight_rewind")])
 def test_rewinding_retraining_gets_the_remainder_as_a_final_finetune(method, retrain):
     s, train = _budget_spec(method, retrain, "none", 20)
     phases = plan(s, train, LAYERS)
@@ -278,3 +273,41 @@ def test_rewinding_retraining_gets_the_remainder_as_a_final_finetune(method, ret
 def test_stand_in_layers_count_what_the_spec_knows():
     assert len(schedules.stand_in_layers("first:5")) == len(schedules.stand_in_layers("last:5")) == 5
     assert len(schedules.stand_in_layers("all")) == len(schedules.stand_in_layers(["features.*"])) == 1
+
+
+def _final_mask_epochs(phases) -> float:
+    """How long a plan trains the mask it ends with: from its last prune to its end."""
+    last = max(i for i, p in enumerate(phases) if p.prune is not None)
+    return sum(p.epochs for p in phases[last:])
+
+
+@pytest.mark.parametrize("budget", [None, 12, 15, 40])
+def test_the_controls_train_their_final_mask_exactly_as_long_as_the_ticket(budget):
+    """A 4-round lottery (dense 3, rewind 0): the ticket trains its final mask for its last round
+    plus the budget's remainder (15: 3 + 3); the reinit and shuffle controls train the ticket's
+    mask exactly as long (they trained it for 3 + 12 before)."""
+    from prunetune.spec import ScheduleSpec, TrainSpec
+
+    train = TrainSpec(dense_epochs=3, finetune_epochs=2.0, budget_epochs=budget)
+    ticket = ScheduleSpec(method="iterative", retrain="weight_rewind", sparsity=0.8, step_size=0.2, rewind_epoch=0)
+    reinit = ticket.model_copy(update={"retrain": "reinit"})
+    shuffle = ticket.model_copy(update={"mask_control": "shuffle"})
+    lottery = ScheduleSpec(method="lottery", sparsity=0.8, step_size=0.2, rewind_epoch=0)
+    plans = {name: plan(s, train, LAYERS) for name, s in
+             [("ticket", ticket), ("reinit", reinit), ("shuffle", shuffle), ("lottery", lottery)]}
+    assert [p.prune.target for p in plans["ticket"] if p.prune] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    expected = 3 + (budget - 12 if budget else 0)
+    assert {name: _final_mask_epochs(p) for name, p in plans.items()} == pytest.approx(
+        dict.fromkeys(plans, expected))
+    # the controls search the ticket's mask with the ticket's own rounds, not counted as their training
+    assert [p.mask_search for p in plans["reinit"] if p.prune] == [True, True, True, False]
+
+
+def test_finetune_final_lr_under_a_budget_stays_at_the_final_rate():
+    """Renda et al.'s fine-tuning baseline: its remainder trains on at the dense schedule's final
+    rate (it restarted at the peak rate before)."""
+    s, train = _budget_spec("iterative", "finetune_final_lr", "none", 20)
+    phases = plan(s, train, LAYERS)
+    assert all(p.final_lr for p in phases)
+    assert phases[-1].name == "finetune" and not phases[-1].restart
+    assert sum(p.epochs for p in phases) == pytest.approx(20)

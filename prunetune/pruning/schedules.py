@@ -239,29 +239,42 @@ class _Finetune:
         return getattr(self._train, name)
 
 
+def _planned_epochs(phases: Sequence[Phase]) -> float:
+    """Every phase's epochs, a control's mask-search rounds included: what the budget is measured
+    against, so a control gets the remainder its ticket gets."""
+    return sum(p.epochs for p in phases)
+
+
 def _within_budget(schedule, train, layers: list[str]) -> list[Phase]:
-    """The method's phases; with `train.budget_epochs` N, trained epochs total exactly N.
+    """The method's phases; with `train.budget_epochs` N, its phases total exactly N epochs.
 
     Methods are linear in finetune_epochs, so planning with 0 and 1 tells any method's own epochs
     and how many of its phases take finetune_epochs (ist: one per cycle; dsd: its re-dense phase).
     The remainder of N is split over those; a plan without one (rewinding retraining) gets it as a
-    final fine-tuning phase: a fresh optimiser, the spec's lr schedule over the remainder."""
+    final fine-tuning phase: a fresh optimiser, the spec's lr schedule over the remainder, or
+    with finetune_final_lr the dense schedule's final rate (Renda et al.'s fine-tuning, made
+    longer). A control (reinit, shuffle) counts the ticket's rounds that find its mask: it gets
+    the ticket's remainder, so it trains its final mask exactly as long as the ticket does (its
+    last round plus that remainder), as Frankle & Carbin's controls train like the ticket's last
+    training run."""
     method = METHODS[schedule.method].plan
     budget = getattr(train, "budget_epochs", None)
     if budget is None:
         return method(schedule, train, layers)
     bare = method(schedule, _Finetune(train, 0.0), layers)
-    own = trained_epochs(bare)
+    own = _planned_epochs(bare)
     if own > budget + 1e-9:
         raise BudgetError(f"train.budget_epochs ({budget:g}) is less than the {own:g} epochs that "
                           f"{_method_name(schedule)} trains in its own steps ({_runs(bare)}), before "
                           "any fine-tuning; raise the budget or shorten the steps")
-    takers = round(trained_epochs(method(schedule, _Finetune(train, 1.0), layers)) - own)
+    takers = round(_planned_epochs(method(schedule, _Finetune(train, 1.0), layers)) - own)
     remainder = budget - own
     if takers:
         return method(schedule, _Finetune(train, remainder / takers), layers)
     if remainder <= 1e-9:
         return bare
+    if bare[-1].final_lr:  # fine-tuning at the final rate goes on at it
+        return bare + [Phase("finetune", remainder, final_lr=True)]
     return bare + [Phase("finetune", remainder, restart=True, lr_horizon=remainder)]
 
 
@@ -273,10 +286,11 @@ def _method_name(schedule) -> str:
 
 
 def _runs(phases: Sequence[Phase]) -> str:
-    """The trained phases' epochs, equal neighbours grouped: '14 × 1', '1 + 4 × 1.5'."""
+    """The phases' epochs (a control's mask-search rounds too), equal neighbours grouped: '14 × 1',
+    '1 + 4 × 1.5'."""
     runs: list[list] = []
     for p in phases:
-        if p.mask_search or p.epochs <= 0:
+        if p.epochs <= 0:
             continue
         if runs and runs[-1][1] == p.epochs:
             runs[-1][0] += 1
