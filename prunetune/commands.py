@@ -160,12 +160,14 @@ def report(target: Path, out: Path | None, tracking_uri: str | None = None,
     df = report_files.runs_frame(runs)
     objectives = [(o.metric, o.mode) for o in spec.search.objectives]
     done = report_files.finished(df)
-    best_history, dense = None, None
+    best_history, dense, best_title = None, None, ""
     if not done.empty and objectives[0][0] in done.columns:
         best = _best_pruned(done, objectives[0])
         best_history = _history(tracker, best["run_id"], metrics.PER_EPOCH)
         dense = int(best.get("train.dense_epochs", 0)) or None
-    files = report_files.write(df, objectives, out, spec.name, best_history, dense)
+        best_title = (f"best trial {best['trial_id']} by {objectives[0][0]}, {best['schedule.method']} at "
+                      f"sparsity {float(best['schedule.sparsity']):.0%}")
+    files = report_files.write(df, objectives, out, spec.name, best_history, dense, best_title)
     study = stored_study.load(located.study_url, spec.name) if located.study_url else None
     if study is not None:
         names = [m for m, _ in objectives]

@@ -34,6 +34,7 @@ TAG_NODE_ID = "prunetune.node_id"  # its Ray node id (nodes of one machine share
 TAG_GPU_IDS = "prunetune.gpu_ids"  # the GPU ids Ray gave the trial ("" for none)
 TAG_RESUMED = "prunetune.resumed_from_epoch"  # a trial that continued its saved state (resume, retry)
 TAG_ERROR = "prunetune.error"  # a failed trial's error text
+TAG_DENSE = "prunetune.dense_hash"  # a trial's dense phase (Spec.dense_hash): the report's dense references
 TAG_STATE = "prunetune.state"  # "stopped_early": ended by ASHA before its final evaluation
 TAG_BEST_RUN = "prunetune.best_run_id"  # on a sweep's parent run: its best trial's run (by the objective)
 TAG_BEST_TRIAL = "prunetune.best_trial_id"
@@ -282,7 +283,8 @@ class Tracker:
         """A trial's run: its tags (kind, config hash, and `tags`) and every resolved spec key as
         a param."""
         return self.start_run(experiment, run_name or spec.schedule.method,
-                              {TAG_KIND: "trial", TAG_CONFIG_HASH: spec.config_hash(), **tags},
+                              {TAG_KIND: "trial", TAG_CONFIG_HASH: spec.config_hash(),
+                               TAG_DENSE: spec.dense_hash(), **tags},
                               spec.flat(), parent_run_id=parent_run_id)
 
     def finish_trial_run(self, run_id: str, artifacts: Path | None = None) -> None:

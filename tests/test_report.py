@@ -31,7 +31,7 @@ def frame():
             for replicate in range(3):
                 rows.append({"run_id": f"r{len(rows)}", "trial_id": f"t{len(rows)}", "state": "FINISHED",
                              "replicate": replicate, "schedule.method": method, "schedule.sparsity": sparsity,
-                             "schedule.layers": f"first:{replicate + 1}", "seed": replicate,
+                             "schedule.layers": "all", "seed": replicate,
                              "test_acc": float(rng.uniform(0.6, 0.9)),
                              "nonzero_params": float(rng.integers(100, 1000))})
     rows.append({**rows[0], "run_id": "bad", "trial_id": "tx", "state": "FAILED", "test_acc": np.nan})
@@ -57,7 +57,8 @@ def test_summary_matches_a_hand_computed_groupby(tmp_path):
 def test_write_produces_every_file(tmp_path):
     df = frame()
     history = [{"epoch": e, "train_loss": 1 / (e + 1), "val_acc": e / 10, "sparsity": 0.1 * e} for e in range(6)]
-    files = report.write(df, [("test_acc", "max"), ("nonzero_params", "min")], tmp_path, "t", history, 2)
+    layers = df.assign(**{"schedule.layers": [f"first:{i % 3 + 1}" for i in range(len(df))]})
+    files = report.write(layers, [("test_acc", "max"), ("nonzero_params", "min")], tmp_path, "t", history, 2)
     names = {f.name for f in files}
     assert names == {"results.csv", "summary.md", "accuracy_vs_sparsity.png", "pareto.png", "curves.png",
                      "layers_pruned.png"}
@@ -65,7 +66,7 @@ def test_write_produces_every_file(tmp_path):
         assert f.stat().st_size > 0
     assert len(pd.read_csv(tmp_path / "results.csv")) == len(df)
     # one objective and no layer subsets: no Pareto plot, no layers plot
-    files = report.write(df.assign(**{"schedule.layers": "all"}), [("test_acc", "max")], tmp_path / "b", "t")
+    files = report.write(df, [("test_acc", "max")], tmp_path / "b", "t")
     assert {f.name for f in files} == {"results.csv", "summary.md", "accuracy_vs_sparsity.png"}
 
 
@@ -177,9 +178,71 @@ def test_retraining_variants_are_kept_apart():
     df = frame()
     df["schedule.retrain"] = ["weight_rewind" if i % 2 else "reinit" for i in range(len(df))]
     summary = report.summarize(df, ["test_acc"])
-    methods = set(summary.index.get_level_values(0))
-    assert {"oneshot · reinit", "oneshot · weight_rewind", "iterative · reinit", "layerwise"} <= methods
-    assert "layerwise · reinit" not in methods  # layerwise never retrains that way
+    cells = {(m, r) for m, r, _ in summary.index}
+    assert {("oneshot", "reinit"), ("oneshot", "weight_rewind"), ("iterative", "reinit"), ("layerwise", "—")} <= cells
+    assert ("layerwise", "reinit") not in cells  # layerwise never retrains that way: one cell
+    labels = set(report.with_configurations(df)["configuration"])
+    assert {"oneshot · retrain=reinit", "iterative · retrain=weight_rewind", "layerwise"} <= labels
+
+
+def _grid(seeds=2):
+    """A grid over criterion × mask_control × dense_epochs at one sparsity, `seeds` replicates
+    each (the at-init study's shape), and an iterative arm whose step_size varies."""
+    rows = []
+    for criterion in ("snip", "synflow"):
+        for control in ("none", "shuffle"):
+            for dense_epochs in (0, 6):
+                for seed in range(seeds):
+                    acc = {0: 0.5, 6: 0.9}[dense_epochs] + (0.05 if control == "none" else 0) + 0.01 * seed
+                    rows.append({"run_id": f"r{len(rows)}", "trial_id": f"t{len(rows):02d}", "state": "FINISHED",
+                                 "replicate": seed, "dense_phase": f"d{dense_epochs}s{seed}", "seed": seed,
+                                 "schedule.method": "oneshot", "schedule.sparsity": 0.97,
+                                 "schedule.criterion": criterion, "schedule.mask_control": control,
+                                 "schedule.step_size": 0.2, "train.dense_epochs": dense_epochs,
+                                 "test_acc": acc, "dense_test_acc": {0: 0.1, 6: 0.95}[dense_epochs] + 0.001 * seed})
+    return pd.DataFrame(rows)
+
+
+def test_every_key_a_sweep_varies_is_a_dimension_and_a_cell_is_one_configuration():
+    df = _grid()
+    assert report.dimensions(df) == ["schedule.criterion", "schedule.mask_control", "train.dense_epochs"]
+    summary = report.summarize(df, ["test_acc"])
+    assert len(summary) == 8 and set(summary["test_acc"]["count"]) == {2}  # 8 configurations × 2 seeds
+    row = summary["test_acc"].loc[("oneshot", "snip", "shuffle", "0", 0.97)]
+    assert row["mean"] == pytest.approx(0.505)
+    text = report.summary_markdown(summary, ["test_acc"], "t", df)
+    assert "| method | criterion | mask_control | dense_epochs | sparsity | test_acc |" in text
+    assert "| oneshot | snip | shuffle | 0 | 97% | 0.5050 ± 0.0071 (n=2) |" in text
+    # one dense reference per dense phase, by the varied key it depends on: not 0.48 ± 0.5 over both
+    assert "| dense_epochs | dense_test_acc |" in text
+    assert "| 0 | 0.1005 ± 0.0007 (n=2) |" in text and "| 6 | 0.9505 ± 0.0007 (n=2) |" in text
+
+
+def test_a_key_only_some_methods_read_splits_only_their_cells():
+    df = _grid(seeds=1)
+    iterative = df.iloc[:4].assign(**{"schedule.method": "iterative", "schedule.step_size": [0.1, 0.2, 0.1, 0.2],
+                                      "trial_id": ["i0", "i1", "i2", "i3"], "schedule.criterion": "snip",
+                                      "schedule.mask_control": "none", "train.dense_epochs": 6})
+    df = pd.concat([df, iterative], ignore_index=True)
+    step = 1 + report.dimensions(df).index("schedule.step_size")
+    summary = report.summarize(df, ["test_acc"])
+    assert {c[step] for c in summary.index if c[0] == "oneshot"} == {"—"}  # oneshot never reads step_size
+    assert {c[step] for c in summary.index if c[0] == "iterative"} == {"0.1", "0.2"}
+
+
+def test_figures_draw_one_line_per_configuration_with_the_legend_beside_the_plot(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: saved.append(fig))
+    report.accuracy_vs_sparsity(_grid(), "test_acc", tmp_path / "a.png", "t")
+    [fig] = saved
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "oneshot · criterion=snip · mask_control=shuffle · dense_epochs=0" in labels
+    assert sum(" · " in x for x in labels) == 8  # the configurations
+    assert sum(x.startswith("dense (unpruned, dense_epochs=") for x in labels) == 2  # a reference per dense phase
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # covers no line
 
 
 def test_each_cell_shows_the_mean_epochs_trained_behind_it():
