@@ -113,7 +113,7 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
     if dry_run:
         prepared = sweep_mod.prepare(loaded, resume=resume, restart=restart,
                                      echo=lambda line: click.echo(line, err=True))
-        click.echo(sweep_mod.plan_text(loaded, prepared.paths, prepared.uri))
+        click.echo(sweep_mod.plan_text(loaded, prepared.paths, prepared.uri, prepared.dataset))
         return
     try:
         result = sweep_mod.run_sweep(loaded, spec_path, resume=resume, restart=restart, address=address,

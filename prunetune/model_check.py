@@ -57,11 +57,11 @@ class LayerSelection:
         return self._built[key]
 
 
-def variants(loaded: LoadedSpec) -> list[Spec]:
-    """The fixed spec and the specs of the searched model and data values: every combination
-    (of choices, and of both ends of ranges) where there are at most MAX_COMBINATIONS, else each
-    value alone with the others at their first."""
-    keys = [k for k in loaded.space if k.startswith(("model.", "data."))]
+def variants(loaded: LoadedSpec, keys: tuple[str, ...] = ("model.", "data.")) -> list[Spec]:
+    """The fixed spec and the specs of the searched values of `keys` (prefixes; default the model
+    and the data): every combination (of choices, and of both ends of ranges) where there are at
+    most MAX_COMBINATIONS, else each value alone with the others at their first."""
+    keys = [k for k in loaded.space if k.startswith(keys)]
     base = {k: e.probe_values()[0] for k, e in loaded.space.items()}
     values = [loaded.space[k].probe_values() for k in keys]
     if len(list(itertools.islice(itertools.product(*values), MAX_COMBINATIONS + 1))) <= MAX_COMBINATIONS:
@@ -89,3 +89,31 @@ def check_models(loaded: LoadedSpec, dataset: Dataset) -> list[str]:
     if budget:
         check_with_layers(loaded, selections[fixed_data])
     return [note for s in selections.values() for note in s.notes]
+
+
+ROUND_KEYS = ("schedule.method", "schedule.sparsity", "schedule.step_size", "schedule.step_rule", "schedule.scope",
+              "schedule.layers", "model.", "data.")
+
+
+def merged_rounds(loaded: LoadedSpec, dataset: Dataset) -> list[str]:
+    """What `--dry-run` says of pruning rounds that merge (`schedules.step_targets`: a round that
+    would remove less than one weight in every layer joins the one before), for the spec and the
+    searched values that set the rounds (`variants`; a range by its ends). Builds the models only
+    where a method prunes in rounds."""
+    lines, selection = [], LayerSelection(dataset)
+    for spec in variants(loaded, ROUND_KEYS):
+        s = spec.schedule
+        if not schedules.key_is_used(s.method, "step_size") or spec.data != loaded.fixed_spec().data:
+            continue
+        model, _ = selection.build(spec)
+        modules = dict(model.named_modules())
+        sizes = {n: modules[n].weight.numel() for n in selection(spec)}
+        raw = schedules.step_targets(s.sparsity, s.step_size, s.step_rule)
+        merged = schedules.step_targets(s.sparsity, s.step_size, s.step_rule, schedules.round_weights(s.scope, sizes))
+        line = (f"  rounds: {s.method} to sparsity {s.sparsity:g} in {s.step_rule} steps of {s.step_size:g}: "
+                f"{len(merged)}, not {len(raw)}: {len(raw) - len(merged)} would remove less than one weight in "
+                f"every layer and merge with the round before (the last round now "
+                f"{merged[-2] if len(merged) > 1 else 0:.9g} → {merged[-1]:g})")
+        if len(merged) < len(raw) and line not in lines:
+            lines.append(line)
+    return lines

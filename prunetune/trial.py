@@ -131,19 +131,27 @@ class Trial:
 
     def criteria_context(self) -> Context:
         """What the criteria that score through the model use: the model, an example input and
-        training batches (max(batch_size, 10 × classes) samples, drawn with the trial's seed)."""
+        training batches (max(batch_size, 10 × classes) samples, drawn with the trial's seed);
+        for grasp, `samples_per_class` of each class (the first of each in the same draw), in
+        class order, as two batches."""
         n = self.data.size("train")
         gen = torch.Generator().manual_seed(self.spec.seed)
-        order = torch.randperm(n, generator=gen)[:min(n, max(self.spec.train.batch_size, 10 * self.num_classes))]
-        size = self.spec.train.batch_size
+        drawn = torch.randperm(n, generator=gen)
+        order = drawn[:min(n, max(self.spec.train.batch_size, 10 * self.num_classes))]
+        labels = self.data.y["train"].cpu()[drawn]
+        per_class = self.spec.schedule.samples_per_class
+        balanced = torch.cat([drawn[labels == c][:per_class] for c in range(self.num_classes)])
 
-        def batches():
-            for start in range(0, len(order), size):
-                index = order[start:start + size].to(self.device)
-                yield self.data.prepare(self.data.images_of("train", index)), self.data.y["train"][index]
+        def batches_of(index: torch.Tensor, size: int):
+            def batches():
+                for start in range(0, len(index), size):
+                    part = index[start:start + size].to(self.device)
+                    yield self.data.prepare(self.data.images_of("train", part)), self.data.y["train"][part]
+            return batches
 
-        return Context(self.model, self.example, batches, self.spec.schedule.synflow_iters,
-                       tuple(self.spec.schedule.n_m))
+        return Context(self.model, self.example, batches_of(order, self.spec.train.batch_size),
+                       self.spec.schedule.synflow_iters, tuple(self.spec.schedule.n_m),
+                       balanced=batches_of(balanced, max(1, (len(balanced) + 1) // 2)))
 
     def prune(self, target: float, layers: list[str], scope: str, generator: torch.Generator,
               shuffle: bool = False) -> None:
@@ -273,7 +281,9 @@ class Trial:
     def plan(self) -> list[schedules.Phase]:
         """The phases after the dense phase."""
         try:
-            return schedules.plan(self.spec.schedule, self.spec.train, self.selected)
+            modules = dict(self.model.named_modules())
+            sizes = {n: modules[n].weight.numel() for n in self.selected}
+            return schedules.plan(self.spec.schedule, self.spec.train, sizes)
         except schedules.BudgetError as exc:  # train.budget_epochs below the selected layers' steps
             raise UserError(str(exc)) from None
 

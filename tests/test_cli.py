@@ -127,3 +127,16 @@ def test_the_sweep_table_chooses_by_the_objective_and_reports_test_acc(capsys):
     header = next(line for line in out.splitlines() if "trial" in line and "MLflow run" in line)
     assert header.index("val_acc") < header.index("test_acc")
     assert "0.97" in out and "best run: run2 (trial t2)" in out
+
+
+def test_the_dry_run_shows_a_pruning_round_that_merges(tmp_path):
+    spec = write(tmp_path, """
+        name: merge
+        data: {dataset: digits, image_size: 8}
+        schedule: {method: {choice: [lottery, oneshot]}, sparsity: 0.87, step_size: 0.01, step_rule: geometric}
+        """)
+    r = prunetune(["sweep", str(spec), "--dry-run"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [line] = [x for x in r.stdout.splitlines() if x.strip().startswith("rounds:")]
+    assert "lottery to sparsity 0.87 in geometric steps of 0.01: 203, not 204" in line
+    assert not (tmp_path / "mlruns").exists()

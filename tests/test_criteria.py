@@ -277,3 +277,27 @@ def test_a_2_4_export_torch_cannot_run_is_a_warning_not_a_failed_trial(monkeypat
     with caplog.at_level("WARNING", logger="prunetune.pruning.semistructured"):
         assert semistructured.semi_structured_speedup(model, torch.randn(1, 128), ["1"]) == {}
     assert "2:4 export: 1 not converted" in caplog.text and "Only CUDA tensors" in caplog.text
+
+
+def test_grasp_scores_on_its_authors_class_balanced_sample():
+    """alecwangcq/GraSP's `GraSP_fetch_data`: samples_per_class (25) training images of each class,
+    ordered by class, scored in two halves; the other criteria keep their seeded sample."""
+    trial = Trial(spec.validate(digits_raw(schedule__criterion="grasp")))
+    context = trial.criteria_context()
+    halves = [y for _, y in context.balanced()]
+    assert [len(y) for y in halves] == [125, 125]
+    labels = torch.cat(halves)
+    assert labels.tolist() == sorted(labels.tolist())  # in class order, as theirs
+    assert torch.bincount(labels).tolist() == [25] * 10
+    fewer = Trial(spec.validate(digits_raw(schedule__criterion="grasp", schedule__samples_per_class=3)))
+    assert sum(len(y) for _, y in fewer.criteria_context().balanced()) == 30
+    assert sum(len(y) for _, y in context.batches()) == 100  # max(batch_size 64, 10 × classes)
+    # grasp scores on the balanced sample, not on the other batches
+    model, layers = _model()
+    def unused():
+        raise AssertionError("grasp scored on the other criteria's batches")
+
+    ctx = criteria.Context(model, torch.zeros(1, 1, 8, 8), unused, balanced=_context(model).batches)
+    masks = Masks(model, layers)
+    masks.prune(0.5, criteria.grasp, context=ctx)
+    assert masks.sparsity() == pytest.approx(0.5, abs=1e-3)

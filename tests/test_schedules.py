@@ -311,3 +311,20 @@ def test_finetune_final_lr_under_a_budget_stays_at_the_final_rate():
     assert all(p.final_lr for p in phases)
     assert phases[-1].name == "finetune" and not phases[-1].restart
     assert sum(p.epochs for p in phases) == pytest.approx(20)
+
+
+def test_a_round_that_would_remove_less_than_one_weight_merges_with_the_round_before():
+    raw = schedules.step_targets(0.87, 0.01, "geometric")
+    assert len(raw) == 204 and raw[-2] == pytest.approx(0.869999655, abs=1e-9) and raw[-1] == 0.87
+    merged = schedules.step_targets(0.87, 0.01, "geometric", weights=10_000)  # 0.0035 of a weight
+    assert merged == raw[:-2] + [0.87]
+    assert schedules.step_targets(0.87, 0.01, "geometric", weights=10_000_000) == raw  # 3.5 weights: kept
+    assert schedules.step_targets(0.9000001, 0.3, "fixed", weights=1000) == [0.3, 0.6, 0.9000001]
+    # a trial's plan knows its layers' sizes: global scope counts all of them, layer scope the largest
+    s = SimpleNamespace(method="lottery", sparsity=0.87, step_size=0.01, step_rule="geometric", rewind_epoch=0,
+                        scope="global", retrain="weight_rewind", mask_control="none", step_epochs=1)
+    train = SimpleNamespace(dense_epochs=2, finetune_epochs=0, budget_epochs=None)
+    rounds = [p.prune.target for p in plan(s, train, {"a": 6_000, "b": 4_000}) if p.prune]
+    assert rounds == merged
+    assert len([p for p in plan(s, train, ["a", "b"]) if p.prune]) == 204  # names only: sizes unknown
+    assert schedules.round_weights("layer", {"a": 6_000, "b": 4_000}) == 6_000

@@ -39,6 +39,9 @@ class Context:
     batches: Batches = field(default=lambda: iter(()))
     synflow_iters: int = 100
     n_m: tuple[int, int] = (2, 4)
+    # grasp: `samples_per_class` training images of each class, in class order, as two batches
+    # (its authors' sample); None: `batches`
+    balanced: Batches | None = None
 
 
 class Pruner:
@@ -160,7 +163,10 @@ class Grasp(_ScoredThroughModel):
     (removing them reduces gradient flow least); here negated, as lowest-first. Logits are divided
     by the temperature of the authors' code (200) in the gradient passes. In training mode, as the
     authors' code scores: alecwangcq/GraSP's pruner scores a copy of the freshly built network,
-    whose `.eval()` is commented out (Synaptic-Flow's re-implementation scores it in eval mode)."""
+    whose `.eval()` is commented out (Synaptic-Flow's re-implementation scores it in eval mode).
+    On their sample: `schedule.samples_per_class` (25) training images of each class, ordered by
+    class and passed as two halves (`Context.balanced`). Unlike their code, linear layers are not
+    re-initialised (xavier) before scoring: the trial's network is scored as it is."""
 
     name = "grasp"
     train_mode = True
@@ -168,10 +174,11 @@ class Grasp(_ScoredThroughModel):
 
     def scores(self, masks, layers, context):
         model, T = context.model, self.temperature
+        batches = context.balanced or context.batches
         weights = [masks.weights[n] for n in layers]
-        g = list(_gradients(model, context.batches, dict(zip(layers, weights)), T).values())  # no graph kept
+        g = list(_gradients(model, batches, dict(zip(layers, weights)), T).values())  # no graph kept
         hg = [torch.zeros_like(w) for w in weights]
-        for x, y in context.batches():  # Hg: the gradient of gᵀ∇L
+        for x, y in batches():  # Hg: the gradient of gᵀ∇L
             grad = torch.autograd.grad(F.cross_entropy(model(x) / T, y), weights, create_graph=True)
             z = sum((gi.detach() * d).sum() for gi, d in zip(g, grad))
             for h, d in zip(hg, torch.autograd.grad(z, weights)):

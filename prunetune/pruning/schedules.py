@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,41 @@ class Phase:
     mask_search: bool = False
 
 
-def step_targets(sparsity: float, step_size: float, rule: str = "fixed") -> list[float]:
+def step_targets(sparsity: float, step_size: float, rule: str = "fixed", weights: int | None = None) -> list[float]:
     """The sparsity after each pruning step, the last clipped to `sparsity` exactly.
 
     fixed: step_size, 2·step_size, …; geometric: step_size of the surviving weights each step,
-    1 − (1 − step_size)^k (the lottery-ticket papers' rate)."""
+    1 − (1 − step_size)^k (the lottery-ticket papers' rate). `weights`: how many weights a round's
+    increment is a fraction of (`round_weights`); a round that would remove less than one of them,
+    and so less than one weight in every layer, merges with the round before it (which goes on to
+    its target): with 0.87 in geometric steps of 0.01, round 204 (0.869999655 → 0.87) would cost
+    a whole retraining round for nothing."""
     if sparsity <= 0:
         return []
     if rule == "geometric":
         count = math.ceil(math.log1p(-sparsity) / math.log1p(-step_size) - 1e-9)
-        return [round(min(1 - (1 - step_size) ** k, sparsity), 12) for k in range(1, count + 1)]
-    count = math.ceil(sparsity / step_size - 1e-9)
-    return [round(min(k * step_size, sparsity), 12) for k in range(1, count + 1)]
+        targets = [round(min(1 - (1 - step_size) ** k, sparsity), 12) for k in range(1, count + 1)]
+    else:
+        count = math.ceil(sparsity / step_size - 1e-9)
+        targets = [round(min(k * step_size, sparsity), 12) for k in range(1, count + 1)]
+    if weights is None:
+        return targets
+    merged: list[float] = []
+    for t in targets:
+        if merged and (t - merged[-1]) * weights < 1:
+            merged[-1] = t
+        else:
+            merged.append(t)
+    return merged
+
+
+def round_weights(scope: str, layers) -> int | None:
+    """What a round's increment of sparsity is a fraction of, where `layers` maps each selected
+    layer to its number of weights: all of them with global scope (one threshold: a round may take
+    its weights from any layer), the largest layer's with per-layer targets. None: sizes unknown."""
+    if not isinstance(layers, Mapping) or not layers:
+        return None
+    return sum(layers.values()) if scope == "global" else max(layers.values())
 
 
 def _one_lr_schedule(phases: list[Phase]) -> list[Phase]:
@@ -121,7 +144,7 @@ def oneshot(s, train, layers: Sequence[str]) -> list[Phase]:
 
 
 def iterative(s, train, layers: Sequence[str], retrain: str | None = None) -> list[Phase]:
-    targets = step_targets(s.sparsity, s.step_size, s.step_rule)
+    targets = step_targets(s.sparsity, s.step_size, s.step_rule, round_weights(s.scope, layers))
     retrain = retrain or s.retrain
     if retrain != "finetune":
         return _retraining_rounds(s, train, targets, retrain)
@@ -195,9 +218,11 @@ METHODS: dict[str, Method] = {
 }
 
 
-def plan(schedule, train, layers: Sequence[str]) -> list[Phase]:
-    """The phases after the dense phase for `schedule.method`, over the selected `layers`."""
-    phases = _within_budget(schedule, train, list(layers))
+def plan(schedule, train, layers: Sequence[str] | Mapping[str, int]) -> list[Phase]:
+    """The phases after the dense phase for `schedule.method`, over the selected `layers` (names,
+    or a mapping of each name to its number of weights: a trial's, which merges near-empty
+    rounds, see `step_targets`)."""
+    phases = _within_budget(schedule, train, layers)
     if getattr(schedule, "mask_control", "none") == "shuffle":
         phases = _shuffle_last_prunes(phases, layers)
     return phases
@@ -245,7 +270,7 @@ def _planned_epochs(phases: Sequence[Phase]) -> float:
     return sum(p.epochs for p in phases)
 
 
-def _within_budget(schedule, train, layers: list[str]) -> list[Phase]:
+def _within_budget(schedule, train, layers: Sequence[str] | Mapping[str, int]) -> list[Phase]:
     """The method's phases; with `train.budget_epochs` N, its phases total exactly N epochs.
 
     Methods are linear in finetune_epochs, so planning with 0 and 1 tells any method's own epochs

@@ -180,6 +180,7 @@ class ScheduleSpec(_Strict):
     # the sanity check of Frankle et al. (2021): after each prune, permute each layer's mask
     mask_control: Literal["none", "shuffle"] = "none"
     synflow_iters: int = Field(100, ge=1)  # synflow: scoring rounds, density falling exponentially
+    samples_per_class: int = Field(25, ge=1)  # grasp: training images of each class it scores on (its authors' 25)
     n_m: list[int] = Field(default_factory=lambda: [2, 4])  # l1_nm: N of every M input weights survive
 
     @field_validator("n_m")
@@ -359,7 +360,7 @@ class Spec(_Strict):
         s = self.schedule
         return _hash({"dense": self.dense_hash(), "targets": targets, "criterion": s.criterion, "scope": s.scope,
                       "layers": s.layers, "rewind_epoch": s.rewind_epoch, "synflow_iters": s.synflow_iters,
-                      "n_m": s.n_m})
+                      "n_m": s.n_m, **({"samples_per_class": s.samples_per_class} if s.criterion == "grasp" else {})})
 
 
 def _hash(obj: Any) -> str:

@@ -67,8 +67,9 @@ class SweepResult:
         return sorted(done, key=lambda r: selection_key(r[metric], mode, r["trial_id"]))
 
 
-def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
-    """What `prunetune sweep --dry-run` prints."""
+def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str, dataset=None) -> str:
+    """What `prunetune sweep --dry-run` prints; with the spec's `dataset`, also the pruning rounds
+    that merge (`model_check.merged_rounds`)."""
     spec = loaded.fixed_spec()
     replicates = f" × {spec.search.replicates} seeds" if spec.search.replicates > 1 else ""
     lines = [f"sweep {spec.name}: {spec.search.num_trials} trials{replicates}, sampler {spec.search.sampler}, "
@@ -80,6 +81,10 @@ def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str) -> str:
              f"  state: {paths.dir.uri}", f"  tracking: {uri}", "  search space:"]
     for key, entry in loaded.space.items():
         lines.append(f"    {key}: {entry.kind} {list(entry.args)}" + (f" step {entry.step}" if entry.step else ""))
+    if dataset is not None:
+        from prunetune.model_check import merged_rounds
+
+        lines += merged_rounds(loaded, dataset)
     return "\n".join(lines)
 
 
