@@ -59,7 +59,8 @@ from prunetune.cache import DenseCache
 from prunetune.data import Dataset, load_dataset
 from prunetune.data.device import DeviceData
 from prunetune.models import build_model, prunable_layers
-from prunetune.pruning.masks import Masks, nm_valid
+from prunetune.pruning.criteria.nm import nm_valid
+from prunetune.pruning.masks import Masks
 from prunetune.train import Trainer, make_optimizer
 from prunetune.trial import Trial
 

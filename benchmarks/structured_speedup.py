@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from prunetune.models import build_model, prunable_layers
+from prunetune.pruning.criteria.channel import l1_filter
 from prunetune.pruning.masks import Masks
-from prunetune.pruning.structured import channel_groups, l1_filter, latency_ms, remove_channels
+from prunetune.pruning.structured import channel_groups, latency_ms, remove_channels
 from prunetune.spec import ModelSpec
 
 

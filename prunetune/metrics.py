@@ -1,7 +1,7 @@
-"""Every metric name prunetune reports, in one torch-free place: what a trial logs per epoch and
-at the end (the lists in README's "What a trial records"), which spec makes a final metric exist
-(objectives must name one every trial reports), the report's axis labels, and which keys of a Tune
-result are not metrics."""
+"""The metric names prunetune reports, torch-free: what a trial logs per epoch and at the end
+(the lists in README's "What a trial records"; a criterion's own final metrics are named in its
+module, `Criterion.metrics`), which spec makes a final metric exist (objectives must name one
+every trial reports), the report's axis labels, and which keys of a Tune result are not metrics."""
 
 from __future__ import annotations
 
@@ -12,39 +12,43 @@ from typing import Any
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds",
              "distill_loss")  # distill_loss: with distill only
 
-# At the end of a trial.
+# At the end of a trial (every criterion's; those only some criteria report are named in their
+# modules, `Criterion.metrics`, and listed with these by `final_metrics`).
 FINAL_METRICS = (
     "test_acc", "test_top5", "test_loss", "test_balanced_acc", "test_macro_f1", "sparsity",
     "nonzero_params", "total_params", "compression_ratio", "flops_dense", "flops_sparse",
     "theoretical_speedup", "checkpoint_bytes", "train_epochs_total", "trial_seconds", "val_acc",
     "model_sparsity", "dense_test_acc", "test_acc_drop",
-    # structured criteria; the last four only with schedule.remove
-    "channel_sparsity", "compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup",
     "teacher_test_acc",  # with distill
-    "nm_valid",  # with l1_nm
 )
 
-# Final metrics that only some criteria report (`registry.Criterion.reports`), and what a spec
-# needs for every trial to report them.
-CHANNEL_METRICS = ("channel_sparsity",)
-REMOVAL_METRICS = ("compact_params", "latency_ms_dense", "latency_ms_compact", "measured_speedup")
-NM_METRICS = ("nm_valid",)
-BY_CRITERION = {
-    "channel_sparsity": "a structured schedule.criterion (not searched)",
-    **dict.fromkeys(REMOVAL_METRICS, "a structured schedule.criterion with schedule.remove: true (neither searched)"),
-    "nm_valid": "schedule.criterion l1_nm (not searched)",
-}
+
+def by_criterion() -> dict[str, str]:
+    """The final metrics only some criteria report (`Criterion.metrics`), each with what a spec
+    needs for every trial to report it."""
+    from prunetune import registry
+
+    out: dict[str, str] = {}
+    for name in registry.CRITERIA:
+        out.update(registry.criterion(name).metrics)
+    return out
+
+
+def final_metrics() -> tuple[str, ...]:
+    """Every final metric a trial may report: an objective must name one."""
+    return FINAL_METRICS + tuple(m for m in by_criterion() if m not in FINAL_METRICS)
 
 
 def unavailable(metric: str, spec: Any, searched: set[str] | dict) -> str | None:
     """Why not every trial of `spec` (with the `searched` keys) reports `metric`, or None."""
-    if metric in BY_CRITERION:
-        from prunetune import registry  # here: registry imports this module
+    needs = by_criterion().get(metric)
+    if needs is not None:
+        from prunetune import registry
 
-        criterion = registry.CRITERIA.get(spec.schedule.criterion)
-        if ("schedule.criterion" in searched or criterion is None
-                or metric not in criterion.reports(spec.schedule, searched)):
-            return BY_CRITERION[metric]
+        known = spec.schedule.criterion in registry.CRITERIA
+        if ("schedule.criterion" in searched or not known
+                or metric not in registry.criterion(spec.schedule.criterion).reports(spec.schedule, searched)):
+            return needs
     if metric == "teacher_test_acc" and spec.distill is None:
         return "distill"
     if metric == "val_acc" and not _always_validates(spec, searched):

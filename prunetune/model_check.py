@@ -34,7 +34,7 @@ class LayerSelection:
 
     def __call__(self, spec: Spec) -> list[str]:
         model, layers = self.build(spec)
-        criterion = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+        criterion = registry.criterion(spec.schedule.criterion)
         return criterion.layers(model, schedules.select_layers(layers, spec.schedule.layers), spec.schedule)
 
     def build(self, spec: Spec) -> tuple[torch.nn.Module, list[str]]:

@@ -26,7 +26,7 @@ from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
 from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
 from prunetune.pruning import schedules, structured
-from prunetune.pruning.criteria import Context
+from prunetune.pruning.criteria.base import Context
 from prunetune.pruning.masks import Masks
 from prunetune.reports import Epoch, TrialResult, epoch_reports
 from prunetune.spec import Spec
@@ -90,7 +90,7 @@ class Trial:
                             f"the model's are: {', '.join(self.layers)}")
         self._freeze(spec.model.freeze)
         self.example = torch.zeros(1, channels, size, size, device=self.device)
-        self.criterion = registry.lookup(registry.CRITERIA, spec.schedule.criterion)
+        self.criterion = registry.criterion(spec.schedule.criterion)
         self.selected = self.criterion.layers(self.model, selected, spec.schedule)
         self.phases = self.plan()  # a schedule that does not fit train.budget_epochs fails here
         # the last layer is the classifier head: its outputs are the classes
@@ -443,7 +443,7 @@ def run_trial(spec: Spec, out_dir: str | Path, report: Report | None = None,
     """Run one trial of a resolved spec; write its artifacts under `out_dir`.
 
     `report(metrics, epoch)` receives the per-epoch metrics (train_loss, train_acc, val_loss,
-    val_acc, sparsity, lr, epoch_seconds). Returns the final metrics (`metrics.FINAL_METRICS`).
+    val_acc, sparsity, lr, epoch_seconds). Returns the final metrics (`metrics.final_metrics()`).
     Bad input (data, layers, weights) raises UserError before any training.
     """
     return Trial(spec, report).run(out_dir, cache)

@@ -21,8 +21,10 @@ from torch import nn
 from prunetune import metrics, registry, spec
 from prunetune.cache import DenseCache
 from prunetune.models import build_model, prunable_layers
-from prunetune.pruning import criteria, schedules
-from prunetune.pruning.masks import Masks, nm_valid
+from prunetune.pruning import schedules
+from prunetune.pruning.criteria.base import Context
+from prunetune.pruning.criteria.nm import nm_valid
+from prunetune.pruning.masks import Masks
 from prunetune.trial import Trial
 
 from conftest import digits_raw
@@ -56,7 +58,7 @@ def _schedule(name: str, sparsity: float, scope: str = "global"):
 
 def _targets(name: str) -> list[float]:
     """Two increasing targets the criterion accepts (an N:M criterion accepts only 1 − N/M)."""
-    entry = registry.CRITERIA[name]
+    entry = registry.criterion(name)
     accepted = [t for t in (0.3, 0.5, 0.75) if entry.check(_schedule(name, t)) is None]
     return accepted[:2] if len(accepted) > 1 else accepted * 2
 
@@ -71,12 +73,12 @@ def _pruned(name: str, scope: str):
     example = torch.zeros(1, channels, size, size)
     targets = _targets(name)
     schedule = _schedule(name, targets[-1], scope)
-    criterion = registry.lookup(registry.CRITERIA, name)
+    criterion = registry.criterion(name)
     selected = criterion.layers(model, layers, schedule)
     masks = Masks(model, layers, criterion.groups(model, example, selected, layers[-1], schedule), selected=selected)
     x = torch.randn(64, channels, size, size, generator=torch.Generator().manual_seed(1))
     y = torch.arange(64) % 10
-    context = criteria.Context(model, example, lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]), 5,
+    context = Context(model, example, lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]), 5,
                                tuple(schedule.n_m))
     states = []
     for target in targets:
@@ -96,7 +98,7 @@ def test_every_criterion_reaches_its_target_exactly(name, scope):
             assert sum(pruned) == round(target * sum(g.channels for g in masks.groups))
         else:
             assert pruned == [min(round(target * g.channels), g.channels - 1) for g in masks.groups]
-    elif registry.CRITERIA[name].needs == "pattern":  # its N:M pattern, in every selected layer
+    elif registry.criterion(name).needs == "pattern":  # its N:M pattern, in every selected layer
         n, m = _schedule(name, target).n_m
         assert all(nm_valid(masks.weights[layer], n, m) for layer in selected)
         assert masks.sparsity() == pytest.approx(1 - n / m)
@@ -139,9 +141,9 @@ def test_every_criterion_reports_the_metrics_its_entry_says(tmp_path, cache, nam
     raw = _tiny(schedule__criterion=name, schedule__sparsity=_targets(name)[-1], schedule__synflow_iters=5)
     trial = Trial(spec.validate(raw))
     result = trial.run(tmp_path, cache)
-    entry = registry.CRITERIA[name]
-    assert set(metrics.BY_CRITERION) & set(result.metrics) == entry.reports(trial.spec.schedule)
-    assert set(result.metrics) <= set(metrics.FINAL_METRICS) | {k for k in result.metrics if "recall_class" in k}
+    entry = registry.criterion(name)
+    assert set(metrics.by_criterion()) & set(result.metrics) == entry.reports(trial.spec.schedule)
+    assert set(result.metrics) <= set(metrics.final_metrics()) | {k for k in result.metrics if "recall_class" in k}
 
 
 # -- schedule methods ---------------------------------------------------------------------------

@@ -12,8 +12,10 @@ from torch import nn
 from prunetune import registry, spec
 from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
-from prunetune.pruning import criteria
-from prunetune.pruning.masks import Masks, nm_valid, nm_view
+from prunetune.pruning.criteria import at_init, base, magnitude
+from prunetune.pruning.criteria import nm as nm_criterion
+from prunetune.pruning.criteria.nm import nm_valid, nm_view
+from prunetune.pruning.masks import Masks
 from prunetune.spec import ModelSpec
 from prunetune.trial import Trial, run_trial
 
@@ -32,7 +34,7 @@ def _context(model, channels=1, size=8, classes=10, iters=10, n_m=(2, 4)):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, channels, size, size, generator=gen)
     y = torch.randint(0, classes, (64,), generator=gen)
-    return criteria.Context(model, x[:1], lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]), iters, n_m)
+    return base.Context(model, x[:1], lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]), iters, n_m)
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
@@ -40,7 +42,7 @@ def _context(model, channels=1, size=8, classes=10, iters=10, n_m=(2, 4)):
 def test_at_init_criteria_reach_the_target_exactly(name, scope):
     model, layers = _model()
     masks = Masks(model, layers)
-    crit = registry.lookup(registry.CRITERIA, name)
+    crit = registry.criterion(name)
     for target in (0.3, 0.8):  # a second prune on top of the first: masks only shrink
         before = {n: m.clone() for n, m in masks.masks.items()}
         masks.prune(target, crit, scope=scope, context=_context(model))
@@ -57,7 +59,7 @@ def test_snip_and_grasp_use_the_data_and_leave_the_model_as_it_was():
     model.eval()
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     a = Masks(model, layers)
-    a.prune(0.5, criteria.snip, context=_context(model))
+    a.prune(0.5, at_init.snip, context=_context(model))
     assert not model.training and all(torch.equal(buffers[n], t) for n, t in model.named_buffers())
     assert all(p.grad is None for p in model.parameters())
     # the masks depend on the data: other labels, another mask
@@ -65,15 +67,15 @@ def test_snip_and_grasp_use_the_data_and_leave_the_model_as_it_was():
     b = Masks(fresh, layers)
     ctx = _context(fresh)
     x, y = next(ctx.batches())
-    b.prune(0.5, criteria.snip, context=criteria.Context(fresh, x[:1], lambda: iter([(x, (y + 1) % 10)])))
+    b.prune(0.5, at_init.snip, context=base.Context(fresh, x[:1], lambda: iter([(x, (y + 1) % 10)])))
     assert any(not torch.equal(a.masks[n], b.masks[n]) for n in layers)
     # grasp keeps other weights than snip on the same model and data
     model, _ = _model()
     s = Masks(model, layers)
-    s.prune(0.5, criteria.snip, context=_context(model))
+    s.prune(0.5, at_init.snip, context=_context(model))
     model, _ = _model()
     g = Masks(model, layers)
-    g.prune(0.5, criteria.grasp, context=_context(model))
+    g.prune(0.5, at_init.grasp, context=_context(model))
     assert any(not torch.equal(s.masks[n], g.masks[n]) for n in layers)
 
 
@@ -84,12 +86,12 @@ def test_grasp_scores_are_minus_w_hg_negated():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False))
     masks = Masks(model, ["1"])
     x, y = torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,))
-    ctx = criteria.Context(model, x[:1], lambda: iter([(x, y)]))
+    ctx = base.Context(model, x[:1], lambda: iter([(x, y)]))
     w = model[1].weight
     loss = lambda: nn.functional.cross_entropy(model(x) / 200.0, y)  # noqa: E731
     g = torch.autograd.grad(loss(), w)[0]
     hg = torch.autograd.grad((g * torch.autograd.grad(loss(), w, create_graph=True)[0]).sum(), w)[0]
-    scores = criteria.grasp.scores(masks, ["1"], ctx)
+    scores = at_init.grasp.scores(masks, ["1"], ctx)
     torch.testing.assert_close(scores["1"], w.detach() * hg)
 
 
@@ -132,7 +134,7 @@ def test_snip_scores_in_eval_mode_as_the_reference_code_does():
     model.train()
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     masks = Masks(model, layers)
-    masks.prune(0.6, criteria.snip, context=criteria.Context(model, x[:1], lambda: iter([(x, y)])))
+    masks.prune(0.6, at_init.snip, context=base.Context(model, x[:1], lambda: iter([(x, y)])))
     assert all(torch.equal(masks.masks[n], expected[n]) for n in layers)
     assert all(m.training for m in model.modules()) and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers())
@@ -161,7 +163,7 @@ def test_synflow_takes_the_absolute_value_of_the_buffers_too():
     assert any(not torch.equal(expected[n], signed[n]) for n in layers)  # the test can tell
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     masks = Masks(model, layers)
-    masks.prune(0.5, criteria.synflow, context=criteria.Context(model, torch.zeros(1, 16), synflow_iters=1))
+    masks.prune(0.5, at_init.synflow, context=base.Context(model, torch.zeros(1, 16), synflow_iters=1))
     assert all(torch.equal(masks.masks[n], expected[n]) for n in layers)
     assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers())  # only the probe's
 
@@ -170,21 +172,21 @@ def test_synflow_avoids_layer_collapse_where_magnitude_at_init_does_not():
     """vgg11 at 99.5%: global magnitude at initialisation empties a layer (the classifier, whose
     weights are small), so nothing reaches the output; synflow keeps every layer connected."""
     model, layers = _model("vgg11", channels=3, size=32, classes=10)
-    magnitude = Masks(model, layers)
-    magnitude.prune(0.995, criteria.l1_unstructured)
-    assert min(int(magnitude.masks[n].sum()) for n in layers) == 0
+    by_magnitude = Masks(model, layers)
+    by_magnitude.prune(0.995, magnitude.l1_unstructured)
+    assert min(int(by_magnitude.masks[n].sum()) for n in layers) == 0
     model, layers = _model("vgg11", channels=3, size=32, classes=10)
     flow = Masks(model, layers)
-    flow.prune(0.995, criteria.synflow, context=_context(model, 3, 32, iters=5))
+    flow.prune(0.995, at_init.synflow, context=_context(model, 3, 32, iters=5))
     assert flow.sparsity() == pytest.approx(0.995, abs=1 / sum(w.numel() for w in flow.weights.values()))
     kept = {n: int(flow.masks[n].sum()) for n in layers}
     assert min(kept.values()) > 0, kept
 
 
 def test_synflow_rounds_follow_the_exponential_schedule():
-    assert criteria._round_target(0.0, 0.99, 1, 2) == pytest.approx(0.9)  # density 1 → 0.1 → 0.01
-    assert criteria._round_target(0.0, 0.99, 2, 2) == 0.99
-    assert criteria._round_target(0.5, 0.875, 1, 2) == pytest.approx(0.75)  # from density 0.5
+    assert at_init._round_target(0.0, 0.99, 1, 2) == pytest.approx(0.9)  # density 1 → 0.1 → 0.01
+    assert at_init._round_target(0.0, 0.99, 2, 2) == 0.99
+    assert at_init._round_target(0.5, 0.875, 1, 2) == pytest.approx(0.75)  # from density 0.5
 
 
 @pytest.mark.parametrize("n_m", [(2, 4), (1, 4), (4, 8)])
@@ -195,7 +197,7 @@ def test_l1_nm_keeps_the_n_largest_of_every_m(n_m):
     assert fits and len(fits) < len(layers)  # simple_cnn's first conv has 1 input channel
     masks = Masks(model, layers, selected=fits)
     original = {name: masks.weights[name].detach().clone() for name in fits}
-    masks.prune(1 - n / m, criteria.l1_nm, fits, context=_context(model, n_m=n_m))
+    masks.prune(1 - n / m, nm_criterion.l1_nm, fits, context=_context(model, n_m=n_m))
     assert masks.sparsity() == pytest.approx(1 - n / m)
     for name in fits:
         assert nm_valid(masks.weights[name], n, m)
@@ -219,7 +221,7 @@ def test_nm_groups_run_along_input_channels_of_a_conv():
 def test_shuffle_keeps_each_layers_density_and_moves_the_mask():
     model, layers = _model()
     masks = Masks(model, layers)
-    masks.prune(0.7, criteria.l1_unstructured)
+    masks.prune(0.7, magnitude.l1_unstructured)
     before = {n: m.clone() for n, m in masks.masks.items()}
     masks.shuffle(layers, torch.Generator().manual_seed(3))
     for n in layers:
@@ -297,7 +299,7 @@ def test_grasp_scores_on_its_authors_class_balanced_sample():
     def unused():
         raise AssertionError("grasp scored on the other criteria's batches")
 
-    ctx = criteria.Context(model, torch.zeros(1, 1, 8, 8), unused, balanced=_context(model).batches)
+    ctx = base.Context(model, torch.zeros(1, 1, 8, 8), unused, balanced=_context(model).batches)
     masks = Masks(model, layers)
-    masks.prune(0.5, criteria.grasp, context=ctx)
+    masks.prune(0.5, at_init.grasp, context=ctx)
     assert masks.sparsity() == pytest.approx(0.5, abs=1e-3)

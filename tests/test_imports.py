@@ -46,3 +46,46 @@ def test_a_sweep_driver_without_a_model_to_check_keeps_torch_out(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_no_two_modules_of_the_package_import_each_other():
+    """No import loop, lazy imports included (a package's __init__ aside): a module can be read,
+    and moved, without the one it leans on leaning back."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "prunetune"
+    files = {".".join(p.relative_to(package.parent).with_suffix("").parts): p
+             for p in package.rglob("*.py") if p.name != "__init__.py"}
+    edges = {}
+    for name, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(name.split(".")[:-node.level] + ([base] if base else []))
+                targets |= {base} | {f"{base}.{a.name}" for a in node.names}
+        edges[name] = {t for t in targets if t in files and t != name}
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for b in edges[todo.pop()]:
+                if b not in seen:
+                    seen.add(b)
+                    todo.append(b)
+        return seen
+
+    loops = sorted({tuple(sorted((a, b))) for a in files for b in edges[a] if a in reach(b)})
+    assert loops == []
+
+
+def test_every_criterion_module_imports_without_torch():
+    """The spec reads every criterion's rules (registry.criterion) without importing torch."""
+    code = ("import sys\nfrom prunetune import registry\n"
+            "[registry.criterion(n).check for n in registry.CRITERIA]\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

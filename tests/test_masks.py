@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from prunetune.pruning.criteria import l1_unstructured, random_scores
+from prunetune.pruning.criteria.magnitude import l1_unstructured, random_scores
 from prunetune.pruning.masks import Masks
 
 

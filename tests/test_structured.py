@@ -9,15 +9,9 @@ from prunetune import spec
 from prunetune.cache import DenseCache
 from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
+from prunetune.pruning.criteria.channel import channel_scores, l1_filter, l2_filter
 from prunetune.pruning.masks import Masks
-from prunetune.pruning.structured import (
-    GroupLasso,
-    channel_groups,
-    channel_scores,
-    l1_filter,
-    l2_filter,
-    remove_channels,
-)
+from prunetune.pruning.structured import GroupLasso, channel_groups, remove_channels
 from prunetune.spec import ModelSpec
 from prunetune.trial import Trial
 

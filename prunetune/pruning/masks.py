@@ -2,16 +2,19 @@
 
 Contract: a prune reaches its target exactly (to one weight), masks only ever shrink, and pruned
 weights stay exactly zero through every optimiser step (momentum and weight decay included).
+Masks knows no criterion: a criterion (`criteria/`) scores and calls `prune_scores`, or sets the
+masks with its own arithmetic.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from prunetune.pruning.structured import Group, channel_scores
+if TYPE_CHECKING:
+    from prunetune.pruning.structured import Group
 
 
 class Masks:
@@ -53,7 +56,7 @@ class Masks:
     def prune(self, target: float, criterion, layers: Iterable[str] | None = None,
               scope: str = "global", generator: torch.Generator | None = None, context=None) -> None:
         """Prune `layers` (default all) until `target` of their weights are zero, by `criterion`
-        (any implementation in the criteria registry; see `criteria.py`). scope "global": one
+        (any criterion of `registry.CRITERIA`; see `criteria/`). scope "global": one
         threshold over all the layers together; "layer": each layer alike. Weights already pruned
         stay pruned (they count towards the target). `context`: what data-driven and model-driven
         criteria score with (`criteria.Context`)."""
@@ -66,19 +69,6 @@ class Masks:
         groups = [list(layers)] if scope == "global" else [[n] for n in layers]
         for group in groups:
             self._prune_group(group, scores, target)
-        self.apply()
-
-    def prune_nm(self, n: int, m: int, layers: Sequence[str], scores: dict[str, torch.Tensor]) -> None:
-        """N:M semi-structured sparsity: in every group of `m` consecutive input weights of each
-        output row (a conv's weights read channels-last, [out, kh, kw, in], as sparse tensor cores
-        read them), the `n` highest-scoring survive. Pruned weights stay pruned."""
-        for name in layers:
-            mask = self.masks[name]
-            s = scores[name].float().masked_fill(~mask, float("-inf"))
-            groups = nm_view(s, m)
-            keep = torch.zeros_like(groups, dtype=torch.bool)
-            keep.scatter_(-1, torch.topk(groups, n, dim=-1).indices, True)
-            mask &= nm_unview(keep, mask.shape)
         self.apply()
 
     def _prune_group(self, names: list[str], scores: dict[str, torch.Tensor], target: float) -> None:
@@ -108,37 +98,8 @@ class Masks:
             mask.copy_(mask.flatten()[perm].view_as(mask))
         self.apply()
 
-    def prune_channels(self, target: float, p: int, names: list[str], scope: str) -> None:
-        """Prune whole group channels of the groups owned by `names` until `target` of their
-        channels are pruned. scope "layer": each group alike; "global": one threshold over the
-        groups, each group's scores divided by their mean (norms of layers of different fan-in
-        are not comparable), and never a group's last channel."""
-        chosen = [i for i, g in enumerate(self.groups) if set(g.layers) & set(names)]
-        params = {**{f"{n}.weight": w for n, w in self.weights.items()}, **self.extra}
-        scores = {}
-        for i in chosen:
-            s = channel_scores(self.groups[i], params, p).cpu()
-            kept = self.channels_kept[i]
-            s = s / s[kept].mean().clamp_min(1e-12) if scope == "global" else s
-            s = s.masked_fill(~kept, float("-inf"))
-            s[s.argmax()] = float("inf")  # a group keeps at least one channel
-            scores[i] = s
-        batches = [chosen] if scope == "global" else [[i] for i in chosen]
-        for batch in batches:
-            flat = torch.cat([scores[i] for i in batch])
-            k = min(round(target * flat.numel()), flat.numel() - len(batch))
-            if k <= 0:
-                continue
-            keep = torch.ones_like(flat, dtype=torch.bool)
-            keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False
-            offset = 0
-            for i in batch:
-                self.channels_kept[i] &= keep[offset:offset + self.groups[i].channels]
-                offset += self.groups[i].channels
-        self._channel_masks()
-
-    def _channel_masks(self) -> None:
-        """Mask every member slice of the pruned group channels."""
+    def mask_channels(self) -> None:
+        """Mask every member slice of the group channels `channels_kept` marks pruned."""
         for g, kept in zip(self.groups, self.channels_kept):
             for m in g.members:
                 mask = self._mask_of[m.param]
@@ -217,28 +178,3 @@ def layer_sparsity_rows(model: nn.Module, layer_names: Sequence[str]) -> list[di
         rows.append({"layer": n, "type": type(modules[n]).__name__, "shape": "x".join(map(str, w.shape)),
                      "params": w.numel(), "nonzero": nonzero, "sparsity": 1 - nonzero / w.numel()})
     return rows
-
-
-def nm_view(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """A layer's weights as [rows, groups, m]: groups of `m` consecutive input weights per output
-    row; a conv's [out, in, kh, kw] read channels-last ([out, kh, kw, in])."""
-    w = weight.permute(0, 2, 3, 1) if weight.dim() == 4 else weight
-    return w.reshape(w.shape[0], -1, m)
-
-
-def nm_unview(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The inverse of `nm_view` for a tensor of `shape`."""
-    if len(shape) == 4:
-        out, cin, kh, kw = shape
-        return groups.reshape(out, kh, kw, cin).permute(0, 3, 1, 2)
-    return groups.reshape(shape)
-
-
-def nm_compatible(weight: torch.Tensor, m: int) -> bool:
-    """Whether a layer's input dimension (a conv's input channels) splits into groups of `m`."""
-    return weight.shape[1] % m == 0
-
-
-def nm_valid(weight: torch.Tensor, n: int, m: int) -> bool:
-    """Whether every group of `m` consecutive input weights holds at most `n` non-zeros."""
-    return bool(((nm_view(weight.detach(), m) != 0).sum(-1) <= n).all())

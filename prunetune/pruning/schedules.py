@@ -199,8 +199,27 @@ def ist(s, train, layers: Sequence[str]) -> list[Phase]:
 
 @dataclass(frozen=True)
 class Method:
+    """A schedule method: its plan, and its rules, which the spec asks instead of naming methods."""
+
     plan: Callable[..., list[Phase]]
     uses: frozenset[str]  # method-specific schedule keys this method reads (with retrain finetune)
+    always_rewinds: bool = False  # retrains each round from the rewind point, whatever schedule.retrain says
+    regrows: bool = False  # releases its masks: pruned weights train again from zero
+    # prunes at several steps while training on (unless its retraining rewinds or re-initialises):
+    # weights pruned at earlier steps have no value of their own for a shuffled mask to start from
+    steps_train_on: bool = False
+    check: Callable[..., str | None] = lambda schedule: None  # its own keys' rules: one line, or None
+
+    def rewinds(self, schedule) -> bool:
+        """Whether a trial of it replays the dense phase from `schedule.rewind_epoch`."""
+        return self.always_rewinds or ("retrain" in self.uses and schedule.retrain != "finetune")
+
+
+def _gradual_check(schedule) -> str | None:
+    if schedule.end_epoch <= schedule.start_epoch:
+        return (f"schedule.end_epoch ({schedule.end_epoch:g}) must be after schedule.start_epoch "
+                f"({schedule.start_epoch:g}) for method gradual")
+    return None
 
 
 # Schedule keys that only some methods read; every other schedule key applies to all methods.
@@ -209,12 +228,14 @@ METHOD_SPECIFIC_KEYS = frozenset({"step_size", "step_epochs", "rewind_epoch", "s
 
 METHODS: dict[str, Method] = {
     "oneshot": Method(oneshot, frozenset({"retrain"})),
-    "iterative": Method(iterative, frozenset({"step_size", "step_epochs", "step_rule", "retrain"})),
+    "iterative": Method(iterative, frozenset({"step_size", "step_epochs", "step_rule", "retrain"}),
+                        steps_train_on=True),
     "layerwise": Method(layerwise, frozenset({"step_epochs"})),
-    "lottery": Method(lottery, frozenset({"step_size", "step_rule", "rewind_epoch"})),
-    "gradual": Method(gradual, frozenset({"start_epoch", "end_epoch", "step_epochs"})),
-    "dsd": Method(dsd, frozenset({"step_epochs", "redense_lr_factor"})),
-    "ist": Method(ist, frozenset({"step_epochs", "redense_lr_factor", "cycles"})),
+    "lottery": Method(lottery, frozenset({"step_size", "step_rule", "rewind_epoch"}), always_rewinds=True),
+    "gradual": Method(gradual, frozenset({"start_epoch", "end_epoch", "step_epochs"}), steps_train_on=True,
+                      check=_gradual_check),
+    "dsd": Method(dsd, frozenset({"step_epochs", "redense_lr_factor"}), regrows=True),
+    "ist": Method(ist, frozenset({"step_epochs", "redense_lr_factor", "cycles"}), regrows=True),
 }
 
 

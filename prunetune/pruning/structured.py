@@ -9,7 +9,8 @@ the masked model computes exactly what the model with the channel physically rem
 batch norm with zero scale and shift outputs zero whatever its running statistics.
 
 `remove_channels` then removes the masked channels for real (with Torch-Pruning), giving a
-smaller, faster model: what `schedule.remove` asks for (`ChannelNorm.final_metrics`).
+smaller, faster model: what `schedule.remove` asks for. The criteria that score the channels
+are `criteria/channel.py`; this module knows none of them.
 """
 
 from __future__ import annotations
@@ -23,48 +24,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from prunetune.errors import UserError
-from prunetune.pruning.criteria import Pruner
-
 _OWN = (nn.Conv2d, nn.Linear)  # layers whose output channels are scored
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-@dataclass(frozen=True)
-class ChannelNorm(Pruner):
-    """A structured criterion: a group channel's score is the L`p` norm of its filters.
-
-    `schedule.remove` makes the pruned structure real: after training the pruned channels are
-    removed from every member of their groups (`remove_channels`), the trial keeps the compact
-    model (`Trial.compact`, exported as `checkpoint/compact.pt2`) and reports its size and its CPU
-    latency against the masked model's."""
-
-    p: int
-
-    def prune(self, masks, target: float, layers: list[str], scope: str, generator=None, context=None) -> None:
-        masks.prune_channels(target, self.p, layers, scope)
-        masks.apply()
-
-    def groups(self, model, example, selected, head, schedule) -> list[Group]:
-        """The channel groups rooted at the selected layers; the classifier `head` keeps its
-        outputs (the classes)."""
-        groups = channel_groups(model, example, selected, exclude=[head])
-        if not groups:
-            raise UserError(f"schedule.layers: {schedule.layers!r} selects no layer with prunable "
-                            f"channels (the classifier head {head} keeps its outputs)")
-        return groups
-
-    def final_metrics(self, trial) -> dict:
-        """`channel_sparsity`; with `schedule.remove` the compact model's size and latencies
-        (and `trial.compact` set to it)."""
-        out = {"channel_sparsity": trial.masks.channel_sparsity()}
-        if trial.spec.schedule.remove:
-            trial.compact = remove_channels(trial.model, trial.masks.groups, trial.masks.channels_kept, trial.example)
-            out.update(removal_metrics(trial.model, trial.compact, trial.example))
-        return out
-
-
-l1_filter, l2_filter = ChannelNorm(1), ChannelNorm(2)
 
 
 @dataclass
@@ -146,20 +107,6 @@ def channel_groups(model: nn.Module, example: torch.Tensor, layers: Sequence[str
         covered.update(owners)
         groups.append(Group(tuple(owners), channels, members))
     return groups
-
-
-def channel_scores(group: Group, params: dict[str, torch.Tensor], p: int) -> torch.Tensor:
-    """Score of each channel of `group`: the L`p` norm of all its filters (output slices)."""
-    total = None
-    for m in group.members:
-        if not m.scored:
-            continue
-        w = params[m.param].detach().float()
-        per = w.abs().flatten(1).sum(1) if p == 1 else w.pow(2).flatten(1).sum(1)
-        part = torch.zeros(group.channels, device=w.device).index_add_(0, m.channel.to(w.device),
-                                                                       per[m.index.to(w.device)])
-        total = part if total is None else total + part
-    return total if p == 1 else total.sqrt()
 
 
 class GroupLasso:

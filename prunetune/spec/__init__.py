@@ -14,7 +14,6 @@ from prunetune.spec.dotted import del_dotted, flatten, get_dotted, set_dotted
 from prunetune.spec.loading import LoadedSpec, check_with_layers, deep_merge, load, parse_set, yaml_load
 from prunetune.spec.schema import (
                                    DENSE_FORMAT,
-                                   FINAL_METRICS,
                                    AnalysisSpec,
                                    CkaSpec,
                                    DataSpec,
@@ -41,7 +40,7 @@ from prunetune.spec.space import (
 )
 
 __all__ = [
-    "DENSE_FORMAT", "FINAL_METRICS", "SEARCHABLE_SECTIONS", "SEARCH_KINDS",
+    "DENSE_FORMAT", "SEARCHABLE_SECTIONS", "SEARCH_KINDS",
     "AnalysisSpec", "CkaSpec", "DataSpec", "DistillSpec", "LoadedSpec", "ModelSpec", "Objective", "ResourcesSpec",
     "ScheduleSpec", "SearchEntry", "SearchSpec", "Spec", "TrackingSpec", "TrainSpec",
     "check_with_layers", "deep_merge", "defaults_yaml", "del_dotted", "flatten", "format_validation_error",

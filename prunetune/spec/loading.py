@@ -178,7 +178,7 @@ def _check_criterion_keys(raw: dict, space: dict[str, SearchEntry]) -> None:
     if "schedule.criterion" in space:
         return
     name = space_mod.fixed_schedule_value(raw, "criterion")
-    acts_on = registry.CRITERIA[name].acts_on if name in registry.CRITERIA else frozenset()
+    acts_on = registry.criterion(name).acts_on if name in registry.CRITERIA else frozenset()
     for key in registry.CRITERION_KEYS:
         if key not in acts_on and (key in space or get_dotted(raw, key)):
             raise UserError(f"spec key {key}: needs a structured schedule.criterion "

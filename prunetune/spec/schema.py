@@ -26,7 +26,6 @@ from prunetune.errors import UserError
 from prunetune.pruning import schedules
 from prunetune.spec.dotted import flatten
 
-FINAL_METRICS = metrics.FINAL_METRICS  # objectives must name one
 # Bumped when what a dense phase computes changes (2: every step's randomness seeded by its step,
 # so a fractional rewind can replay it), so old cache entries are not reused.
 DENSE_FORMAT = 2
@@ -230,7 +229,7 @@ class Objective(_Strict):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
-        return _known(v, FINAL_METRICS)
+        return _known(v, metrics.final_metrics())
 
 
 class SearchSpec(_Strict):
@@ -292,30 +291,26 @@ class Spec(_Strict):
     @model_validator(mode="after")
     def _method_values(self):
         s = self.schedule
-        if s.method == "lottery" and s.retrain not in ("finetune", "weight_rewind"):
-            raise ValueError(f"schedule.retrain {s.retrain} does not apply to method lottery, which always "
+        method = schedules.METHODS[s.method]
+        if method.always_rewinds and s.retrain not in ("finetune", "weight_rewind"):
+            raise ValueError(f"schedule.retrain {s.retrain} does not apply to method {s.method}, which always "
                              "rewinds weights; use method iterative (or oneshot) with retrain "
                              f"{s.retrain} for that control")
-        rewinds = s.method == "lottery" or (s.method in ("oneshot", "iterative") and s.retrain != "finetune")
-        if rewinds and s.rewind_epoch > self.train.dense_epochs:
-            what = "method lottery" if s.method == "lottery" else f"schedule.retrain {s.retrain}"
+        if method.rewinds(s) and s.rewind_epoch > self.train.dense_epochs:
+            what = f"method {s.method}" if method.always_rewinds else f"schedule.retrain {s.retrain}"
             raise ValueError(
                 f"schedule.rewind_epoch ({s.rewind_epoch:g}) must not exceed train.dense_epochs "
                 f"({self.train.dense_epochs}) for {what}")
-        problem = registry.CRITERIA[s.criterion].check(s)  # what the criterion cannot run (its own rules)
+        problem = registry.criterion(s.criterion).check(s) or method.check(s)  # the criterion's, the method's rules
         if problem:
             raise ValueError(problem)
-        if s.mask_control == "shuffle" and (s.method == "gradual" or (
-                s.method == "iterative" and s.retrain not in ("weight_rewind", "reinit"))):
+        if s.mask_control == "shuffle" and method.steps_train_on and s.retrain not in ("weight_rewind", "reinit"):
             # the last prune's mask, shuffled, lands on weights pruned by earlier steps: they have
             # no value of their own to start from (a ticket's rounds rewind or re-initialise them)
             raise ValueError(f"schedule.mask_control shuffle needs a value for every weight it may keep, which "
                              f"method {s.method} with retrain {s.retrain} has not (weights pruned at earlier "
                              f"steps are zero); use oneshot, layerwise, dsd, ist, lottery, or iterative with "
                              f"retrain weight_rewind or reinit")
-        if s.method == "gradual" and s.end_epoch <= s.start_epoch:
-            raise ValueError(f"schedule.end_epoch ({s.end_epoch:g}) must be after schedule.start_epoch "
-                             f"({s.start_epoch:g}) for method gradual")
         return self
 
     @model_validator(mode="after")
@@ -344,7 +339,7 @@ class Spec(_Strict):
         d = self.model_dump(mode="json")
         # what trains after the dense phase does not change it
         train = {k: v for k, v in d["train"].items() if k not in ("finetune_epochs", "budget_epochs")}
-        extra = dict(registry.CRITERIA[self.schedule.criterion].dense_key(self))  # e.g. a group-lasso penalty
+        extra = dict(registry.criterion(self.schedule.criterion).dense_key(self))  # e.g. a group-lasso penalty
         if d["distill"]:
             extra["distill"] = d["distill"]  # the dense phase is distilled too
         code = {ref: plugins.source_digest(ref) for ref in (self.model.arch, self.data.dataset)
