@@ -31,7 +31,7 @@ def write(trial, out_dir: Path, metrics: dict) -> None:
         torch.export.save(program, out_dir / "checkpoint" / "compact.pt2")
     spec, dataset, history = trial.spec, trial.dataset, trial.trainer.history
     (out_dir / "config.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    _write_csv(out_dir / "layer_sparsity.csv", layer_sparsity_rows(trial.model, trial.layers))
+    _write_csv(out_dir / "layer_sparsity.csv", layer_sparsity_rows(trial.model, trial.layers, trial.layer_targets()))
     _write_csv(out_dir / "data" / "split.csv", [{dataset.id_name: i, "split": s}
                                                 for i, s in zip(dataset.ids, dataset.split)])
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from prunetune import plugins, registry
 from prunetune.data import Dataset, load_dataset
-from prunetune.pruning import schedules
+from prunetune.errors import UserError
+from prunetune.pruning import allocation, schedules
 from prunetune.spec import LoadedSpec, Spec, check_with_layers
 
 if TYPE_CHECKING:
@@ -74,10 +75,12 @@ def variants(loaded: LoadedSpec, keys: tuple[str, ...] = ("model.", "data.")) ->
 def check_models(loaded: LoadedSpec, dataset: Dataset) -> list[str]:
     """Build each model a trial may build (`variants`) on the data it would get (`dataset` is the
     fixed spec's; other data specs are loaded), where the model is a factory's or a budget is
-    set. Raises UserError naming the key; returns the notes on weights no criterion prunes."""
+    set, or layers are named (`schedule.layer_sparsity`). Raises UserError naming the key; returns
+    the notes on weights no criterion prunes."""
     loaded_specs = variants(loaded)
     budget = any(s.train.budget_epochs is not None for s in loaded_specs) or "train.budget_epochs" in loaded.space
-    if not budget and not any(plugins.is_ref(s.model.arch) for s in loaded_specs):
+    globs = any(s.schedule.layer_sparsity for s in loaded_specs)
+    if not budget and not globs and not any(plugins.is_ref(s.model.arch) for s in loaded_specs):
         return []
     fixed_data = json.dumps(loaded.fixed_spec().data.model_dump(mode="json"))
     selections = {fixed_data: LayerSelection(dataset)}
@@ -88,6 +91,11 @@ def check_models(loaded: LoadedSpec, dataset: Dataset) -> list[str]:
         selections[data].build(spec)
     if budget:
         check_with_layers(loaded, selections[fixed_data])
+    for spec in loaded_specs if globs else []:  # schedule.layer_sparsity names layers the trials prune
+        problem = allocation.check_globs(spec.schedule.layer_sparsity,
+                                         selections[json.dumps(spec.data.model_dump(mode="json"))](spec))
+        if problem:
+            raise UserError(problem)
     return [note for s in selections.values() for note in s.notes]
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,7 @@ class Tracker:
         """Log params (again: the same value twice is no error)."""
         from mlflow.entities import Param
 
-        items = [Param(k, param_value(v)) for k, v in params.items()]
+        items = [Param(param_key(k), param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self._mlflow.log_batch(run_id, params=items[start:start + 100])
 
@@ -352,6 +353,16 @@ def empty_store() -> Path:
         MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # creates and migrates it
         os.replace(tmp, path)
     return path
+
+
+_GLOB_CHARS = {"*": "_any_", "?": "_one_", "[": "_set_", "]": "_"}
+
+
+def param_key(key: str) -> str:
+    """A dotted spec key as an MLflow param name, which takes only letters, digits and / _ . - and
+    spaces: a module glob's wildcards in a `schedule.layer_sparsity` key are spelled out
+    ("features.*" → "features._any_"), anything else becomes "_"."""
+    return re.sub(r"[^/\w.\- ]", lambda m: _GLOB_CHARS.get(m.group(), "_"), key)
 
 
 def param_value(v: Any) -> str:

@@ -25,7 +25,7 @@ from prunetune.data.device import DeviceData
 from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
 from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
-from prunetune.pruning import schedules, structured
+from prunetune.pruning import allocation, schedules, structured
 from prunetune.pruning.criteria.base import Context
 from prunetune.pruning.masks import Masks
 from prunetune.reports import Epoch, TrialResult, epoch_reports
@@ -95,7 +95,11 @@ class Trial:
         self.phases = self.plan()  # a schedule that does not fit train.budget_epochs fails here
         # the last layer is the classifier head: its outputs are the classes
         groups = self.criterion.groups(self.model, self.example, self.selected, self.layers[-1], spec.schedule)
-        self.masks = Masks(self.model, self.layers, groups, selected=self.selected)
+        problem = allocation.check_globs(spec.schedule.layer_sparsity, self.selected)
+        if problem:
+            raise UserError(problem)
+        self.masks = Masks(self.model, self.layers, groups, selected=self.selected,
+                           allocation=allocation.Allocation.of(spec.schedule))
 
     def _distiller(self, teacher_dir: Path | None):
         if self.spec.distill is None:
@@ -152,6 +156,13 @@ class Trial:
         return Context(self.model, self.example, batches_of(order, self.spec.train.batch_size),
                        self.spec.schedule.synflow_iters, tuple(self.spec.schedule.n_m),
                        balanced=batches_of(balanced, max(1, (len(balanced) + 1) // 2)))
+
+    def layer_targets(self) -> dict[str, float] | None:
+        """Each selected layer's own final target (scopes layer and erk), or None (one threshold)."""
+        alloc = self.masks.allocation
+        if alloc.scope not in ("layer", "erk") or self.criterion.structured:
+            return None
+        return alloc.final_targets({n: tuple(self.masks.weights[n].shape) for n in self.selected})
 
     def prune(self, target: float, layers: list[str], scope: str, generator: torch.Generator,
               shuffle: bool = False) -> None:

@@ -589,3 +589,39 @@ def test_new_methods_structured_removal_and_distillation_in_a_sweep(tmp_path):
             assert max(x.value for x in c.get_metric_history(run.info.run_id, "sparsity")) > 0.4
     assert combos == {("gradual", "l1_unstructured"), ("dsd", "l1_unstructured"), ("ist", "l1_unstructured"),
                       ("layerwise", "l1_unstructured"), ("gradual", "l1_filter"), ("oneshot", "l1_filter")}
+
+
+def test_searched_per_layer_targets_in_a_sweep(tmp_path):
+    """schedule.layer_sparsity values searched under globs with dots: Optuna samples them, each
+    child run logs them as params and reaches them (layer_sparsity.csv); a glob no layer matches
+    exits 2 before any trial."""
+    spec = tmp_path / "layers.yaml"
+    spec.write_text(textwrap.dedent("""
+        name: layers
+        data: {dataset: digits, image_size: 8}
+        train: {batch_size: 128, lr: 0.05, dense_epochs: 1, finetune_epochs: 0.5}
+        schedule:
+          method: oneshot
+          scope: layer
+          layer_sparsity: {classifier.1: {uniform: [0.5, 0.95]}, 'features.*': 0.6}
+        search: {sampler: random, num_trials: 2}
+        resources: {cpus_per_trial: 1, max_concurrent: 2}
+        """))
+    r = sweep([str(spec)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, children = runs_of(tmp_path, "layers")
+    c = client(tmp_path)
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags.get("prunetune.error")
+        target = float(run.data.params["schedule.layer_sparsity.classifier.1"])
+        assert 0.5 <= target <= 0.95 and run.data.params["schedule.layer_sparsity.features._any_"] == "0.6"
+        path = c.download_artifacts(run.info.run_id, "layer_sparsity.csv", str(tmp_path / run.info.run_id))
+        rows = {r.split(",")[0]: r.split(",") for r in Path(path).read_text().splitlines()[1:]}
+        assert float(rows["classifier.1"][-2]) == pytest.approx(target)
+        assert float(rows["classifier.1"][-1]) == pytest.approx(target, abs=1e-3)
+        assert float(rows["features.4"][-1]) == pytest.approx(0.6, abs=1e-3)
+    bad = spec.read_text().replace("'features.*'", "'conv*'").replace("name: layers", "name: nolayer")
+    (tmp_path / "bad.yaml").write_text(bad)
+    r = sweep([str(tmp_path / "bad.yaml")], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: schedule.layer_sparsity: 'conv*' matches no prunable layer"), r.stderr[-2000:]

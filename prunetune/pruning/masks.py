@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import torch
 from torch import nn
 
+from prunetune.pruning.allocation import Allocation, lamp_scores
+
 if TYPE_CHECKING:
     from prunetune.pruning.structured import Group
 
@@ -26,11 +28,13 @@ class Masks:
     """
 
     def __init__(self, model: nn.Module, layer_names: Sequence[str], groups: "list[Group] | None" = None,
-                 selected: Sequence[str] | None = None):
+                 selected: Sequence[str] | None = None, allocation: Allocation | None = None):
         """`selected`: the layers the schedule prunes (`schedule.layers`; default all), over which
-        `sparsity()` counts."""
+        `sparsity()` counts; `allocation`: how a prune shares its target among them (scopes layer
+        and erk: see `allocation.py`; default each layer alike)."""
         modules = dict(model.named_modules())
         self.selected = list(selected if selected is not None else layer_names)
+        self.allocation = allocation or Allocation("layer")
         self.weights: dict[str, torch.Tensor] = {n: modules[n].weight for n in layer_names}
         self.masks: dict[str, torch.Tensor] = {
             n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()}
@@ -65,17 +69,31 @@ class Masks:
 
     def prune_scores(self, target: float, scores: dict[str, torch.Tensor], layers: Sequence[str],
                      scope: str = "global") -> None:
-        """Zero the lowest-scoring weights of `layers` until `target` of them are zero."""
-        groups = [list(layers)] if scope == "global" else [[n] for n in layers]
-        for group in groups:
-            self._prune_group(group, scores, target)
+        """Zero the lowest-scoring weights of `layers` until `target` of them are zero, shared
+        among the layers by `scope` (see `allocation.py`): "global" one threshold over them,
+        "lamp" one threshold over their LAMP scores, "layer" and "erk" each layer to its own
+        count (`self.allocation`)."""
+        names = list(layers)
+        total = sum(self.masks[n].numel() for n in names)
+        if scope in ("global", "lamp"):
+            if scope == "lamp":
+                scores = lamp_scores({n: scores[n].float().masked_fill(~self.masks[n], 0) for n in names})
+            self._prune_group(names, scores, round(target * total))
+        else:
+            shapes = {n: tuple(self.weights[n].shape) for n in dict.fromkeys(self.selected + names)}
+            allocation = self.allocation
+            if scope == "erk" and allocation.scope != "erk":  # masks made without the schedule's
+                allocation = Allocation("erk", target)
+            counts = allocation.counts(target, shapes)
+            for n in names:
+                self._prune_group([n], scores, counts[n])
         self.apply()
 
-    def _prune_group(self, names: list[str], scores: dict[str, torch.Tensor], target: float) -> None:
+    def _prune_group(self, names: list[str], scores: dict[str, torch.Tensor], k: int) -> None:
+        """Leave the `k` lowest-scoring weights of `names` zero (those already pruned first)."""
         flat_scores = torch.cat([
             scores[n].flatten().float().masked_fill(~self.masks[n].flatten(), float("-inf")) for n in names])
-        k = round(target * flat_scores.numel())
-        if k == 0:
+        if k <= 0:
             return
         # Pruned weights score -inf, so they are taken first: they count towards the target and a
         # mask can only shrink.
@@ -168,13 +186,17 @@ class Masks:
         self.apply()
 
 
-def layer_sparsity_rows(model: nn.Module, layer_names: Sequence[str]) -> list[dict]:
-    """One row per prunable layer: name, shape, weights, non-zero weights, sparsity."""
+def layer_sparsity_rows(model: nn.Module, layer_names: Sequence[str],
+                        targets: dict[str, float] | None = None) -> list[dict]:
+    """One row per prunable layer: name, shape, weights, non-zero weights, sparsity, and its
+    target where it has one of its own (`targets`: scopes layer and erk)."""
     modules = dict(model.named_modules())
     rows = []
     for n in layer_names:
         w = modules[n].weight.detach()
         nonzero = int((w != 0).sum())
         rows.append({"layer": n, "type": type(modules[n]).__name__, "shape": "x".join(map(str, w.shape)),
-                     "params": w.numel(), "nonzero": nonzero, "sparsity": 1 - nonzero / w.numel()})
+                     "params": w.numel(), "nonzero": nonzero,
+                     "target": "" if targets is None or n not in targets else targets[n],
+                     "sparsity": 1 - nonzero / w.numel()})
     return rows

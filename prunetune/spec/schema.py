@@ -154,8 +154,12 @@ class TrainSpec(_Strict):
 class ScheduleSpec(_Strict):
     method: str = "oneshot"
     criterion: str = "l1_unstructured"
-    scope: Literal["global", "layer"] = "global"
+    # how much of each layer (pruning/allocation.py): one threshold over the selected layers,
+    # each layer alike (or as layer_sparsity says), Erdős–Rényi-Kernel densities, LAMP scores
+    scope: Literal["global", "layer", "erk", "lamp"] = "global"
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    # {"<module glob>": target} per layer (scope layer; values searchable); other layers take sparsity
+    layer_sparsity: dict[str, float] = Field(default_factory=dict)
     step_size: float = Field(0.2, gt=0.0, lt=1.0)
     step_epochs: float = Field(1.0, ge=0.0)
     # lottery, and oneshot/iterative retraining other than finetune: the point of the dense phase
@@ -187,6 +191,14 @@ class ScheduleSpec(_Strict):
     def _n_m(cls, v: list[int]) -> list[int]:
         if len(v) != 2 or not 0 < v[0] < v[1]:
             raise ValueError(f"must be [N, M] with 0 < N < M, e.g. [2, 4] (got {v!r})")
+        return v
+
+    @field_validator("layer_sparsity")
+    @classmethod
+    def _layer_targets(cls, v: dict[str, float]) -> dict[str, float]:
+        for glob, value in v.items():
+            if not 0 <= value < 1:
+                raise ValueError(f"{glob!r}: {value!r} is outside [0, 1)")
         return v
 
     @field_validator("method")
@@ -301,6 +313,10 @@ class Spec(_Strict):
             raise ValueError(
                 f"schedule.rewind_epoch ({s.rewind_epoch:g}) must not exceed train.dense_epochs "
                 f"({self.train.dense_epochs}) for {what}")
+        if s.layer_sparsity and (s.scope != "layer" or s.sparsity <= 0):
+            raise ValueError("schedule.layer_sparsity sets per-layer targets: use it with schedule.scope layer "
+                             "and a schedule.sparsity above 0 (the target of the layers no glob names, and "
+                             f"what the schedule's steps move towards); got scope {s.scope}, sparsity {s.sparsity:g}")
         problem = registry.criterion(s.criterion).check(s) or method.check(s)  # the criterion's, the method's rules
         if problem:
             raise ValueError(problem)

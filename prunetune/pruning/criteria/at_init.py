@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING
 
-from prunetune.pruning.criteria.base import Batches, Context, Criterion, needs_context
+from prunetune.pruning.criteria.base import Batches, Context, Criterion, allocation_breaks, needs_context
 
 if TYPE_CHECKING:
     import torch
@@ -92,6 +92,10 @@ class Grasp(_ScoredThroughModel):
     train_mode = True
     temperature = 200.0
 
+    def check(self, schedule) -> str | None:
+        return allocation_breaks(schedule, ("global", "layer", "erk"), layer_targets=True,
+                                 why=" (its scores take either sign; LAMP normalises squares)")
+
     def scores(self, masks, layers, context):
         import torch
         import torch.nn.functional as F
@@ -122,6 +126,10 @@ class Synflow(Criterion):
     name = "synflow"
     needs = "model"
     train_mode = False
+
+    def check(self, schedule) -> str | None:
+        return allocation_breaks(schedule, why=" (its rounds lower each layer's or the layers' density "
+                                               "exponentially on their own)")
 
     def prune(self, masks, target, layers, scope, generator=None, context=None) -> None:
         import torch

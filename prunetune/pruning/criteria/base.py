@@ -92,6 +92,18 @@ def shuffle_breaks(schedule) -> str | None:
     return None
 
 
+def allocation_breaks(schedule, scopes: tuple[str, ...] = ("global", "layer"), layer_targets: bool = False,
+                      why: str = "") -> str | None:
+    """The rule of criteria that share a target among layers their own way: they take only
+    `scopes`, and `schedule.layer_sparsity` only with `layer_targets`."""
+    if schedule.scope not in scopes:
+        return (f"schedule.scope {schedule.scope} does not apply to criterion {schedule.criterion}{why}; "
+                f"use scope {' or '.join(scopes)}")
+    if schedule.layer_sparsity and not layer_targets:
+        return f"schedule.layer_sparsity does not apply to criterion {schedule.criterion}{why}"
+    return None
+
+
 def needs_context(context: Context | None, name: str) -> Context:
     if context is None:
         raise ValueError(f"criterion {name} scores through the model: pass a criteria.base.Context")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-from prunetune.pruning.criteria.base import Criterion, shuffle_breaks
+from prunetune.pruning.criteria.base import Criterion, allocation_breaks, shuffle_breaks
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +43,8 @@ class ChannelNorm(Criterion):
             return (f"schedule.method {schedule.method} re-grows pruned weights from zero, which a pruned "
                     f"channel cannot (its whole group is zero, so are its gradients); use "
                     f"l1_unstructured or random with {schedule.method}")
-        return shuffle_breaks(schedule)
+        return shuffle_breaks(schedule) or allocation_breaks(
+            schedule, why=" (it prunes whole channels; erk, lamp and per-layer targets share single weights)")
 
     def dense_key(self, spec) -> dict:
         if spec.train.group_lasso > 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Sequence
 
-from prunetune.pruning.criteria.base import Criterion, needs_context, shuffle_breaks
+from prunetune.pruning.criteria.base import Criterion, allocation_breaks, needs_context, shuffle_breaks
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,8 @@ class NM(Criterion):
         if abs(schedule.sparsity - (1 - n / m)) > 1e-9:
             return (f"schedule.sparsity must be 1 − N/M = {1 - n / m:g} with criterion {schedule.criterion} "
                     f"and schedule.n_m {schedule.n_m} (got {schedule.sparsity:g}): the N:M pattern fixes it")
-        return shuffle_breaks(schedule)
+        return shuffle_breaks(schedule) or allocation_breaks(
+            schedule, why=" (its N:M pattern fixes every layer's sparsity)")
 
     def reports(self, schedule, searched: Collection[str] = ()) -> frozenset[str]:
         return frozenset(self.metrics)  # not the latency: only on hardware that runs it
