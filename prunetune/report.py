@@ -254,10 +254,14 @@ def _lines_by_configuration(done: pd.DataFrame, x: str, metric: str, xlabel: str
                             references: list[tuple[float, str]] = ()) -> None:
     """One line per configuration (`CONFIG`): the mean of `metric` against column `x`, std as
     error bars; and horizontal `references` lines (value, label)."""
-    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
-    for config, part in done.dropna(subset=[x]).groupby(CONFIG):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    groups = list(done.dropna(subset=[x]).groupby(CONFIG))
+    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
+    for i, (config, part) in enumerate(groups):  # beyond 20 lines, the marker tells them apart
         g = part.groupby(x)[metric].agg(["mean", "std"]).reset_index()
-        ax.errorbar(g[x], g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3, label=config)
+        ax.errorbar(g[x], g["mean"], yerr=g["std"].fillna(0), marker="osD^v<>"[i // len(colors) % 7], capsize=3,
+                    color=colors[i % len(colors)], label=config)
     for i, (value, text) in enumerate(references):
         ax.axhline(value, color="k", linestyle=("--", ":", "-.")[i % 3], linewidth=1, label=text)
     ax.set_xlabel(xlabel)
