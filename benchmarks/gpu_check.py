@@ -59,7 +59,7 @@ from prunetune.cache import DenseCache
 from prunetune.data import Dataset, load_dataset
 from prunetune.data.device import DeviceData
 from prunetune.models import build_model, prunable_layers
-from prunetune.pruning.criteria.nm import nm_valid
+from prunetune.pruning.criteria.nm import nm_valid, pattern
 from prunetune.pruning.masks import Masks
 from prunetune.train import Trainer, make_optimizer
 from prunetune.trial import Trial
@@ -307,7 +307,7 @@ def method_figures(ctx: Context, trial: Trial, out: Path, metrics: dict) -> str:
 
 
 def nm_figures(ctx: Context, trial: Trial, metrics: dict) -> str:
-    n, m = trial.spec.schedule.n_m
+    n, m = pattern(trial.spec.schedule)
     if metrics.get("nm_valid") != 1.0 or not all(nm_valid(trial.masks.weights[x], n, m) for x in trial.selected):
         raise CheckFailed(f"a group breaks the {n}:{m} pattern (nm_valid {metrics.get('nm_valid')})")
     if "measured_speedup" in metrics:

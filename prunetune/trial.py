@@ -27,6 +27,7 @@ from prunetune.models import build_model, prunable_layers
 from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
 from prunetune.pruning import allocation, schedules, structured
 from prunetune.pruning.criteria.base import Context
+from prunetune.pruning.criteria.nm import pattern
 from prunetune.pruning.masks import Masks
 from prunetune.reports import Epoch, TrialResult, epoch_reports
 from prunetune.spec import Spec
@@ -137,7 +138,8 @@ class Trial:
         """What the criteria that score through the model use: the model, an example input and
         training batches (max(batch_size, 10 × classes) samples, drawn with the trial's seed);
         for grasp, `samples_per_class` of each class (the first of each in the same draw), in
-        class order, as two batches."""
+        class order, as two batches; for wanda and sparsegpt, the first `calibration_samples` of
+        that draw (training images only)."""
         n = self.data.size("train")
         gen = torch.Generator().manual_seed(self.spec.seed)
         drawn = torch.randperm(n, generator=gen)
@@ -153,9 +155,11 @@ class Trial:
                     yield self.data.prepare(self.data.images_of("train", part)), self.data.y["train"][part]
             return batches
 
+        calibration = drawn[:min(n, self.spec.schedule.calibration_samples)]
         return Context(self.model, self.example, batches_of(order, self.spec.train.batch_size),
-                       self.spec.schedule.synflow_iters, tuple(self.spec.schedule.n_m),
-                       balanced=batches_of(balanced, max(1, (len(balanced) + 1) // 2)))
+                       self.spec.schedule.synflow_iters, pattern(self.spec.schedule),
+                       balanced=batches_of(balanced, max(1, (len(balanced) + 1) // 2)),
+                       calibration=batches_of(calibration, self.spec.train.batch_size))
 
     def layer_targets(self) -> dict[str, float] | None:
         """Each selected layer's own final target (scopes layer and erk), or None (one threshold)."""

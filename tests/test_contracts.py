@@ -23,7 +23,7 @@ from prunetune.cache import DenseCache
 from prunetune.models import build_model, prunable_layers
 from prunetune.pruning import schedules
 from prunetune.pruning.criteria.base import Context
-from prunetune.pruning.criteria.nm import nm_valid
+from prunetune.pruning.criteria.nm import nm_valid, pattern
 from prunetune.pruning.masks import Masks
 from prunetune.trial import Trial
 
@@ -78,8 +78,7 @@ def _pruned(name: str, scope: str):
     masks = Masks(model, layers, criterion.groups(model, example, selected, layers[-1], schedule), selected=selected)
     x = torch.randn(64, channels, size, size, generator=torch.Generator().manual_seed(1))
     y = torch.arange(64) % 10
-    context = Context(model, example, lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]), 5,
-                               tuple(schedule.n_m))
+    context = Context(model, example, lambda: iter([(x[:32], y[:32]), (x[32:], y[32:])]), 5, pattern(schedule))
     states = []
     for target in targets:
         masks.prune(target, criterion, selected, scope, torch.Generator().manual_seed(0), context)
@@ -99,7 +98,7 @@ def test_every_criterion_reaches_its_target_exactly(name, scope):
         else:
             assert pruned == [min(round(target * g.channels), g.channels - 1) for g in masks.groups]
     elif registry.criterion(name).needs == "pattern":  # its N:M pattern, in every selected layer
-        n, m = _schedule(name, target).n_m
+        n, m = pattern(_schedule(name, target))
         assert all(nm_valid(masks.weights[layer], n, m) for layer in selected)
         assert masks.sparsity() == pytest.approx(1 - n / m)
     else:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import torch
 from torch import nn
 
-from prunetune.pruning.allocation import Allocation, lamp_scores
+from prunetune.pruning.allocation import Allocation, lamp_scores, rounded_counts
 
 if TYPE_CHECKING:
     from prunetune.pruning.structured import Group
@@ -80,14 +80,23 @@ class Masks:
                 scores = lamp_scores({n: scores[n].float().masked_fill(~self.masks[n], 0) for n in names})
             self._prune_group(names, scores, round(target * total))
         else:
-            shapes = {n: tuple(self.weights[n].shape) for n in dict.fromkeys(self.selected + names)}
-            allocation = self.allocation
-            if scope == "erk" and allocation.scope != "erk":  # masks made without the schedule's
-                allocation = Allocation("erk", target)
-            counts = allocation.counts(target, shapes)
+            counts = self.layer_counts(target, names, scope)
             for n in names:
                 self._prune_group([n], scores, counts[n])
         self.apply()
+
+    def layer_counts(self, target: float, names: Sequence[str], scope: str) -> dict[str, int]:
+        """How many weights of each of `names` a prune to `target` leaves zero, each layer to its
+        own count (`self.allocation` for scopes layer and erk; global: each layer alike, the counts
+        rounded to add up to the target): for criteria that compare weights within a layer."""
+        if scope == "global":  # each layer alike, together the target to one weight
+            sizes = {n: self.weights[n].numel() for n in names}
+            return rounded_counts(dict.fromkeys(names, target), sizes, round(target * sum(sizes.values())))
+        shapes = {n: tuple(self.weights[n].shape) for n in dict.fromkeys(self.selected + list(names))}
+        allocation = self.allocation
+        if scope == "erk" and allocation.scope != "erk":  # masks made without the schedule's
+            allocation = Allocation("erk", target)
+        return allocation.counts(target, shapes)
 
     def _prune_group(self, names: list[str], scores: dict[str, torch.Tensor], k: int) -> None:
         """Leave the `k` lowest-scoring weights of `names` zero (those already pruned first)."""

@@ -184,12 +184,15 @@ class ScheduleSpec(_Strict):
     mask_control: Literal["none", "shuffle"] = "none"
     synflow_iters: int = Field(100, ge=1)  # synflow: scoring rounds, density falling exponentially
     samples_per_class: int = Field(25, ge=1)  # grasp: training images of each class it scores on (its authors' 25)
-    n_m: list[int] = Field(default_factory=lambda: [2, 4])  # l1_nm: N of every M input weights survive
+    # N of every M consecutive input weights survive: l1_nm (default [2, 4]), and wanda or
+    # sparsegpt where set (unstructured where null)
+    n_m: Optional[list[int]] = None
+    calibration_samples: int = Field(128, ge=1)  # wanda, sparsegpt: training images they score on
 
     @field_validator("n_m")
     @classmethod
-    def _n_m(cls, v: list[int]) -> list[int]:
-        if len(v) != 2 or not 0 < v[0] < v[1]:
+    def _n_m(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or not 0 < v[0] < v[1]):
             raise ValueError(f"must be [N, M] with 0 < N < M, e.g. [2, 4] (got {v!r})")
         return v
 
@@ -371,7 +374,8 @@ class Spec(_Strict):
         s = self.schedule
         return _hash({"dense": self.dense_hash(), "targets": targets, "criterion": s.criterion, "scope": s.scope,
                       "layers": s.layers, "rewind_epoch": s.rewind_epoch, "synflow_iters": s.synflow_iters,
-                      "n_m": s.n_m, **({"samples_per_class": s.samples_per_class} if s.criterion == "grasp" else {})})
+                      "n_m": s.n_m if s.n_m is not None else [2, 4],  # as before n_m was optional
+                      **({"samples_per_class": s.samples_per_class} if s.criterion == "grasp" else {})})
 
 
 def _hash(obj: Any) -> str:

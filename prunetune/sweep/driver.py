@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from prunetune import plugins, search, stored_study, tracking
+from prunetune import plugins, registry, search, stored_study, tracking
 from prunetune.errors import UserError
 from prunetune.metrics import selection_key, selection_note, shown_metrics
 from prunetune.spec import LoadedSpec
@@ -108,7 +108,9 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     from prunetune.model_check import check_models
 
     on_test = selection_note([o.metric for o in spec.search.objectives])
+    criterion = None if "schedule.criterion" in loaded.space else registry.criterion(spec.schedule.criterion)
     notes = ([on_test] if on_test else []) + check_models(loaded, dataset)  # a bad factory or budget raises
+    notes += [n for n in [criterion and criterion.note(spec)] if n]
     for note in notes:
         echo(note)
     paths = SweepPaths.of(spec.tracking.storage, spec.name)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
@@ -23,10 +24,12 @@ class Context:
     example: torch.Tensor
     batches: Batches = field(default=lambda: iter(()))
     synflow_iters: int = 100
-    n_m: tuple[int, int] = (2, 4)
+    n_m: tuple[int, int] | None = (2, 4)  # the N:M pattern (`nm.pattern`); None: unstructured
     # grasp: `samples_per_class` training images of each class, in class order, as two batches
     # (its authors' sample); None: `batches`
     balanced: Batches | None = None
+    # wanda, sparsegpt: `schedule.calibration_samples` training images; None: `batches`
+    calibration: Batches | None = None
 
 
 class Criterion:
@@ -64,6 +67,10 @@ class Criterion:
         """The criterion-specific final metrics (of `metrics`) every trial of `schedule` reports,
         where the `searched` keys vary between trials."""
         return frozenset()
+
+    def note(self, spec) -> str | None:
+        """One line a sweep of `spec` (a resolved `Spec`) prints and keeps, or None."""
+        return None
 
     # -- torch side ----------------------------------------------------------------------------
     def prune(self, masks, target: float, layers: list[str], scope: str, generator=None, context=None) -> None:
@@ -108,3 +115,52 @@ def needs_context(context: Context | None, name: str) -> Context:
     if context is None:
         raise ValueError(f"criterion {name} scores through the model: pass a criteria.base.Context")
     return context
+
+
+PATCH_ELEMENTS = 1 << 24  # unfolded patches handed over at once: 64 MB in float32
+
+
+def layer_inputs(model: nn.Module, name: str, batches: Batches, take: Callable) -> int:
+    """Run `batches` through `model` (as it is: modes, masks) and hand each batch's input to
+    layer `name` to `take`, as a matrix [rows, d_in] whose columns are the layer's input features:
+    a Linear's inputs (every token a row), a Conv2d's unfolded patches (every image position a
+    row; columns ordered as `weight.flatten(1)`: input channel, then kernel row and column). The
+    forward stops at that layer: only its input is ever held, and a convolution's patches a few
+    images at a time (`PATCH_ELEMENTS`). Returns how many images went through."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    module = dict(model.named_modules())[name]
+
+    class _Done(Exception):
+        pass
+
+    def hook(mod, args):
+        x = args[0].detach()
+        if not isinstance(mod, nn.Conv2d):
+            take(x.reshape(-1, x.shape[-1]))
+            raise _Done
+        # a few images at a time: a large image's patches far outweigh the image
+        per_image = mod.weight[0].numel() * math.prod(
+            (size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
+            zip(x.shape[2:], mod.padding, mod.dilation, mod.kernel_size, mod.stride))
+        step = max(1, PATCH_ELEMENTS // max(1, per_image))
+        for start in range(0, x.shape[0], step):
+            patches = F.unfold(x[start:start + step], mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+            take(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
+        raise _Done
+
+    handle = module.register_forward_pre_hook(hook)
+    images = 0
+    try:
+        with torch.no_grad():
+            for x, _ in batches():
+                images += len(x)
+                try:
+                    model(x)
+                except _Done:
+                    pass
+    finally:
+        handle.remove()
+    return images

@@ -19,20 +19,49 @@ if TYPE_CHECKING:
     import torch
 
 
+NM_VALID = {"nm_valid": "schedule.criterion l1_nm, or wanda or sparsegpt with schedule.n_m (neither searched)"}
+
+
+def pattern(schedule) -> tuple[int, int] | None:
+    """The N:M pattern a schedule prunes to: `schedule.n_m`, [2, 4] by default for l1_nm; None
+    (unstructured) for the criteria where it is optional and unset."""
+    if schedule.n_m is not None:
+        return tuple(schedule.n_m)
+    return (2, 4) if schedule.criterion == "l1_nm" else None
+
+
+def pattern_breaks(schedule) -> str | None:
+    """What a schedule with an N:M pattern cannot do: another sparsity than 1 − N/M, a shuffle."""
+    n, m = pattern(schedule)
+    if abs(schedule.sparsity - (1 - n / m)) > 1e-9:
+        return (f"schedule.sparsity must be 1 − N/M = {1 - n / m:g} with criterion {schedule.criterion} "
+                f"and schedule.n_m {[n, m]} (got {schedule.sparsity:g}): the N:M pattern fixes it")
+    return shuffle_breaks(schedule) or allocation_breaks(
+        schedule, why=" (its N:M pattern fixes every layer's sparsity)")
+
+
+def pattern_layers(model, selected: list[str], m: int) -> list[str]:
+    """The selected layers whose input dimension splits into groups of M (`sparsity` counts
+    them); the others (a first conv on 1 or 3 channels) stay dense."""
+    from prunetune.errors import UserError
+
+    modules = dict(model.named_modules())
+    fits = [n for n in selected if nm_compatible(modules[n].weight, m)]
+    if not fits:
+        raise UserError(f"schedule.n_m: no selected layer has an input dimension divisible by M={m} "
+                        f"(selected: {', '.join(selected)})")
+    return fits
+
+
 class NM(Criterion):
     name = "l1_nm"
     needs = "pattern"
     acts_on = frozenset({"schedule.remove"})
-    metrics = {"nm_valid": "schedule.criterion l1_nm (not searched)"}
+    metrics = NM_VALID
 
     # -- rules -------------------------------------------------------------------------------
     def check(self, schedule) -> str | None:
-        n, m = schedule.n_m
-        if abs(schedule.sparsity - (1 - n / m)) > 1e-9:
-            return (f"schedule.sparsity must be 1 − N/M = {1 - n / m:g} with criterion {schedule.criterion} "
-                    f"and schedule.n_m {schedule.n_m} (got {schedule.sparsity:g}): the N:M pattern fixes it")
-        return shuffle_breaks(schedule) or allocation_breaks(
-            schedule, why=" (its N:M pattern fixes every layer's sparsity)")
+        return pattern_breaks(schedule)
 
     def reports(self, schedule, searched: Collection[str] = ()) -> frozenset[str]:
         return frozenset(self.metrics)  # not the latency: only on hardware that runs it
@@ -43,24 +72,14 @@ class NM(Criterion):
         prune_nm(masks, n, m, layers, {name: masks.weights[name].detach().abs() for name in layers})
 
     def layers(self, model, selected, schedule) -> list[str]:
-        """The selected layers whose input dimension splits into groups of M (`sparsity` counts
-        them); the others (a first conv on 1 or 3 channels) stay dense."""
-        from prunetune.errors import UserError
-
-        m = schedule.n_m[1]
-        modules = dict(model.named_modules())
-        fits = [n for n in selected if nm_compatible(modules[n].weight, m)]
-        if not fits:
-            raise UserError(f"schedule.n_m: no selected layer has an input dimension divisible by M={m} "
-                            f"(selected: {', '.join(selected)})")
-        return fits
+        return pattern_layers(model, selected, pattern(schedule)[1])
 
     def final_metrics(self, trial) -> dict:
         """`nm_valid` (1 when every group of the selected layers holds the pattern), and with
         `schedule.remove` the semi-structured latencies where the device runs them."""
         from prunetune.pruning.semistructured import semi_structured_speedup
 
-        n, m = trial.spec.schedule.n_m
+        n, m = pattern(trial.spec.schedule)
         out = {"nm_valid": float(all(nm_valid(trial.masks.weights[x], n, m) for x in trial.selected))}
         if trial.spec.schedule.remove:
             out.update(semi_structured_speedup(trial.model, trial.example, trial.selected, (n, m)))
