@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING
 
-from prunetune.pruning.criteria.base import Batches, Context, Criterion, allocation_breaks, needs_context
+from prunetune.pruning.criteria.base import Batches, Context, Criterion, allocation_breaks, needs_context, scoring_mode
 
 if TYPE_CHECKING:
     import torch
@@ -43,22 +43,10 @@ class _ScoredThroughModel(Criterion):
         raise NotImplementedError
 
     def prune(self, masks, target, layers, scope, generator=None, context=None) -> None:
-        import torch
-
         context = needs_context(context, self.name)
-        model = context.model
         masks.apply()
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        modes = {m: m.training for m in model.modules()}  # per module: a model may mix modes
-        model.train(self.train_mode)
-        try:
+        with scoring_mode(context.model, self.train_mode):
             scores = self.scores(masks, layers, context)
-        finally:
-            for m, training in modes.items():
-                m.training = training
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    b.copy_(buffers[n])
         masks.prune_scores(target, scores, layers, scope)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -115,6 +116,25 @@ def needs_context(context: Context | None, name: str) -> Context:
     if context is None:
         raise ValueError(f"criterion {name} scores through the model: pass a criteria.base.Context")
     return context
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module, training: bool):
+    """The model in training or eval mode while a criterion scores through it, left after as it
+    was: every module's mode (a model may mix them) and its buffers (batch-norm statistics)."""
+    import torch
+
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, was in modes.items():
+            m.training = was
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
 
 
 PATCH_ELEMENTS = 1 << 24  # unfolded patches handed over at once: 64 MB in float32

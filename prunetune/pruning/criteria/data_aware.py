@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-from prunetune.pruning.criteria.base import Criterion, allocation_breaks, layer_inputs, needs_context
+from prunetune.pruning.criteria.base import Criterion, allocation_breaks, layer_inputs, needs_context, scoring_mode
 from prunetune.pruning.criteria.nm import NM_VALID, pattern, pattern_breaks, pattern_layers, prune_nm
 
 if TYPE_CHECKING:
@@ -78,24 +78,14 @@ class Calibrated(Criterion):
         return {"nm_valid": float(all(nm_valid(trial.masks.weights[x], *n_m) for x in trial.selected))}
 
     def prune(self, masks, target, layers, scope, generator=None, context=None) -> None:
-        import torch
 
         context = needs_context(context, self.name)
         model, batches = context.model, context.calibration or context.batches
         counts = None if context.n_m else masks.layer_counts(target, layers, scope)
-        modes = {m: m.training for m in model.modules()}
-        buffers = {n: b.clone() for n, b in model.named_buffers()}
-        model.eval()
-        try:
+        with scoring_mode(model, False):
             for name in layers:  # forward order: each on the already-pruned network's inputs
                 masks.apply()
                 self.prune_layer(masks, name, model, batches, context.n_m, counts and counts[name])
-        finally:
-            for m, training in modes.items():
-                m.training = training
-            with torch.no_grad():
-                for n, b in model.named_buffers():
-                    b.copy_(buffers[n])
         masks.apply()
 
     def prune_layer(self, masks, name: str, model, batches, n_m, count: int | None) -> None:
