@@ -63,6 +63,7 @@ CRITERIA: dict[str, str] = {
     "l1_nm": "prunetune.pruning.criteria.nm:l1_nm",
     "l1_filter": "prunetune.pruning.criteria.channel:l1_filter",
     "l2_filter": "prunetune.pruning.criteria.channel:l2_filter",
+    "taylor_filter": "prunetune.pruning.criteria.channel:taylor_filter",
     "wanda": "prunetune.pruning.criteria.data_aware:wanda",
     "sparsegpt": "prunetune.pruning.criteria.second_order:sparsegpt",
 }

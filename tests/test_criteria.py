@@ -263,7 +263,7 @@ def test_spec_refuses_what_the_new_keys_cannot_do():
         spec.validate(digits_raw(schedule__criterion="l1_filter", schedule__mask_control="shuffle"))
     with pytest.raises(UserError, match="synflow_iters"):
         spec.validate(digits_raw(schedule__criterion="synflow", schedule__synflow_iters=0))
-    assert registry.structured_criteria() == ["l1_filter", "l2_filter"]
+    assert registry.structured_criteria() == ["l1_filter", "l2_filter", "taylor_filter"]
 
 
 def test_a_2_4_export_torch_cannot_run_is_a_warning_not_a_failed_trial(monkeypatch, caplog):
