@@ -70,6 +70,20 @@ def test_lamp_scores_and_survivors_are_the_references():
     assert masks.masks["1"].int().tolist() == [[1, 1], [1, 0]]  # global magnitude would prune 0.1 and 0.05
 
 
+def test_lamp_counts_are_what_lamp_takes_from_each_layer_for_criteria_that_choose_within_layers():
+    """Wanda and SparseGPT choose within a layer: under scope lamp each layer loses as many
+    weights as LAMP over the magnitudes takes from it, which magnitude itself does (LAMP is
+    monotone in |w| within a layer), including weights pruned before."""
+    model, layers = _simple_cnn()
+    lamp = Masks(model, layers)
+    lamp.prune(0.3, l1_unstructured, layers, "lamp")
+    counts = lamp.layer_counts(0.7, layers, "lamp")
+    lamp.prune(0.7, l1_unstructured, layers, "lamp")
+    assert counts == {n: int((~lamp.masks[n]).sum()) for n in layers}
+    assert sum(counts.values()) == round(0.7 * sum(lamp.masks[n].numel() for n in layers))
+    assert len(set(round(c / lamp.masks[n].numel(), 2) for n, c in counts.items())) > 1  # not uniform
+
+
 def _simple_cnn():
     torch.manual_seed(0)
     model = build_model(ModelSpec(arch="simple_cnn"), 10, 1, 8)

@@ -83,7 +83,8 @@ def test_weights_pruned_before_stay_pruned_and_count():
 
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("extra", [{}, {"schedule__n_m": [2, 4], "schedule__sparsity": 0.5},
-                                   {"schedule__scope": "erk", "schedule__method": "iterative"}])
+                                   {"schedule__scope": "erk", "schedule__method": "iterative"},
+                                   {"schedule__scope": "lamp"}])
 def test_in_a_trial_on_convolutions_and_linear_layers(tmp_path, criterion, extra):
     keys = {"schedule__sparsity": 0.8, **extra}
     raw = digits_raw(schedule__criterion=criterion, schedule__calibration_samples=64, **keys)
@@ -96,9 +97,9 @@ def test_in_a_trial_on_convolutions_and_linear_layers(tmp_path, criterion, extra
 
 @pytest.mark.parametrize("extra, message", [
     ({"schedule__method": "dsd"}, r"schedule.method dsd releases its masks"),
-    ({"schedule__scope": "lamp"}, r"schedule.scope lamp does not apply to criterion wanda"),
+    ({"schedule__criterion": "l1_filter", "schedule__scope": "lamp"}, r"schedule.scope lamp does not apply"),
     ({"schedule__n_m": [2, 4], "schedule__sparsity": 0.8}, r"schedule.sparsity must be 1 − N/M = 0.5"),
 ])
 def test_what_they_cannot_run_names_the_key(extra, message):
     with pytest.raises(UserError, match=message):
-        spec.load(None, raw=digits_raw(schedule__criterion="wanda", **extra))
+        spec.load(None, raw=digits_raw(**{"schedule__criterion": "wanda", **extra}))

@@ -8,7 +8,8 @@
   time; the criterion's scores choose which weights go within each layer;
 - `lamp`: LAMP scores (Lee et al. 2021, jaeho-lee/layer-adaptive-sparsity): a score s (|w| for
   magnitude) becomes s² over the sum of s'² of the weights of its layer ranked at or above it, and
-  one threshold over those decides.
+  one threshold over those decides. Criteria that choose weights within a layer (wanda, sparsegpt)
+  take from each layer as many weights as that threshold over the magnitudes' LAMP scores does.
 
 Per-layer targets (`layer`, `erk`) are the targets at the schedule's final `sparsity`; a prune on
 the way there (an iterative step, a gradual event) takes each layer the same fraction of the way,

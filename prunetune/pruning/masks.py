@@ -88,10 +88,18 @@ class Masks:
     def layer_counts(self, target: float, names: Sequence[str], scope: str) -> dict[str, int]:
         """How many weights of each of `names` a prune to `target` leaves zero, each layer to its
         own count (`self.allocation` for scopes layer and erk; global: each layer alike, the counts
-        rounded to add up to the target): for criteria that compare weights within a layer."""
+        rounded to add up to the target; lamp: as many as one threshold over the LAMP scores of
+        the weights' magnitudes takes from it): for criteria that compare weights within a layer."""
+        sizes = {n: self.weights[n].numel() for n in names}
         if scope == "global":  # each layer alike, together the target to one weight
-            sizes = {n: self.weights[n].numel() for n in names}
             return rounded_counts(dict.fromkeys(names, target), sizes, round(target * sum(sizes.values())))
+        if scope == "lamp":  # LAMP's counts: one threshold over the LAMP scores of the magnitudes
+            scores = lamp_scores({n: self.weights[n].detach().abs().float().masked_fill(~self.masks[n], 0)
+                                  for n in names})
+            flat = torch.cat([scores[n].flatten().masked_fill(~self.masks[n].flatten(), -1.0) for n in names])
+            drop = torch.topk(flat, round(target * flat.numel()), largest=False, sorted=False).indices
+            owner = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([sizes[n] for n in names]))
+            return dict(zip(names, torch.bincount(owner[drop], minlength=len(names)).tolist()))
         shapes = {n: tuple(self.weights[n].shape) for n in dict.fromkeys(self.selected + list(names))}
         allocation = self.allocation
         if scope == "erk" and allocation.scope != "erk":  # masks made without the schedule's

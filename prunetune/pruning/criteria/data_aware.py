@@ -11,8 +11,11 @@ reference prunes only Linear layers (ConvNeXt's pointwise convolutions are Linea
 no rule for convolutions. Grouped convolutions are refused.
 
 With `schedule.n_m` the N of every M consecutive inputs with the largest scores survive in each
-row (the reference's N:M), else each row keeps its share of the layer's target (the layer's count
-from `schedule.scope`: each alike under global, erk or per-layer targets otherwise)."""
+row (the reference's N:M), else each row keeps its share of the layer's target. The layer's count
+comes from `schedule.scope` (`Masks.layer_counts`): each layer alike under global and layer (the
+references' uniform sparsity), ERK's densities, per-layer targets, or under lamp the count one
+LAMP threshold over the weights' magnitudes takes from the layer (LAMP's allocation; Wanda's or
+SparseGPT's own rule then chooses which weights of the layer go)."""
 
 from __future__ import annotations
 
@@ -42,8 +45,7 @@ class Calibrated(Criterion):
                     "use l1_unstructured or random")
         if schedule.n_m is not None:
             return pattern_breaks(schedule)
-        return allocation_breaks(schedule, ("global", "layer", "erk"), layer_targets=True,
-                                 why=" (it compares weights within each layer)")
+        return allocation_breaks(schedule, ("global", "layer", "erk", "lamp"), layer_targets=True)
 
     def note(self, spec) -> str | None:
         if spec.train.dense_epochs == 0 and spec.model.weights is None:
