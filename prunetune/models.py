@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from prunetune import plugins, registry
+from prunetune.attention import split_attention
 from prunetune.errors import UserError
 
 
@@ -101,9 +102,11 @@ def uses_small_stem(stem: str, image_size: int) -> bool:
 
 
 def build_model(model_spec, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Build `model_spec.arch` for the data's classes and channels; load `weights` if given. A
-    factory's model (the user's, or torchvision's) is checked on a batch of zeros first: a
-    wrong output is bad input naming model.arch, not a trial that fails later."""
+    """Build `model_spec.arch` for the data's classes and channels; load `weights` if given (a
+    state_dict of the model as its builder makes it), then make attention's projections Linear
+    layers (`attention.split_attention`). A factory's model (the user's, or torchvision's) is
+    checked on a batch of zeros first: a wrong output is bad input naming model.arch, not a
+    trial that fails later."""
     arch = model_spec.arch
     if plugins.is_torchvision(arch):
         model = torchvision_classifier(arch.removeprefix(plugins.TORCHVISION), num_classes, in_channels,
@@ -117,6 +120,7 @@ def build_model(model_spec, num_classes: int, in_channels: int, image_size: int)
         check_output(model, arch, num_classes, in_channels, image_size)
     if model_spec.weights:
         load_weights(model, Path(model_spec.weights).expanduser())
+    split_attention(model)  # attention's projections as Linear layers, which criteria prune
     return model
 
 
