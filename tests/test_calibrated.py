@@ -103,3 +103,25 @@ def test_in_a_trial_on_convolutions_and_linear_layers(tmp_path, criterion, extra
 def test_what_they_cannot_run_names_the_key(extra, message):
     with pytest.raises(UserError, match=message):
         spec.load(None, raw=digits_raw(**{"schedule__criterion": "wanda", **extra}))
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_a_convolutions_input_features_are_its_patches_in_weight_order(monkeypatch, stride, padding, dilation):
+    """Wanda's norm of a conv weight (o, c, i, j) runs over every image and output position of
+    the input value that weight multiplies: the same as a convolution of x² with a one-hot kernel
+    at (c, i, j), summed (an independent computation of the column order and the padding)."""
+    from prunetune.pruning.criteria import data_aware
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, dilation=dilation, bias=False)
+    model = nn.Sequential(conv)
+    x = torch.randn(6, 3, 9, 9)
+    seen = {}
+    monkeypatch.setattr(data_aware, "prune_rows", lambda masks, name, scores, count: seen.setdefault("s", scores))
+    masks = Masks(model, ["0"])
+    context = Context(model, x[:1], n_m=None, calibration=lambda: iter([(x[:4], None), (x[4:], None)]))
+    masks.prune(0.5, wanda, ["0"], "layer", context=context)
+    one_hot = torch.eye(27).view(27, 3, 3, 3)
+    squared = torch.nn.functional.conv2d(x ** 2, one_hot, stride=stride, padding=padding, dilation=dilation)
+    expected = conv.weight.detach().abs() * squared.sum((0, 2, 3)).sqrt().view(1, 3, 3, 3)
+    torch.testing.assert_close(seen["s"].float(), expected, rtol=1e-5, atol=1e-6)
