@@ -27,7 +27,7 @@ from prunetune.models import build_model, prunable_layers
 from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
 from prunetune.pruning import allocation, schedules, structured
 from prunetune.pruning.criteria.base import Context
-from prunetune.pruning.criteria.nm import pattern
+from prunetune.pruning.criteria.samples import drawn_context
 from prunetune.pruning.masks import Masks
 from prunetune.reports import Epoch, TrialResult, epoch_reports
 from prunetune.spec import Spec
@@ -135,31 +135,8 @@ class Trial:
             self.on_epoch(Epoch(metrics, epoch, self.phase_name, self.resumed_from_epoch, self.planned_epochs, save))
 
     def criteria_context(self) -> Context:
-        """What the criteria that score through the model use: the model, an example input and
-        training batches (max(batch_size, 10 × classes) samples, drawn with the trial's seed);
-        for grasp, `samples_per_class` of each class (the first of each in the same draw), in
-        class order, as two batches; for wanda and sparsegpt, the first `calibration_samples` of
-        that draw (training images only)."""
-        n = self.data.size("train")
-        gen = torch.Generator().manual_seed(self.spec.seed)
-        drawn = torch.randperm(n, generator=gen)
-        order = drawn[:min(n, max(self.spec.train.batch_size, 10 * self.num_classes))]
-        labels = self.data.y["train"].cpu()[drawn]
-        per_class = self.spec.schedule.samples_per_class
-        balanced = torch.cat([drawn[labels == c][:per_class] for c in range(self.num_classes)])
-
-        def batches_of(index: torch.Tensor, size: int):
-            def batches():
-                for start in range(0, len(index), size):
-                    part = index[start:start + size].to(self.device)
-                    yield self.data.prepare(self.data.images_of("train", part)), self.data.y["train"][part]
-            return batches
-
-        calibration = drawn[:min(n, self.spec.schedule.calibration_samples)]
-        return Context(self.model, self.example, batches_of(order, self.spec.train.batch_size),
-                       self.spec.schedule.synflow_iters, pattern(self.spec.schedule),
-                       balanced=batches_of(balanced, max(1, (len(balanced) + 1) // 2)),
-                       calibration=batches_of(calibration, self.spec.train.batch_size))
+        """What the criteria that score through the model use (`criteria.samples.drawn_context`)."""
+        return drawn_context(self.model, self.example, self.data, self.spec, self.num_classes, self.device)
 
     def layer_targets(self) -> dict[str, float] | None:
         """Each selected layer's own final target (scopes layer and erk), or None (one threshold)."""
