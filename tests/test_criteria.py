@@ -140,6 +140,26 @@ def test_snip_scores_in_eval_mode_as_the_reference_code_does():
     assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers())
 
 
+def test_snip_scores_on_the_calibration_samples():
+    """DESIGN.md: snip scores on `schedule.calibration_samples` training images (Context.calibration),
+    not on the other batches a context carries; a trial draws exactly that many, in batches of
+    `train.batch_size`."""
+    model, layers = _bn_model(), ["0", "3"]
+    x, y = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+    other = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
+    expected = _snip_by_hand(model, x, y, layers, 0.6, train=False)
+    assert any(not torch.equal(expected[n], _snip_by_hand(model, other, y, layers, 0.6, train=False)[n])
+               for n in layers)  # the test can tell
+    masks = Masks(model, layers)
+    masks.prune(0.6, at_init.snip, context=base.Context(model, x[:1], lambda: iter([(other, y)]),
+                                                        calibration=lambda: iter([(x, y)])))
+    assert all(torch.equal(masks.masks[n], expected[n]) for n in layers)
+    trial = Trial(spec.validate(digits_raw(schedule__criterion="snip", schedule__calibration_samples=40,
+                                           train__batch_size=16)))
+    sizes = [len(x) for x, _ in trial.criteria_context().calibration()]
+    assert sizes == [16, 16, 8]
+
+
 def _synflow_by_hand(model: nn.Module, layers, target: float, abs_buffers: bool):
     """One synflow round: float64 copy in eval mode, |parameters| (and |float buffers|), R = Σ f(𝟙),
     scores |θ ⊙ ∂R/∂θ|, then the kept mask."""

@@ -51,9 +51,11 @@ class _ScoredThroughModel(Criterion):
 
 
 class Snip(_ScoredThroughModel):
-    """SNIP (Lee et al. 2019): connection sensitivity |∂L/∂w ⊙ w| on training batches, in eval
-    mode, as the authors' code scores (namhoonlee/snip-public's prune.py feeds `is_train: False`)
-    and as Synaptic-Flow's prune loop does by default."""
+    """SNIP (Lee et al. 2019): connection sensitivity |∂L/∂w ⊙ w| on `schedule.calibration_samples`
+    training images (`Context.calibration`; the authors score one batch of 100–128), the
+    gradients summed over batches of `train.batch_size`, in eval mode, as the authors' code
+    scores (namhoonlee/snip-public's prune.py feeds `is_train: False`) and as Synaptic-Flow's
+    prune loop does by default."""
 
     name = "snip"
     needs = "data"
@@ -61,7 +63,7 @@ class Snip(_ScoredThroughModel):
 
     def scores(self, masks, layers, context):
         weights = {n: masks.weights[n] for n in layers}
-        grads = _gradients(context.model, context.batches, weights)
+        grads = _gradients(context.model, context.calibration or context.batches, weights)
         return {n: (grads[n] * weights[n].detach()).abs() for n in layers}
 
 
