@@ -49,11 +49,20 @@ def handle_errors(fn):
 set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                           help="Override a spec key (dotted, repeatable), e.g. --set schedule.sparsity=0.8")
 uri_option = click.option("--tracking-uri", default=None, metavar="URI",
-                          help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the spec's tracking.uri)")
+                          help="MLflow tracking URI (default: the spec's tracking.uri, else $MLFLOW_TRACKING_URI, "
+                               "else sqlite:///mlruns/mlflow.db)")
 storage_option = click.option("--storage", default=None, metavar="URI",
                               help="Where sweep state and shared work live (default: the spec's tracking.storage): "
                                    "a path, a shared filesystem path, or s3://bucket/prefix")
 spec_argument = click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+
+
+def _load(*args, **kwargs) -> spec_mod.LoadedSpec:
+    """`spec.load`, printing the lines it returns (where the environment chose for the user)."""
+    loaded = spec_mod.load(*args, **kwargs)
+    for note in loaded.notes:
+        click.echo(note, err=True)
+    return loaded
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,7 +82,7 @@ def main():
 @handle_errors
 def validate(spec_path: Path, sets: tuple[str, ...]):
     """Check a spec and its data paths; print the resolved spec."""
-    resolved, summary = commands.validate_spec(spec_mod.load(spec_path, list(sets)))
+    resolved, summary = commands.validate_spec(_load(spec_path, list(sets)))
     click.echo(resolved, nl=False)
     click.echo(summary, err=True)
 
@@ -86,7 +95,7 @@ def validate(spec_path: Path, sets: tuple[str, ...]):
 @handle_errors
 def trial(spec_path: Path, sets: tuple[str, ...], tracking_uri: str | None, storage: str | None):
     """Run one trial in this process (no Ray); searched keys must be fixed by the spec or --set."""
-    loaded = spec_mod.load(spec_path, list(sets), for_trial=True, tracking_uri=tracking_uri, storage=storage)
+    loaded = _load(spec_path, list(sets), for_trial=True, tracking_uri=tracking_uri, storage=storage)
     run_id, metrics = commands.run_trial(loaded, echo=lambda line: click.echo(line, err=True))
     _print_metrics(metrics)
     click.echo(f"run id: {run_id}\nopen the MLflow UI with: prunetune ui {spec_path}")
@@ -109,7 +118,7 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
     """Run a sweep: Ray Tune trials, Optuna search, MLflow tracking."""
     from prunetune import sweep as sweep_mod
 
-    loaded = spec_mod.load(spec_path, list(sets), tracking_uri=tracking_uri, storage=storage)
+    loaded = _load(spec_path, list(sets), tracking_uri=tracking_uri, storage=storage)
     if dry_run:
         prepared = sweep_mod.prepare(loaded, resume=resume, restart=restart,
                                      echo=lambda line: click.echo(line, err=True))
@@ -174,7 +183,7 @@ def _fmt(v) -> str:
 @handle_errors
 def ui(spec_path: Path, tracking_uri: str | None, port: int):
     """Serve the MLflow UI of the spec's tracking store, bound to 127.0.0.1."""
-    uri, cmd, url = commands.ui_command(spec_mod.load(spec_path, tracking_uri=tracking_uri).fixed_spec(), port)
+    uri, cmd, url = commands.ui_command(_load(spec_path, tracking_uri=tracking_uri).fixed_spec(), port)
     click.echo(f"MLflow UI for {uri}: {url} (Ctrl-C to stop)", err=True)
     sys.exit(commands.serve(cmd))
 
@@ -223,7 +232,7 @@ def report(target: Path, out: Path | None, tracking_uri: str | None, storage: st
 def sensitivity(spec_path: Path, sets: tuple[str, ...], out: Path | None, tracking_uri: str | None,
                 storage: str | None):
     """Prune each prunable layer alone at 10%…90% from the dense checkpoint; evaluate without fine-tuning."""
-    loaded = spec_mod.load(spec_path, list(sets), tracking_uri=tracking_uri, storage=storage)
+    loaded = _load(spec_path, list(sets), tracking_uri=tracking_uri, storage=storage)
     done = commands.sensitivity(loaded, out)
     worst = sorted((r for r in done.rows[1:] if r["sparsity"] == 0.9), key=lambda r: -r["acc_drop"])[:3]
     click.echo("most sensitive layers at 90%: " + ", ".join(f"{r['layer']} (−{r['acc_drop']:.3f})" for r in worst))

@@ -98,6 +98,16 @@ def test_validate_prints_resolved_spec(tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_a_command_says_in_one_line_when_the_environment_chose_where_runs_go(tmp_path):
+    quickstart = str(REPO / "sweeps" / "quickstart.yaml")
+    env = {"MLFLOW_TRACKING_URI": "http://bob:pw@127.0.0.1:1"}
+    r = prunetune(["validate", quickstart], cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "tracking: runs go to $MLFLOW_TRACKING_URI (http://127.0.0.1:1)" in r.stderr and "pw" not in r.stderr
+    r = prunetune(["validate", quickstart, "--set", "tracking.uri=sqlite:///x.db"], cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "MLFLOW_TRACKING_URI" not in r.stderr
+
+
 def test_a_sweep_selecting_on_test_says_so_in_one_line(tmp_path):
     """A test-split objective still runs, with one note; the default (val_acc) has none."""
     p = write(tmp_path, TINY.rstrip(" ") + "    search: {objectives: [{metric: test_acc, mode: max}]}\n")

@@ -262,12 +262,20 @@ def test_define_by_run_is_conditional(tmp_path):
 
 
 def test_the_clis_tracking_options_apply_at_load(tmp_path, monkeypatch):
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, over tracking.uri; --storage over tracking.storage;
-    the fixed spec is resolved once per load."""
+    """Where runs go, first match wins: --tracking-uri, the spec's own tracking.uri (its file or
+    --set), $MLFLOW_TRACKING_URI (with a note, its credentials left out), the default; --storage
+    over tracking.storage; the fixed spec is resolved once per load."""
     p = write(tmp_path, "name: a\ntracking: {uri: 'sqlite:///spec.db', storage: spec-state}\n")
+    bare = write(tmp_path, "name: b\n", "bare.yaml")
+    default = spec.load(bare).fixed_spec().tracking.uri
     assert spec.load(p).fixed_spec().tracking.uri == "sqlite:///spec.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert spec.load(p).fixed_spec().tracking.uri == "sqlite:///env.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret@mlflow.example.org")
+    assert spec.load(p).fixed_spec().tracking.uri == "sqlite:///spec.db" and spec.load(p).notes == ()
+    assert spec.load(bare, ["tracking.uri=sqlite:///set.db"]).fixed_spec().tracking.uri == "sqlite:///set.db"
+    from_env = spec.load(bare)
+    assert from_env.fixed_spec().tracking.uri == "https://alice:s3cret@mlflow.example.org" != default
+    assert from_env.notes == ("tracking: runs go to $MLFLOW_TRACKING_URI (https://mlflow.example.org); "
+                              "the spec sets no tracking.uri",)
     loaded = spec.load(p, tracking_uri="sqlite:///cli.db", storage="cli-state")
     assert (loaded.fixed_spec().tracking.uri, loaded.fixed_spec().tracking.storage) == ("sqlite:///cli.db", "cli-state")
     assert loaded.fixed_spec() is loaded.fixed_spec()

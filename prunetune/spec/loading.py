@@ -118,6 +118,7 @@ class LoadedSpec:
     path: Path | None
     raw: dict
     space: dict[str, SearchEntry]
+    notes: tuple[str, ...] = ()  # lines to print where a load decided something the user did not write
     _fixed: Spec | None = field(default=None, init=False, repr=False, compare=False)
 
     def fixed_spec(self) -> Spec:
@@ -205,17 +206,28 @@ def _absolute_paths(raw: dict) -> None:
             set_dotted(raw, key, str(Path(value).expanduser().absolute()))
 
 
-def _apply_overrides(raw: dict, overrides: list[str], tracking_uri: str | None, storage: str | None) -> None:
-    """`--set` items, then the CLI's own options: `--tracking-uri` (else $MLFLOW_TRACKING_URI, as
-    MLflow's clients read it) over `tracking.uri`, and `--storage` over `tracking.storage`."""
+def _apply_overrides(raw: dict, overrides: list[str], tracking_uri: str | None, storage: str | None) -> str | None:
+    """`--set` items, then the CLI's own options: `--storage` over `tracking.storage`, and where
+    runs go, the first of `--tracking-uri`, the spec's own `tracking.uri` (its file or `--set`),
+    $MLFLOW_TRACKING_URI, the default. Returns a line to print where the environment decided."""
     for item in overrides:
         key, value = parse_set(item)
         set_dotted(raw, key, value)
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    note = None
     if tracking_uri:
         set_dotted(raw, "tracking.uri", tracking_uri)
+    elif from_env and get_dotted(raw, "tracking.uri") is None:
+        set_dotted(raw, "tracking.uri", from_env)
+        note = f"tracking: runs go to $MLFLOW_TRACKING_URI ({redacted(from_env)}); the spec sets no tracking.uri"
     if storage:
         set_dotted(raw, "tracking.storage", storage)
+    return note
+
+
+def redacted(uri: str) -> str:
+    """`uri` without the user and password it may carry (scheme://user:password@host)."""
+    return re.sub(r"(://)[^/@]*@", r"\1", uri)
 
 
 def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = None, for_trial: bool = False,
@@ -235,12 +247,12 @@ def load(path: str | Path | None, overrides: list[str] = (), raw: dict | None = 
         p = None
         raw = copy.deepcopy(raw)
         raw.pop("base", None)
-    _apply_overrides(raw, overrides, tracking_uri, storage)
+    note = _apply_overrides(raw, overrides, tracking_uri, storage)
     _absolute_paths(raw)
     space = space_mod.extract_search(raw)
     space_mod.check_space(raw, space, unused_is_error=not for_trial)
     _check_criterion_keys(raw, space)
-    loaded = LoadedSpec(p, raw, space)
+    loaded = LoadedSpec(p, raw, space, notes=(note,) if note else ())
     fixed = loaded.fixed_spec()  # full validation with searched keys at a representative value
     code = loaded.user_code()
     if code:  # imported from the working directory and beside the spec, as Python would find it
