@@ -145,6 +145,10 @@ def test_small_sweep_and_refused_rerun(tmp_path):
     assert study.metric_names == ["val_acc"]
     runs = {run.data.tags["prunetune.trial_id"]: run.info.run_id for run in children}
     assert {t.user_attrs["trial_id"]: t.user_attrs["mlflow_run_id"] for t in study.trials} == runs
+    # and the study leads back to the sweep's MLflow experiment and parent run
+    assert study.user_attrs == {"mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                                "mlflow_parent_run_id": parents[0].info.run_id,
+                                "mlflow_experiment_id": parents[0].info.experiment_id}
     # Tune's own record of each trial, rewritten every second, counts statistics only of the
     # numbers Tune reads (the objective, ASHA's val_acc and epoch), not of every metric
     assert_tune_counts_only_what_it_reads(tmp_path / "mlruns" / "tune" / "tiny")

@@ -20,6 +20,7 @@ from prunetune import plugins, registry, search, stored_study, tracking
 from prunetune.errors import UserError
 from prunetune.metrics import selection_key, selection_note, shown_metrics
 from prunetune.spec import LoadedSpec
+from prunetune.spec.loading import redacted
 from prunetune.spec.space import fixed_schedule_value
 from prunetune.storage import storage_wait_s
 from prunetune.sweep.paths import SweepPaths, space_fingerprint
@@ -230,7 +231,7 @@ class _Sweep:
             if resume and tune.Tuner.can_restore(self.paths.dir.path, storage_filesystem=self.paths.storage.fs):
                 tuner = self.restored_tuner(trainable, writer)
             else:
-                tuner = self.new_tuner(trainable, writer, dataset)
+                tuner = self.new_tuner(trainable, writer, dataset, parent)
             self.log.adopt()  # Optuna's
             with tracking.fail_fast_http():
                 with _graceful_ctrl_c(self.echo) as stopped:
@@ -300,7 +301,7 @@ class _Sweep:
                                  checkpoint_s=_checkpoint_s(), storage_wait_s=storage_wait_s()),
             {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
 
-    def new_tuner(self, trainable, writer, dataset):
+    def new_tuner(self, trainable, writer, dataset, parent: str):
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -315,8 +316,12 @@ class _Sweep:
         logger.attach(writer)
         progress = Progress(metric, mode, self.total, res.max_retries, self.echo,
                             method=fixed_schedule_value(self.loaded.raw, "method"))
+        # the study leads back to MLflow: where its runs are (the URI without credentials)
+        links = {"mlflow_tracking_uri": redacted(self.uri), "mlflow_parent_run_id": parent,
+                 "mlflow_experiment_id": self.tracker.experiment_id(spec.name)}
         searcher = make_searcher(self.loaded, self.objectives, spec.seed, spec.search.replicates,
-                                   study_name=spec.name, storage=stored_study.rdb_storage(self.study_url))
+                                 study_name=spec.name, storage=stored_study.rdb_storage(self.study_url),
+                                 user_attrs=links)
         # ASHA compares trials on val_acc after the dense phase (which all trials share)
         scheduler = (ASHAScheduler(metric=ASHA_METRIC, mode="max", time_attr="epoch", max_t=10_000,
                                    grace_period=spec.train.dense_epochs + 1)

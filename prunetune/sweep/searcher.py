@@ -66,16 +66,19 @@ class _OptunaSearch(OptunaSearch):
 
 
 def make_searcher(loaded: LoadedSpec, objectives: list[tuple[str, str]], seed: int, replicates: int = 1,
-                  study_name: str | None = None, storage=None):
+                  study_name: str | None = None, storage=None, user_attrs: dict | None = None):
     """Tune's searcher: Optuna sampling the spec's space (`search.DefineByRun`) into the study in
     `storage` (Optuna's RDB storage, or None: in memory), each configuration run `replicates`
-    times."""
+    times; `user_attrs` are set on the study (where its MLflow runs are)."""
     # Objectives are always given as a list: OptunaSearch then reads them only from a trial's
     # last result (our final report), not from every per-epoch report.
     optuna_search = _OptunaSearch(space=search.DefineByRun(loaded), metric=[m for m, _ in objectives],
                                   mode=[d for _, d in objectives], sampler=samplers.Rebuilt(loaded, seed),
                                   study_name=study_name, storage=storage, sweep=study_name or "")
-    _compat.optuna_study(optuna_search).set_metric_names([m for m, _ in objectives])
+    study = _compat.optuna_study(optuna_search)
+    study.set_metric_names([m for m, _ in objectives])
+    for key, value in (user_attrs or {}).items():
+        study.set_user_attr(key, value)
     return optuna_search if replicates == 1 else _Replicates(optuna_search, replicates)
 
 
