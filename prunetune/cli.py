@@ -184,8 +184,12 @@ def _fmt(v) -> str:
 def ui(spec_path: Path, tracking_uri: str | None, port: int):
     """Serve the MLflow UI of the spec's tracking store, bound to 127.0.0.1."""
     uri, cmd, url = commands.ui_command(_load(spec_path, tracking_uri=tracking_uri).fixed_spec(), port)
-    click.echo(f"MLflow UI for {uri}: {url} (Ctrl-C to stop)", err=True)
-    sys.exit(commands.serve(cmd))
+    from prunetune.cache import cache_root
+
+    server_log = cache_root() / "logs" / "mlflow-ui.log"
+    click.echo(f"MLflow UI for {uri}: {url}", err=True)
+    click.echo(f"Ctrl-C stops the server; its output goes to {server_log}", err=True)
+    sys.exit(commands.serve(cmd, server_log))
 
 
 @main.command()

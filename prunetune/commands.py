@@ -266,13 +266,17 @@ def _experiment_page(base: str, spec: Spec, uri: str | None = None) -> str:
     return tracking.experiment_url(base, found) if found else f"{base}/"
 
 
-def serve(cmd: list[str]) -> int:
+def serve(cmd: list[str], log_file: Path) -> int:
     """Run a server in its own process group until it exits or this process is stopped (SIGTERM,
-    SIGINT, SIGHUP): then the whole group stops, the server's worker processes included."""
+    SIGINT, SIGHUP): then the whole group stops, the server's worker processes included. What
+    the server prints (its access log, its warnings) goes to `log_file`, not the terminal."""
     import signal
     import subprocess
 
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
 
     def stop_group(sig: int = signal.SIGTERM) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

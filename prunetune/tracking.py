@@ -221,7 +221,7 @@ class Tracker:
         if not self.uri.startswith(("http://", "https://")):
             return None
         run = self._mlflow.get_run(run_id)
-        return f"{experiment_url(self.uri, run.info.experiment_id)}/{run_id}"
+        return experiment_url(self.uri, run.info.experiment_id, run_id)
 
     def reopen_run(self, run_id: str) -> None:
         """Mark an ended run RUNNING again (a resumed sweep's parent run)."""
@@ -321,9 +321,16 @@ def fail_fast_http():
             os.environ.pop(k, None)
 
 
-def experiment_url(base: str, experiment_id: str) -> str:
-    """The runs page of an experiment in the MLflow UI served at `base` (http://host:port)."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+# MLflow 3's UI opens an experiment in its GenAI view (traces, judges) unless told otherwise; this
+# is what it puts in the URL itself when a user picks "Model training"
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The runs page of an experiment (or one run's page) in the MLflow UI served at `base`
+    (http://host:port), in the UI's Model training view."""
+    page = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{page}/{run_id}?{MODEL_TRAINING_VIEW}" if run_id else f"{page}?{MODEL_TRAINING_VIEW}"
 
 
 def dataset_input(name: str, ids, split, source: str, source_type: str, profile: dict | None = None) -> dict:

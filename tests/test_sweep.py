@@ -493,13 +493,22 @@ def test_ui_serves_the_store_on_localhost(tmp_path):
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
                 time.sleep(0.5)
+        for page in ("/", "/ajax-api/2.0/mlflow/experiments/search?max_results=10", "/nothing-here") * 4:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{page}", timeout=5).read()
         # SIGTERM to prunetune alone (as a service manager sends it) stops all it started
         started = _descendants(proc.pid)
         assert started  # the MLflow server and its workers
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        # it printed the experiment's runs page
-        assert f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs" in proc.stdout.read().decode()
+        # it printed the experiment's runs page, in the UI's Model training view, how to stop the
+        # server and where its output went, and nothing of the server's own output
+        printed = proc.stdout.read().decode().splitlines()
+        assert printed[0].endswith(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs"
+                                   "?workflowType=machine_learning"), printed
+        assert len(printed) == 2 and "Ctrl-C" in printed[1], printed
+        server_log = Path(printed[1].rsplit(" ", 1)[1])
+        assert server_log.is_file() and server_log.stat().st_size > 0
         deadline = time.monotonic() + 10
         while _alive(started) and time.monotonic() < deadline:
             time.sleep(0.2)
