@@ -75,6 +75,12 @@ def criterion(name: str):
     return lookup(CRITERIA, name)
 
 
+def criterion_keys() -> frozenset[str]:
+    """The spec keys only some criteria read or act on (dotted): a trial's run logs each only
+    where its criterion does."""
+    return frozenset().union(*(criterion(n).reads | criterion(n).acts_on for n in CRITERIA))
+
+
 def structured_criteria() -> list[str]:
     """The criteria that prune whole channels."""
     return sorted(name for name in CRITERIA if criterion(name).structured)

@@ -211,6 +211,9 @@ class Tracker:
     def log_artifact(self, run_id: str, local_file: Path, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifact(run_id, str(local_file), artifact_path)
 
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._mlflow.log_text(run_id, text, artifact_file)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._mlflow.set_terminated(run_id, status=status)
         if self.uri.startswith(("http://", "https://")):
@@ -281,12 +284,12 @@ class Tracker:
     # -- a trial's run: one lifecycle for `prunetune trial` and the sweep ------------------------
     def start_trial_run(self, experiment: str, spec, tags: dict[str, str], parent_run_id: str | None = None,
                         run_name: str | None = None) -> str:
-        """A trial's run: its tags (kind, config hash, and `tags`) and every resolved spec key as
-        a param."""
+        """A trial's run: its tags (kind, config hash, and `tags`) and the spec keys it reads as
+        params (`Spec.trial_params`)."""
         return self.start_run(experiment, run_name or spec.schedule.method,
                               {TAG_KIND: "trial", TAG_CONFIG_HASH: spec.config_hash(),
                                TAG_DENSE: spec.dense_hash(), **tags},
-                              spec.flat(), parent_run_id=parent_run_id)
+                              spec.trial_params(), parent_run_id=parent_run_id)
 
     def finish_trial_run(self, run_id: str, artifacts: Path | None = None) -> None:
         """Log a finished trial's artifacts (again after a resume or a retry: each file is

@@ -122,7 +122,22 @@ def test_small_sweep_and_refused_rerun(tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 4
     c = client(tmp_path)
-    assert "tiny.yaml" in {a.path for a in c.list_artifacts(parents[0].info.run_id)}
+    assert {"tiny.yaml", "search_space.json"} <= {a.path for a in c.list_artifacts(parents[0].info.run_id)}
+    # the parent run shows the sweep: its fixed keys as params, its search space in its description
+    sweep_params = parents[0].data.params
+    assert sweep_params["model.arch"] == "simple_cnn" and sweep_params["search.num_trials"] == "4"
+    assert "schedule.sparsity" not in sweep_params  # searched: each trial's own
+    assert "search space:\n  schedule.method: choice [" in parents[0].data.tags["mlflow.note.content"]
+    assert "\n  schedule.sparsity: uniform [0.5, 0.9]" in parents[0].data.tags["mlflow.note.content"]
+    # a trial's run logs the keys its trial read: none its method ignores, no null default
+    unused = {"oneshot": {"schedule.step_size", "schedule.step_epochs", "schedule.rewind_epoch"},
+              "iterative": {"schedule.rewind_epoch"}, "lottery": {"schedule.step_epochs"}}
+    for run in children:
+        params = run.data.params
+        assert {"schedule.sparsity", "schedule.method", "train.lr", "seed"} <= set(params)
+        assert not (unused[params["schedule.method"]] | {"model.weights", "data.root", "train.budget_epochs",
+                                                         "distill", "schedule.remove", "resources.max_concurrent"}
+                    ) & set(params), params
     for run in children:
         assert_complete_child(c, run, parents[0].info.run_id)
     assert (tmp_path / "mlruns" / "tune" / "tiny" / "sweep.json").is_file()

@@ -288,6 +288,10 @@ class AnalysisSpec(_Strict):
     cka: CkaSpec = CkaSpec()
 
 
+TRIAL_SECTIONS = {"seed", "model", "data", "train", "schedule", "distill"}  # what a trial's result depends on
+ROOTED = {"cifar10", "cifar100", "ham10000", "imagefolder", "medmnist"}  # datasets read from data.root
+
+
 class Spec(_Strict):
     """A resolved spec: every key filled in; no search entries left."""
 
@@ -345,8 +349,28 @@ class Spec(_Strict):
 
     # -- derived views -------------------------------------------------------------------------
     def flat(self) -> dict[str, Any]:
-        """Every key, dotted (`schedule.method`, `train.lr`, …): the params logged to MLflow."""
+        """Every key, dotted (`schedule.method`, `train.lr`, …)."""
         return flatten(self.model_dump(mode="json"))
+
+    def trial_params(self) -> dict[str, Any]:
+        """What a trial's MLflow run logs as params: the keys that determine it (seed, model,
+        data, train, schedule, distill), dotted, less what it does not read: a null or empty
+        value, a method-specific schedule key its method does not use, a key only some criteria
+        read that its criterion does not, `data.root` for a dataset read from no folder. (The
+        resolved `config.yaml` artifact keeps every key; sweep-wide keys are the parent run's.)"""
+        s = self.schedule
+        criterion = registry.criterion(s.criterion)
+        own, specific = criterion.reads | criterion.acts_on, registry.criterion_keys()
+        used = {}
+        for key, value in flatten(self.model_dump(mode="json", include=TRIAL_SECTIONS)).items():
+            if value is None or value == {} or value == []:
+                continue
+            if key.startswith("schedule.") and not schedules.key_is_used(s.method, key.split(".")[1], s.retrain):
+                continue
+            if (key in specific and key not in own) or (key == "data.root" and self.data.dataset not in ROOTED):
+                continue
+            used[key] = value
+        return used
 
     def config_hash(self) -> str:
         """Content hash of what determines a trial's result (not tracking, resources, search)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -80,13 +81,26 @@ def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str, dataset=None) -> 
              f"at most {spec.resources.max_concurrent} at once; early stop: {spec.search.early_stop}; "
              f"retries after a worker or node dies: {spec.resources.max_retries}",
              f"  state: {paths.dir.uri}", f"  tracking: {uri}", "  search space:"]
-    for key, entry in loaded.space.items():
-        lines.append(f"    {key}: {entry.kind} {list(entry.args)}" + (f" step {entry.step}" if entry.step else ""))
+    lines += [f"    {line}" for line in space_lines(loaded)]
     if dataset is not None:
         from prunetune.model_check import merged_rounds
 
         lines += merged_rounds(loaded, dataset)
     return "\n".join(lines)
+
+
+def space_lines(loaded: LoadedSpec) -> list[str]:
+    """The search space, a line a key: `key: kind [args]`."""
+    return [f"{key}: {entry.kind} {list(entry.args)}" + (f" step {entry.step}" if entry.step else "")
+            for key, entry in loaded.space.items()]
+
+
+def sweep_params(loaded: LoadedSpec) -> dict:
+    """The parent run's params: the sweep's fixed keys, dotted (neither searched nor under a
+    searched key, nor null or empty)."""
+    searched = tuple(loaded.space)
+    return {k: v for k, v in loaded.fixed_spec().flat().items()
+            if v not in (None, {}, []) and not any(k == s or k.startswith(s + ".") for s in searched)}
 
 
 # -- before Ray ------------------------------------------------------------------------------------
@@ -221,8 +235,10 @@ class _Sweep:
         if restart:
             self.paths.dir.delete()
         parent = self.reopen_parent_run() if resume else self.open_parent_run()
-        if self.prepared.notes:  # shown as the run's description in the MLflow UI
-            self.tracker.set_tags(parent, {tracking.TAG_NOTE: "\n".join(self.prepared.notes)})
+        # the run's description in the MLflow UI: the notes, then the search space
+        space = ["search space:", *(f"  {line}" for line in space_lines(self.loaded))] if self.loaded.space else []
+        if self.prepared.notes or space:
+            self.tracker.set_tags(parent, {tracking.TAG_NOTE: "\n".join([*self.prepared.notes, *space])})
         if self.uri.startswith(("http://", "https://")):
             self.experiment_page = tracking.experiment_url(self.uri, self.tracker.experiment_id(self.spec.name))
         writer = self.open_writer(parent, resume)
@@ -270,9 +286,13 @@ class _Sweep:
         if stored_study.delete(self.study_url, spec.name):  # its sweep's state gone, or started over
             self.echo(f"deleted the old Optuna study {spec.name!r} in {self.study_url} (its sweep starts over)")
         parent = self.tracker.start_run(spec.name, f"sweep-{spec.name}",
-                                        {tracking.TAG_SWEEP: spec.name, tracking.TAG_KIND: "sweep"})
+                                        {tracking.TAG_SWEEP: spec.name, tracking.TAG_KIND: "sweep"},
+                                        sweep_params(self.loaded))
         if self.spec_file is not None:
             self.tracker.log_artifact(parent, self.spec_file)
+        self.tracker.log_text(parent, json.dumps({k: {"kind": e.kind, "args": list(e.args), "step": e.step}
+                                                  for k, e in self.loaded.space.items()}, indent=2),
+                              "search_space.json")
         self.paths.dir.write_json(SweepPaths.META, {
             "parent_run_id": parent, "space": space_fingerprint(self.loaded.space), "tracking_uri": self.uri,
             "code": plugins.digests(self.code),

@@ -245,7 +245,7 @@ class MlflowLogger(tune.Callback):
         tags = {tracking.TAG_KIND: "trial", tracking.TAG_CONFIG_HASH: spec.config_hash(),
                 tracking.TAG_SWEEP: self.sweep, tracking.TAG_TRIAL_ID: trial.trial_id,
                 tracking.TAG_REPLICATE: str(trial.config.get(search.REPLICATE, 0))}
-        params = {k: tracking.param_value(v) for k, v in spec.flat().items()}
+        params = {k: tracking.param_value(v) for k, v in spec.trial_params().items()}
         record = {"op": "open", "key": trial.trial_id, "name": f"{spec.schedule.method}-{trial.trial_id}",
                   "tags": tags, "params": params}
         if self.dataset and spec.data.model_dump(mode="json") == self.dataset["data"]:

@@ -59,6 +59,7 @@ class Snip(_ScoredThroughModel):
 
     name = "snip"
     needs = "data"
+    reads = frozenset({"schedule.calibration_samples"})
     train_mode = False
 
     def scores(self, masks, layers, context):
@@ -79,6 +80,7 @@ class Grasp(_ScoredThroughModel):
 
     name = "grasp"
     needs = "data"
+    reads = frozenset({"schedule.samples_per_class"})
     train_mode = True
     temperature = 200.0
 
@@ -115,6 +117,7 @@ class Synflow(Criterion):
 
     name = "synflow"
     needs = "model"
+    reads = frozenset({"schedule.synflow_iters"})
     train_mode = False
 
     def check(self, schedule) -> str | None:

@@ -37,7 +37,8 @@ class Criterion:
     """A pruning criterion: its rules, which need no torch, and its torch side.
 
     Rules: `check` (what it refuses in a schedule), `acts_on` (which `registry.CRITERION_KEYS` do
-    something with it), `dense_key` (its part of the dense phase's hash), `reports` (the final
+    something with it), `reads` (the other keys only some criteria read: a trial's run logs them
+    where its criterion reads them), `dense_key` (its part of the dense phase's hash), `reports` (the final
     metrics only some criteria report, named in `metrics`: name → what a spec needs for every
     trial to report it), `needs` (what scoring takes: "weights", each weight tensor alone; "data",
     training batches through the model; "model", the model alone; "pattern", a fixed N:M pattern),
@@ -52,6 +53,7 @@ class Criterion:
     needs: ClassVar[str] = "weights"
     structured: ClassVar[bool] = False
     acts_on: ClassVar[frozenset[str]] = frozenset()
+    reads: ClassVar[frozenset[str]] = frozenset()
     metrics: ClassVar[dict[str, str]] = {}
 
     # -- rules (no torch) --------------------------------------------------------------------

@@ -109,6 +109,7 @@ class TaylorFilter(ChannelNorm):
 
     needs = "data"
     name = "taylor_filter"
+    reads = frozenset({"schedule.calibration_samples"})
 
     def __init__(self):
         super().__init__(2)

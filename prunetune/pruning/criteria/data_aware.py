@@ -34,6 +34,7 @@ class Calibrated(Criterion):
     in eval mode (the model's modes and buffers left as they were), unstructured or N:M."""
 
     needs = "data"
+    reads = frozenset({"schedule.calibration_samples", "schedule.n_m"})
     metrics = NM_VALID
 
     def check(self, schedule) -> str | None:

@@ -56,6 +56,7 @@ def pattern_layers(model, selected: list[str], m: int) -> list[str]:
 class NM(Criterion):
     name = "l1_nm"
     needs = "pattern"
+    reads = frozenset({"schedule.n_m"})
     acts_on = frozenset({"schedule.remove"})
     metrics = NM_VALID
 
