@@ -202,7 +202,10 @@ def cka(target: Path, run_ids: list[str], top: int | None, tracking_uri: str | N
         storage: str | None = None):
     """Linear CKA within and between checkpoints: the runs `run_ids`, else the best `top` (default
     analysis.cka.top) of the sweep of a spec or sweep folder (`sweep.locate`), logged as a `cka`
-    run nested under the sweep's parent run; returns (checkpoints, matrices, the cka run's id)."""
+    run of the sweep's experiment beside its parent run (tag `prunetune.sweep_run_id`), not nested
+    under it, so that the parent's children are its trials; returns (checkpoints, matrices, the
+    cka run's id). Checkpoints are labelled by trial id and method, as the sweep's table names
+    trials (by run id where a run is no sweep's trial)."""
     from prunetune.analysis import similarity
     from prunetune.sweep import locate
     from prunetune.train import resolve_device
@@ -225,18 +228,25 @@ def cka(target: Path, run_ids: list[str], top: int | None, tracking_uri: str | N
                                 "CKA compares layers on the same samples")
         device = resolve_device("auto")  # CUDA when present, as in training
         dataset, batches = similarity.eval_batches(first, cfg.samples, cfg.batch_size, device)
-        checkpoints = [similarity.load_checkpoint(f"{r.run_id[:8]}-{r.params.get('schedule.method', '')}",
-                                                  config, state, dataset, device)
+        checkpoints = [similarity.load_checkpoint(_label(r), config, state, dataset, device)
                        for r, config, state in files]
         matrices = similarity.cka_matrices(checkpoints, batches)
         similarity.write_results(tmp / "cka", checkpoints, matrices)
-        run_id = tracker.start_run(spec.name, "cka", {tracking.TAG_KIND: "cka", tracking.TAG_SWEEP: spec.name,
-                                                       "prunetune.cka_runs": ",".join(r.run_id for r in selected)},
-                                   {"analysis.cka.samples": cfg.samples, "analysis.cka.batch_size": cfg.batch_size},
-                                   parent_run_id=parent)
+        run_id = tracker.start_run(spec.name, f"cka-{spec.name}",
+                                   {tracking.TAG_KIND: "cka", tracking.TAG_SWEEP: spec.name,
+                                    "prunetune.sweep_run_id": parent or "",
+                                    "prunetune.cka_runs": ",".join(r.run_id for r in selected),
+                                    "prunetune.cka_trials": ",".join(c.label for c in checkpoints)},
+                                   {"analysis.cka.samples": cfg.samples, "analysis.cka.batch_size": cfg.batch_size})
         tracker.log_artifacts(run_id, tmp / "cka", "cka")
         tracker.end_run(run_id)
     return checkpoints, matrices, run_id
+
+
+def _label(run) -> str:
+    """A checkpoint's label: its trial id (run id for a run of no sweep) and its method."""
+    name = run.tags.get(tracking.TAG_TRIAL_ID) or run.run_id[:8]
+    return f"{name}-{run.params.get('schedule.method', '')}"
 
 
 # -- prunetune ui --------------------------------------------------------------------------------

@@ -209,3 +209,27 @@ def test_a_layer_called_twice_is_compared_by_both_calls_outputs():
     matrix = similarity.cka_matrices([run], [x[:24], x[24:]])[0, 0]
     expected = reference_cka([both, head], [both, head], batch_size=24)
     torch.testing.assert_close(matrix.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_heatmap_cells_show_their_values_where_they_can_be_read(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from prunetune.analysis import similarity
+
+    written = []
+    text = Axes.text
+
+    def recorded(self, x, y, s, **kw):
+        written.append((x, y, s))
+        return text(self, x, y, s, **kw)
+
+    monkeypatch.setattr(Axes, "text", recorded)
+    matrix = torch.tensor([[1.0, 0.25], [0.5, 0.125], [0.0, 0.75]])
+    similarity.heatmap(tmp_path / "small.png", matrix, ["a", "b", "c"], ["x", "y"], "t", "cols", "rows")
+    assert sorted(written) == sorted([(0, 0, "1.00"), (1, 0, "0.25"), (0, 1, "0.50"), (1, 1, "0.12"),
+                                      (0, 2, "0.00"), (1, 2, "0.75")])
+    written.clear()
+    big = similarity.ANNOTATED + 1
+    similarity.heatmap(tmp_path / "big.png", torch.rand(big, big), [str(i) for i in range(big)],
+                       [str(i) for i in range(big)], "t", "cols", "rows")
+    assert written == [] and (tmp_path / "big.png").stat().st_size > 0

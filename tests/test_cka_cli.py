@@ -1,5 +1,5 @@
 """`prunetune cka` on a real sweep: checkpoints from MLflow, matrices and heatmaps logged to a
-`cka` run nested under the sweep's parent run."""
+`cka` run beside the sweep's parent run (its children are the trials only), labelled by trial id."""
 
 import csv
 import subprocess
@@ -32,7 +32,15 @@ def test_cka_of_the_best_checkpoints(tmp_path):
     c = client(tmp_path)
     exp = c.get_experiment_by_name("sim")
     (run,) = c.search_runs([exp.experiment_id], filter_string="tags.`prunetune.kind` = 'cka'")
-    assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert "mlflow.parentRunId" not in run.data.tags  # apart from the trials, linked by a tag
+    assert run.data.tags["prunetune.sweep_run_id"] == parents[0].info.run_id
+    nested = c.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert {r.data.tags["prunetune.kind"] for r in nested} == {"trial"}
+    # named as the sweep's table names trials: trial id and method
+    trial_of = {r.info.run_id: r.data.tags["prunetune.trial_id"] for r in children}
+    labels = run.data.tags["prunetune.cka_trials"].split(",")
+    compared = run.data.tags["prunetune.cka_runs"].split(",")
+    assert [label.split("-")[0] for label in labels] == [trial_of[i] for i in compared]
     files = {a.path for a in c.list_artifacts(run.info.run_id, "cka")}
     assert len([f for f in files if f.endswith(".csv")]) == 3 and len([f for f in files if f.endswith(".png")]) == 3
     # the two best trials by the objective (val_acc; ties may go either way) were compared

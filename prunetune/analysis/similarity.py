@@ -116,6 +116,9 @@ def write_matrix(path: Path, matrix: torch.Tensor, rows: list[str], cols: list[s
             w.writerow([name] + [f"{v:.6f}" for v in values])
 
 
+ANNOTATED = 40  # heatmaps of up to this many layers a side show each cell's value
+
+
 def heatmap(path: Path, matrix: torch.Tensor, rows: list[str], cols: list[str], title: str,
             xlabel: str, ylabel: str) -> None:
     from prunetune.figures import pyplot
@@ -123,7 +126,11 @@ def heatmap(path: Path, matrix: torch.Tensor, rows: list[str], cols: list[str], 
     plt = pyplot()
     size = max(4.0, 0.28 * max(len(rows), len(cols)) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(matrix.cpu().numpy(), vmin=0, vmax=1, cmap="magma", origin="lower")
+    values = matrix.cpu().numpy()
+    im = ax.imshow(values, vmin=0, vmax=1, cmap="magma", origin="lower")
+    if max(values.shape) <= ANNOTATED:  # each cell's value, where the cells are large enough to read
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="white" if v < 0.6 else "black")
     ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_xlabel(xlabel)
