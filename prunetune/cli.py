@@ -124,6 +124,7 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
                                      echo=lambda line: click.echo(line, err=True))
         click.echo(sweep_mod.plan_text(loaded, prepared.paths, prepared.uri, prepared.dataset))
         return
+    click.echo(sweep_mod.first_line(loaded), err=True)
     try:
         result = sweep_mod.run_sweep(loaded, spec_path, resume=resume, restart=restart, address=address,
                                      echo=lambda line: click.echo(line, err=True),

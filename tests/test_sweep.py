@@ -109,6 +109,13 @@ def test_small_sweep_and_refused_rerun(tmp_path):
     assert "best run:" in r.stdout and "prunetune ui" in r.stdout
     assert "top trials by val_acc" in r.stdout and "test_acc" in r.stdout  # chosen on val, test reported
     assert "4/4 done" in r.stderr  # progress lines
+    # what it is about to do comes first, then a line per start-up stage, before any trial's line
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("sweep tiny: 4 trials (tpe), at most 2 at once; runs go to sqlite:///"), lines[:3]
+    assert lines[0].endswith("tune/tiny/logs/driver.log")
+    stages = [next(i for i, line in enumerate(lines) if line.startswith(start))
+              for start in ("reading digits at 8 px", "starting Ray (", "running the trials", "[")]
+    assert stages == sorted(stages), lines[:10]
     # live progress, piped: periodic lines per running trial with its phase and epoch x/y
     live = [line for line in r.stderr.splitlines() if line.startswith("  ") and " epoch " in line]
     assert live and all("/" in line.split(" epoch ")[1] for line in live), r.stderr[-3000:]
@@ -466,7 +473,8 @@ def test_two_objectives_nsga2_and_asha(tmp_path):
     assert len(children) == 4 and parents[0].info.status == "FINISHED"
     # selecting on the test split is said once on the terminal and kept as the parent's description
     note = [line for line in r.stderr.splitlines() if "test-split" in line]
-    assert len(note) == 1 and parents[0].data.tags["mlflow.note.content"] == note[0], r.stderr[-2000:]
+    description = parents[0].data.tags["mlflow.note.content"].splitlines()
+    assert len(note) == 1 and description[0] == note[0] and description[1] == "search space:", r.stderr[-2000:]
     for run in children:
         if run.info.status == "KILLED":
             assert run.data.tags["prunetune.state"] == "stopped_early"

@@ -15,8 +15,16 @@ replicates), `mlflow_logger` and `progress` (Tune callbacks), `_ray` (starting R
 lives). Every private Ray API it touches: `_compat`.
 """
 
-from prunetune.sweep.driver import SweepInterrupted, SweepResult, TrackingBehind, plan_text, prepare, run_sweep
+from prunetune.sweep.driver import (
+                                    SweepInterrupted,
+                                    SweepResult,
+                                    TrackingBehind,
+                                    first_line,
+                                    plan_text,
+                                    prepare,
+                                    run_sweep,
+)
 from prunetune.sweep.paths import Located, SweepPaths, locate
 
-__all__ = ["Located", "SweepInterrupted", "SweepPaths", "SweepResult", "TrackingBehind", "locate", "plan_text",
-           "prepare", "run_sweep"]
+__all__ = ["Located", "SweepInterrupted", "SweepPaths", "SweepResult", "TrackingBehind", "first_line", "locate",
+           "plan_text", "prepare", "run_sweep"]

@@ -89,6 +89,17 @@ def plan_text(loaded: LoadedSpec, paths: SweepPaths, uri: str, dataset=None) -> 
     return "\n".join(lines)
 
 
+def first_line(loaded: LoadedSpec) -> str:
+    """What `prunetune sweep` prints first, before anything slow: what it is about to run and
+    where it logs."""
+    spec = loaded.fixed_spec()
+    s, paths = spec.search, SweepPaths.of(spec.tracking.storage, spec.name)
+    seeds = f" × {s.replicates} seeds" if s.replicates > 1 else ""
+    return (f"sweep {spec.name}: {s.num_trials} trials{seeds} ({s.sampler}), at most "
+            f"{spec.resources.max_concurrent} at once; runs go to {redacted(tracking.store_uri(spec.tracking.uri))}; "
+            f"log {paths.log_file()}")
+
+
 def space_lines(loaded: LoadedSpec) -> list[str]:
     """The search space, a line a key: `key: kind [args]`."""
     return [f"{key}: {entry.kind} {list(entry.args)}" + (f" step {entry.step}" if entry.step else "")
@@ -117,6 +128,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     samplers.check(loaded)  # the sampler can run here
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri)
+    echo(f"reading {spec.data.dataset} at {spec.data.image_size} px and checking the model…")
     dataset = load_dataset(spec.data)  # a missing or malformed data root (or a bad factory) fails here
     teachers = local_teachers(loaded, uri)  # a missing distillation teacher fails here
     code = loaded.user_code() + teacher_code(teachers, loaded.path.parent if loaded.path else None)
@@ -157,6 +169,8 @@ def run_sweep(loaded: LoadedSpec, spec_file: Path | None, *, resume: bool = Fals
     prepared = prepare(loaded, resume=resume, restart=restart, echo=echo)
     spec = loaded.fixed_spec()
     address = address or os.environ.get("RAY_ADDRESS") or None
+    echo(f"attaching to the Ray cluster at {address}…" if address else
+         f"starting Ray ({os.cpu_count()} CPUs) and loading Tune and MLflow…")
     _ray_environment(address)
     from prunetune.sweep._ray import sweep_ray
 
@@ -249,6 +263,7 @@ class _Sweep:
             else:
                 tuner = self.new_tuner(trainable, writer, dataset, parent)
             self.log.adopt()  # Optuna's
+            self.echo("running the trials (the first of each seed trains the dense phase they share)…")
             with tracking.fail_fast_http():
                 with _graceful_ctrl_c(self.echo) as stopped:
                     grid = tuner.fit()

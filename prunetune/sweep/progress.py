@@ -11,11 +11,14 @@ from ray import tune
 
 from prunetune.sweep.protocol import EPOCHS_KEY, FINAL_FLAG, PHASE_KEY, failed, tune_error_text, unpack
 
+FIRST_S = 5.0  # seconds between the piped status lines until the first trial ends
+
 
 class Progress(tune.Callback):
     """What a user sees while a sweep runs: one line per running trial (its method, phase, epoch
     x/y, last val_acc, time so far and an estimate of the rest), refreshed in place on a terminal
-    and printed every `period_s` seconds when output is piped; a line whenever a trial ends (done /
+    and printed every `period_s` seconds when output is piped (every `FIRST_S` until the first
+    trial ends, so that the shared dense phase is never silent long); a line whenever a trial ends (done /
     running / failed, the best so far, elapsed); one line when a trial is retried."""
 
     def __init__(self, objective: str, mode: str, total: int, max_retries: int, echo: Callable[[str], None],
@@ -77,12 +80,15 @@ class Progress(tune.Callback):
 
             self._live.update(Text("\n".join(self.status_lines()) or " "))
         elif self.echo is not None and self._running and (
-                force or time.monotonic() - self._last_status >= self.period_s):
+                force or time.monotonic() - self._last_status >= self._period()):
             self._last_status = time.monotonic()
             elapsed = int(time.monotonic() - self.start)
             self.echo(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] running:")
             for line in self.status_lines():
                 self.echo(line)
+
+    def _period(self) -> float:
+        return min(self.period_s, FIRST_S) if not self._seen else self.period_s
 
     # -- Tune's events -------------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
