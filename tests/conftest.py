@@ -133,3 +133,12 @@ def write_medmnist(path: Path, n=(60, 12, 20), classes: int = 7, size: int = 28,
         arrays[f"{part}_labels"] = labels.astype(np.uint8)
     np.savez_compressed(path, **arrays)
     return path
+
+
+STARTUP = ("sweep ", "reading ", "starting Ray (", "attaching to the Ray cluster at ")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """A command's stderr less the start-up lines `prunetune sweep` prints before its checks end
+    (what it will run, then each stage): where input is bad, the one error line."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith(STARTUP)]

@@ -14,7 +14,7 @@ from prunetune.model_check import LayerSelection
 from prunetune.pruning import schedules
 from prunetune.trial import Trial
 
-from conftest import digits_raw
+from conftest import digits_raw, error_lines
 from test_cli import prunetune
 
 
@@ -79,7 +79,7 @@ def test_a_sweep_refuses_a_layerwise_budget_before_any_trial(tmp_path):
     p.write_text(textwrap.dedent(SWEEP))
     r = prunetune(["sweep", str(p)], cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
-    (line,) = r.stderr.strip().splitlines()
+    (line,) = error_lines(r.stderr)
     assert "train.budget_epochs (3) is less than the 4 epochs" in line and "layerwise" in line, line
     assert not (tmp_path / "mlruns").exists()  # nothing written, no trial started
     # with room for simple_cnn's 4 layer steps, the same sweep passes the check (--dry-run stops there)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import procs
+from conftest import error_lines
 from test_sweep import _finished_children, client, runs_of, sweep
 
 pytestmark = [pytest.mark.slow,
@@ -79,7 +80,7 @@ def test_storage_the_nodes_do_not_share_is_refused_before_training(cluster):
     r = sweep([str(spec), "--address", cluster["address"]], work, timeout=300, env=env_for(cluster))
     assert r.returncode == 2, r.stderr[-3000:]
     assert "tracking.storage" in r.stderr and "node " in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and len(error_lines(r.stderr)) == 1, r.stderr
     assert time.monotonic() - started < 120
     assert not (work / "mlruns").exists()  # nothing written: no store, no sweep folder
 
@@ -217,7 +218,7 @@ def test_user_code_only_in_the_drivers_working_folder_reaches_the_node(cluster):
                       extra=f"model: {{arch: 'needs_helper:build'}}\ntracking: {{storage: {shared}}}\n")
     r = sweep([str(spec), "--address", cluster["address"]], work, timeout=300, env=env_for(cluster))
     assert r.returncode == 2, r.stderr[-3000:]
-    line = r.stderr.strip()
+    (line,) = error_lines(r.stderr)
     assert line.startswith("error: node ") and "model.arch: cannot import module 'needs_helper'" in line, line
     assert "No module named 'plughelper'" in line and len(line.splitlines()) == 1
     assert "plug-helper" not in {p.name for p in shared.iterdir()}  # nothing written for it

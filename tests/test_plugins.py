@@ -17,7 +17,7 @@ from prunetune import plugins
 from prunetune import spec as spec_mod
 from prunetune.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, error_lines
 from test_cli import prunetune
 
 MODEL = '''
@@ -437,7 +437,7 @@ def test_bad_user_code_exits_2_with_one_line_and_writes_nothing(user_code):
             r = prunetune([*command, str(spec)], cwd=user_code)
             assert r.returncode == 2, (arch, dataset, r.stderr[-2000:])
             assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
-            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert len(error_lines(r.stderr)) == 1, r.stderr
             assert not (user_code / "mlruns").exists()
 
 

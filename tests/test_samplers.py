@@ -17,7 +17,7 @@ from prunetune import registry, samplers, spec
 from prunetune.errors import UserError
 from prunetune.sweep.protocol import FINAL_FLAG
 
-from conftest import digits_raw
+from conftest import digits_raw, error_lines
 
 GRIDDABLE = {"schedule__method": {"choice": ["oneshot", "iterative"]},
              "schedule__sparsity": {"choice": [0.5, 0.7, 0.9]}, "schedule__step_size": {"choice": [0.2, 0.3]}}
@@ -117,6 +117,6 @@ def test_a_sampler_whose_package_is_missing_exits_2_in_one_line(tmp_path):
             f"sys.argv = ['prunetune', 'sweep', {str(spec_path)!r}]\nmain()")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
-    lines = r.stderr.strip().splitlines()
+    lines = error_lines(r.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: search.sampler: cmaes needs the package 'cmaes'"), lines
     assert "Traceback" not in r.stderr and not (tmp_path / "mlruns").exists()
