@@ -353,11 +353,9 @@ class Spec(_Strict):
         return flatten(self.model_dump(mode="json"))
 
     def trial_params(self) -> dict[str, Any]:
-        """What a trial's MLflow run logs as params: the keys that determine it (seed, model,
-        data, train, schedule, distill), dotted, less what it does not read: a null or empty
-        value, a method-specific schedule key its method does not use, a key only some criteria
-        read that its criterion does not, `data.root` for a dataset read from no folder. (The
-        resolved `config.yaml` artifact keeps every key; sweep-wide keys are the parent run's.)"""
+        """A trial run's MLflow params: its keys of TRIAL_SECTIONS, dotted, less what it does not
+        read: a null or empty value, a method-specific schedule key its method ignores, a key only
+        other criteria read, `data.root` for a dataset read from no folder (config.yaml has all)."""
         s = self.schedule
         criterion = registry.criterion(s.criterion)
         own, specific = criterion.reads | criterion.acts_on, registry.criterion_keys()

@@ -12,19 +12,12 @@ or SIGKILL of the driver. On a cluster the storage is one that every node reache
 The driver's side: `driver` (its steps), `preflight` (node checks), `searcher` (Optuna, with seed
 replicates), `mlflow_logger` and `progress` (Tune callbacks), `_ray` (starting Ray). The worker's:
 `trainable`. Between them: `protocol` (the keys of a trial's reports), `paths` (where the state
-lives). Every private Ray API it touches: `_compat`.
+lives), `plan` (what a sweep says of itself before it runs). Every private Ray API it touches: `_compat`.
 """
 
-from prunetune.sweep.driver import (
-                                    SweepInterrupted,
-                                    SweepResult,
-                                    TrackingBehind,
-                                    first_line,
-                                    plan_text,
-                                    prepare,
-                                    run_sweep,
-)
+from prunetune.sweep.driver import SweepInterrupted, SweepResult, TrackingBehind, prepare, run_sweep
 from prunetune.sweep.paths import Located, SweepPaths, locate
+from prunetune.sweep.plan import first_line, plan_text
 
 __all__ = ["Located", "SweepInterrupted", "SweepPaths", "SweepResult", "TrackingBehind", "first_line", "locate",
            "plan_text", "prepare", "run_sweep"]
