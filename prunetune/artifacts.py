@@ -35,6 +35,9 @@ def write(trial, out_dir: Path, metrics: dict) -> None:
     _write_csv(out_dir / "data" / "split.csv", [{dataset.id_name: i, "split": s}
                                                 for i, s in zip(dataset.ids, dataset.split)])
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if trial.trainer.regrowth is not None:  # rigl, set: the mask the training ended with, and its moves
+        torch.save(trial.masks.state_dict(), out_dir / "checkpoint" / "masks.pt")
+        (out_dir / "regrowth.json").write_text(json.dumps({"mask_updates": trial.trainer.regrowth.updates}))
     (out_dir / "history.json").write_text(json.dumps(history))
     figures.curves(history, out_dir / "figures" / "curves.png",
                    title=f"{spec.name}: {spec.schedule.method} to {spec.schedule.sparsity:.0%}",

@@ -10,7 +10,8 @@ from typing import Any
 
 # Per epoch (MLflow step = the epoch index across all phases).
 PER_EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc", "sparsity", "lr", "epoch_seconds",
-             "distill_loss")  # distill_loss: with distill only
+             "distill_loss",  # with distill only
+             "regrown")  # rigl, set: weights newly grown in the epoch
 
 # At the end of a trial (every criterion's; those only some criteria report are named in their
 # modules, `Criterion.metrics`, and listed with these by `final_metrics`).
@@ -20,6 +21,7 @@ FINAL_METRICS = (
     "theoretical_speedup", "checkpoint_bytes", "train_epochs_total", "trial_seconds", "val_acc",
     "model_sparsity", "dense_test_acc", "test_acc_drop",
     "teacher_test_acc",  # with distill
+    "mask_updates",  # rigl, set: how many times the mask moved
 )
 
 
@@ -51,6 +53,8 @@ def unavailable(metric: str, spec: Any, searched: set[str] | dict) -> str | None
             return needs
     if metric == "teacher_test_acc" and spec.distill is None:
         return "distill"
+    if metric == "mask_updates" and ("schedule.method" in searched or spec.schedule.method not in ("rigl", "set")):
+        return "schedule.method rigl or set (every trial)"
     if metric == "val_acc" and not _always_validates(spec, searched):
         return ("a validation split: data.val_fraction above 0 (every searched value), or a dataset that "
                 "publishes one (medmnist; imagefolder with a val/ folder)")

@@ -84,6 +84,7 @@ class Trainer:
         self._sample_weights = inverse[data.y["train"].cpu()] if balance == "balanced_sampler" else None
         self.penalty = penalty  # added to the loss that is minimised (not to the reported loss)
         self.distiller = distiller  # knowledge distillation: the loss mixes in the teacher's soft targets
+        self.regrowth = None  # rigl, set: a `dynamic.Regrowth` moving the masks every few steps
         self._on_epoch_end: Callable[[int], None] | None = None
         self._perm, self._perm_epoch = None, -1
         self._use_amp = train_spec.amp and self.device.type == "cuda"
@@ -222,10 +223,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             objective = loss if self.penalty is None else loss + self.penalty()
             self._scaler.scale(objective).backward()
+            regrow = self.regrowth is not None and self.regrowth.due(self.global_step + 1)
+            if regrow:
+                self.regrowth.capture()  # RigL's dense gradient, before the masks zero it
             self.masks.mask_grads()
             self._scaler.step(self.optimizer)
             self._scaler.update()
             self.masks.apply()  # the guarantee: pruned weights are exactly zero after every step
+            if regrow:
+                self.regrowth.update(self.global_step + 1, self.optimizer)
             self._loss_sum += loss.detach().double() * len(y)
             self._correct += (logits.detach().argmax(1) == y).sum()
             self._seen += len(y)
@@ -267,6 +273,8 @@ class Trainer:
             metrics.update(val_loss=val["loss"], val_acc=val["acc"])
         metrics.update(sparsity=self.masks.sparsity(), lr=self._lr,
                        epoch_seconds=time.perf_counter() - self._epoch_start)
+        if self.regrowth is not None:
+            metrics.update(self.regrowth.epoch_metrics())
         self.history.append({"epoch": epoch, **metrics})
         self.report(metrics, epoch)
         if self._on_epoch_end is not None and self.global_step % self.steps_per_epoch == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -25,7 +26,7 @@ from prunetune.data.device import DeviceData
 from prunetune.errors import UserError
 from prunetune.models import build_model, prunable_layers
 from prunetune.modelstats import flops, param_counts, sparse_checkpoint_bytes
-from prunetune.pruning import allocation, schedules, structured
+from prunetune.pruning import allocation, dynamic, schedules, structured
 from prunetune.pruning.criteria.base import Context
 from prunetune.pruning.criteria.samples import drawn_context
 from prunetune.pruning.masks import Masks
@@ -62,6 +63,7 @@ class Trial:
         self.rewind_epochs = tuple(rewind_epochs)
         self._muted = False  # a control's search for the ticket's mask reports nothing
         self._caching = False  # in a cached ticket round: no resume checkpoint (the cache keeps rounds)
+        self._regrowth_state: dict | None = None  # rigl, set: a checkpoint's mask-update count
         torch.manual_seed(spec.seed)
         np.random.seed(spec.seed % 2**32)
         self.device = resolve_device(spec.train.device)
@@ -146,12 +148,14 @@ class Trial:
         return alloc.final_targets({n: tuple(self.masks.weights[n].shape) for n in self.selected})
 
     def prune(self, target: float, layers: list[str], scope: str, generator: torch.Generator,
-              shuffle: bool = False) -> None:
-        """Prune by the schedule's criterion; with `shuffle`, then permute each layer's mask (the
-        control of Frankle et al. 2021: same per-layer density, random places), its survivors
-        starting from the values their places had before this prune, not from the zeros it left."""
+              shuffle: bool = False, criterion: str | None = None) -> None:
+        """Prune by the schedule's criterion (or `criterion`); with `shuffle`, then permute each
+        layer's mask (the control of Frankle et al. 2021: same per-layer density, random places),
+        its survivors starting from the values their places had before this prune, not from the
+        zeros it left."""
         before = {n: self.masks.weights[n].detach().clone() for n in layers} if shuffle else {}
-        self.masks.prune(target, self.criterion, layers, scope, generator, self.criteria_context())
+        chosen = registry.criterion(criterion) if criterion else self.criterion
+        self.masks.prune(target, chosen, layers, scope, generator, self.criteria_context())
         if shuffle:
             self.masks.shuffle(layers, generator)
             with torch.no_grad():
@@ -285,6 +289,7 @@ class Trial:
         self.phase_index, self.phase_start_clock = index, t.clock
         if not resumed:
             self._start_phase(index, phase, dense_entry)
+        self._start_regrowth(phase)
         if t.optimizer is None:
             t.new_optimizer(phase.lr_factor)
         if phase.final_lr:
@@ -294,12 +299,26 @@ class Trial:
             t.run(phase.epochs, lambda e: train.lr * phase.lr_factor
                   * lr_shape(train.lr_schedule, phase.lr_offset + e, phase.lr_horizon))
 
+    def _start_regrowth(self, phase: schedules.Phase) -> None:
+        """rigl and set: the mask updates of the phase (`dynamic.Regrowth`), continuing a saved
+        count on resume."""
+        s, t = self.spec.schedule, self.trainer
+        rule = schedules.METHODS[s.method].regrowth
+        if rule is None:
+            return
+        start = round(self.phase_start_clock * t.steps_per_epoch)
+        steps = round((self.phase_start_clock + phase.epochs) * t.steps_per_epoch) - start
+        t.regrowth = dynamic.Regrowth(self.masks, self.selected, rule, s.update_every, s.drop_fraction,
+                                      start, math.floor(s.update_until * steps), self.spec.seed)
+        if self._regrowth_state is not None:
+            t.regrowth.load_state_dict(self._regrowth_state)
+
     def _start_phase(self, index: int, phase: schedules.Phase, dense_entry: Path) -> None:
         t = self.trainer
         if phase.prune is not None:
             gen = torch.Generator().manual_seed(self.spec.seed * 7919 + index)
             self.prune(phase.prune.target, phase.prune.layers or self.selected, phase.prune.scope, gen,
-                       shuffle=phase.shuffle)
+                       shuffle=phase.shuffle, criterion=phase.prune.criterion)
             if t.optimizer is not None:
                 self.masks.mask_optimizer_state(t.optimizer)
         if phase.rewind:
@@ -332,6 +351,8 @@ class Trial:
 
             m["teacher_test_acc"] = teacher_accuracy(self.distiller, self.data, 2 * self.trainer.batch_size)
         m.update(self.criterion.final_metrics(self))  # channel_sparsity, nm_valid, what `remove` measures
+        if self.trainer.regrowth is not None:
+            m["mask_updates"] = self.trainer.regrowth.updates
         return m
 
     def run(self, out_dir: str | Path, cache: DenseCache | None = None,
@@ -416,8 +437,10 @@ class Trial:
 
     def save_checkpoint(self, path: Path) -> None:
         """The trial's state at an epoch boundary, loadable with weights_only=True."""
+        regrowth = self.trainer.regrowth
         torch.save({"model": _state_cpu(self.model), "masks": self.masks.state_dict(), **self.trainer.state_dict(),
-                    "phase_index": self.phase_index, "phase_start_clock": self.phase_start_clock}, path)
+                    "phase_index": self.phase_index, "phase_start_clock": self.phase_start_clock,
+                    "regrowth": regrowth.state_dict() if regrowth is not None else None}, path)
 
     def load_checkpoint(self, path: Path) -> int:
         """Restore a state from `save_checkpoint`; returns the phase to continue."""
@@ -427,6 +450,7 @@ class Trial:
         self.trainer.load_state_dict(state, clock=state["phase_start_clock"])
         self.phase_start_clock = state["phase_start_clock"]
         self.phase_index = state["phase_index"]
+        self._regrowth_state = state.get("regrowth")  # rigl, set: the update count (run_phase)
         return self.phase_index
 
 

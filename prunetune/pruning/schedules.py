@@ -22,6 +22,7 @@ class Prune:
     target: float
     layers: tuple[str, ...] | None = None
     scope: str = "global"
+    criterion: str | None = None  # instead of schedule.criterion (sparse training's random start)
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,14 @@ def ist(s, train, layers: Sequence[str]) -> list[Phase]:
     return _one_lr_schedule([p for c in range(1, s.cycles + 1) for p in _dsd_cycle(s, train, c)])
 
 
+def sparse_training(s, train, layers: Sequence[str]) -> list[Phase]:
+    """Sparse from scratch (rigl, set, static): a random mask at the start, allocated by
+    schedule.scope, then finetune_epochs of sparse training, during which rigl and set move the
+    mask (`dynamic.py`) and static keeps it (Evci et al. 2020's static baseline)."""
+    return _one_lr_schedule([Phase("sparse", train.finetune_epochs,
+                                   Prune(s.sparsity, scope=s.scope, criterion="random"))])
+
+
 @dataclass(frozen=True)
 class Method:
     """A schedule method: its plan, and its rules, which the spec asks instead of naming methods."""
@@ -209,6 +218,10 @@ class Method:
     # weights pruned at earlier steps have no value of their own for a shuffled mask to start from
     steps_train_on: bool = False
     check: Callable[..., str | None] = lambda schedule: None  # its own keys' rules: one line, or None
+    # sparse from scratch: a random start mask (train.dense_epochs 0 and schedule.scope erk unless
+    # set), moved while training by `regrowth` ("gradient": RigL, "random": SET; None: static)
+    from_scratch: bool = False
+    regrowth: str | None = None
 
     def rewinds(self, schedule) -> bool:
         """Whether a trial of it replays the dense phase from `schedule.rewind_epoch`."""
@@ -224,7 +237,9 @@ def _gradual_check(schedule) -> str | None:
 
 # Schedule keys that only some methods read; every other schedule key applies to all methods.
 METHOD_SPECIFIC_KEYS = frozenset({"step_size", "step_epochs", "rewind_epoch", "start_epoch", "end_epoch",
-                                  "redense_lr_factor", "cycles", "step_rule", "retrain"})
+                                  "redense_lr_factor", "cycles", "step_rule", "retrain",
+                                  "update_every", "drop_fraction", "update_until"})
+_MOVES_MASK = frozenset({"update_every", "drop_fraction", "update_until"})
 
 METHODS: dict[str, Method] = {
     "oneshot": Method(oneshot, frozenset({"retrain"})),
@@ -236,6 +251,9 @@ METHODS: dict[str, Method] = {
                       check=_gradual_check),
     "dsd": Method(dsd, frozenset({"step_epochs", "redense_lr_factor"}), regrows=True),
     "ist": Method(ist, frozenset({"step_epochs", "redense_lr_factor", "cycles"}), regrows=True),
+    "rigl": Method(sparse_training, _MOVES_MASK, from_scratch=True, regrowth="gradient"),
+    "set": Method(sparse_training, _MOVES_MASK, from_scratch=True, regrowth="random"),
+    "static": Method(sparse_training, frozenset(), from_scratch=True),
 }
 
 

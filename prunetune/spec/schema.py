@@ -188,6 +188,11 @@ class ScheduleSpec(_Strict):
     # sparsegpt where set (unstructured where null)
     n_m: Optional[list[int]] = None
     calibration_samples: int = Field(128, ge=1)  # wanda, sparsegpt: training images they score on
+    # rigl, set: every update_every optimiser steps, until update_until of the sparse training,
+    # each layer drops drop_fraction (decayed by a cosine) of its active weights and grows as many
+    update_every: int = Field(100, ge=1)
+    drop_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    update_until: float = Field(0.75, gt=0.0, le=1.0)
 
     @field_validator("n_m")
     @classmethod
@@ -307,10 +312,31 @@ class Spec(_Strict):
     tracking: TrackingSpec = TrackingSpec()
     analysis: AnalysisSpec = AnalysisSpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_scratch_defaults(cls, raw):
+        """rigl, set and static train sparse from initialisation: train.dense_epochs 0 and
+        schedule.scope erk, unless the spec sets them."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("schedule", {}), dict):
+            return raw
+        method = schedules.METHODS.get(raw.get("schedule", {}).get("method"))
+        if method is None or not method.from_scratch or not isinstance(raw.get("train", {}), dict):
+            return raw
+        raw = dict(raw)
+        raw["train"] = {"dense_epochs": 0, **raw.get("train", {})}
+        raw["schedule"] = {"scope": "erk", **raw["schedule"]}
+        return raw
+
     @model_validator(mode="after")
     def _method_values(self):
         s = self.schedule
         method = schedules.METHODS[s.method]
+        if method.from_scratch and (s.criterion != "l1_unstructured" or s.n_m is not None):
+            key = "schedule.n_m" if s.n_m is not None else "schedule.criterion"
+            raise ValueError(f"{key}: method {s.method} starts from a random mask and drops the smallest "
+                             "magnitudes, unstructured; leave schedule.criterion at l1_unstructured and "
+                             "schedule.n_m unset (got criterion " + s.criterion
+                             + (f", n_m {s.n_m}" if s.n_m is not None else "") + ")")
         if method.always_rewinds and s.retrain not in ("finetune", "weight_rewind"):
             raise ValueError(f"schedule.retrain {s.retrain} does not apply to method {s.method}, which always "
                              "rewinds weights; use method iterative (or oneshot) with retrain "
