@@ -2,7 +2,8 @@
 `train_images`, `train_labels`, `val_images`, `val_labels`, `test_images` and `test_labels`.
 Images are [N, H, W] (grayscale) or [N, H, W, 3]; labels are [N] or [N, 1] class indices
 (MedMNIST's multi-label ChestMNIST is not a single-label task and is refused). The npz names no
-classes, so classes are named by index."""
+classes, so classes are named by index. With `data.download: true` the file's name
+(`dermamnist.npz`, `dermamnist_64.npz`) says which set and size to fetch: data/download.py."""
 
 from __future__ import annotations
 
