@@ -137,6 +137,33 @@ def test_nothing_is_fetched_when_the_files_are_there(tmp_path, server, cifar10):
     assert server.seen == [] and lines == []
 
 
+def test_an_archive_put_there_by_hand_is_extracted_without_a_request(tmp_path, server, cifar10):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "cifar-10-python.tar.gz").write_bytes(cifar10)
+    load_dataset(cifar_spec(root), echo=lambda _: None)
+    assert server.seen == [] and (root / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+def test_two_readers_at_once_fetch_once(tmp_path, server, cifar10):
+    """Trials on one machine that read data.root themselves wait for one download."""
+    root, errors = tmp_path / "data", []
+
+    def read():
+        try:
+            load_dataset(cifar_spec(root), echo=lambda _: None)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and server.seen == [(CIFAR10_PATH, None)]
+    assert leftovers(root) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
 def test_a_half_part_file_is_resumed_with_a_range_request(tmp_path, server, cifar10):
     root = tmp_path / "data"
     root.mkdir()

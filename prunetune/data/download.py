@@ -134,12 +134,15 @@ def fetch(data_spec, echo: Callable[[str], None] | None = None) -> None:
             _download(url, md5, root, echo)
         return
     archive = CIFAR[data_spec.dataset]
-    if (root / archive.folder).is_dir() or (root.name == archive.folder and root.is_dir()):
+    if root.name == archive.folder and root.is_dir():  # data.root is the folder itself
         return
-    tgz = root / Path(urllib.parse.urlparse(archive.url).path).name
-    if not tgz.is_file():  # an archive already here was checked when it arrived (or put here by hand)
-        _download(archive.url, archive.md5, tgz, echo)
-    _extract(tgz, archive.folder, root)
+    with _lock(root / archive.folder):
+        if (root / archive.folder).is_dir():
+            return
+        tgz = root / Path(urllib.parse.urlparse(archive.url).path).name
+        if not tgz.is_file():  # an archive already here was checked when it arrived (or put here by hand)
+            _download(archive.url, archive.md5, tgz, echo)
+        _extract(tgz, archive.folder, root)
 
 
 def _stderr(line: str) -> None:
@@ -236,7 +239,7 @@ def _extract(tgz: Path, folder: str, root: Path) -> None:
 @contextlib.contextmanager
 def _lock(target: Path):
     """Hold a lock on `target` among this machine's processes (trials that read data.root where
-    the driver did not download), kept outside data.root so nothing is left there."""
+    the driver did not download), kept in the temporary folder so nothing is left in data.root."""
     import fcntl
 
     key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
