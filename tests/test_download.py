@@ -143,6 +143,12 @@ def test_an_archive_put_there_by_hand_is_extracted_without_a_request(tmp_path, s
     (root / "cifar-10-python.tar.gz").write_bytes(cifar10)
     load_dataset(cifar_spec(root), echo=lambda _: None)
     assert server.seen == [] and (root / "cifar-10-batches-py" / "test_batch").is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cifar-10-python.tar.gz").write_bytes(cifar10[:-1] + b"x")  # not the published file
+    with pytest.raises(UserError, match="data.download: .* is not the published file"):
+        load_dataset(cifar_spec(other), echo=lambda _: None)
+    assert leftovers(other) == ["cifar-10-python.tar.gz"]
 
 
 def test_two_readers_at_once_fetch_once(tmp_path, server, cifar10):

@@ -140,8 +140,11 @@ def fetch(data_spec, echo: Callable[[str], None] | None = None) -> None:
         if (root / archive.folder).is_dir():
             return
         tgz = root / Path(urllib.parse.urlparse(archive.url).path).name
-        if not tgz.is_file():  # an archive already here was checked when it arrived (or put here by hand)
+        if not tgz.is_file():
             _download(archive.url, archive.md5, tgz, echo)
+        elif _md5(tgz) != archive.md5:  # put here by hand
+            raise UserError(f"data.download: {tgz} is not the published file (its MD5 is not {archive.md5}); "
+                            "delete it and rerun to fetch it")
         _extract(tgz, archive.folder, root)
 
 
