@@ -24,7 +24,8 @@ def load(data_spec) -> Source:
         raise UserError(f"data.root: medmnist needs the path of {EXPECTED}")
     path = Path(data_spec.root)
     if not path.is_file():
-        raise UserError(f"data.root: {path} is not a file; expected {EXPECTED}")
+        raise UserError(f"data.root: {path} is not a file; expected {EXPECTED} (data.download: true fetches it "
+                        "when the file name names a MedMNIST set and size, as dermamnist_64.npz)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
