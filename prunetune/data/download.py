@@ -128,24 +128,24 @@ def fetch(data_spec, echo: Callable[[str], None] | None = None) -> None:
         raise UserError(why)
     echo = echo or _stderr
     root = Path(data_spec.root)
-    if data_spec.dataset == "medmnist":
-        if not root.is_file():
-            url, md5 = medmnist_file(root.name)
-            _download(url, md5, root, echo)
-        return
-    archive = CIFAR[data_spec.dataset]
-    if root.name == archive.folder and root.is_dir():  # data.root is the folder itself
-        return
-    with _lock(root / archive.folder):
-        if (root / archive.folder).is_dir():
-            return
-        tgz = root / Path(urllib.parse.urlparse(archive.url).path).name
-        if not tgz.is_file():
-            _download(archive.url, archive.md5, tgz, echo)
-        elif _md5(tgz) != archive.md5:  # put here by hand
-            raise UserError(f"data.download: {tgz} is not the published file (its MD5 is not {archive.md5}); "
-                            "delete it and rerun to fetch it")
-        _extract(tgz, archive.folder, root)
+    with _lock():
+        if data_spec.dataset == "medmnist":
+            if not root.is_file():
+                _download(*medmnist_file(root.name), root, echo)
+        else:
+            _fetch_archive(CIFAR[data_spec.dataset], root, echo)
+
+
+def _fetch_archive(archive: Archive, root: Path, echo: Callable[[str], None]) -> None:
+    if (root / archive.folder).is_dir() or (root.name == archive.folder and root.is_dir()):
+        return  # there, in data.root or as data.root itself
+    tgz = root / Path(urllib.parse.urlparse(archive.url).path).name
+    if not tgz.is_file():
+        _download(archive.url, archive.md5, tgz, echo)
+    elif _md5(tgz) != archive.md5:  # put here by hand
+        raise UserError(f"data.download: {tgz} is not the published file (its MD5 is not {archive.md5}); "
+                        "delete it and rerun to fetch it")
+    _extract(tgz, archive.folder, root)
 
 
 def _stderr(line: str) -> None:
@@ -165,19 +165,16 @@ def _download(url: str, md5: str, target: Path, echo: Callable[[str], None]) -> 
     """`url` into `target` through `target.part`, resumed if that exists, MD5-checked, renamed."""
     part = target.with_name(target.name + ".part")
     made = not target.parent.exists()  # made here: removed again if nothing is kept in it
-    with _lock(target):
-        if target.is_file():  # another process on this machine fetched it meanwhile
-            return
-        _fetch_into(mirrored(url), part, target, echo)
-        digest = _md5(part)
-        if digest != md5:
-            part.unlink()
-            if made:
-                with contextlib.suppress(OSError):
-                    target.parent.rmdir()
-            raise UserError(f"data.download: {url} arrived with MD5 {digest}, expected {md5}; the partial file "
-                            f"was deleted, rerun to fetch it again or put {target.name} in {target.parent} by hand")
-        os.replace(part, target)
+    _fetch_into(mirrored(url), part, target, echo)
+    digest = _md5(part)
+    if digest != md5:
+        part.unlink()
+        if made:
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()
+        raise UserError(f"data.download: {url} arrived with MD5 {digest}, expected {md5}; the partial file "
+                        f"was deleted, rerun to fetch it again or put {target.name} in {target.parent} by hand")
+    os.replace(part, target)
     echo(f"downloaded {target} (MD5 checked)")
 
 
@@ -240,13 +237,14 @@ def _extract(tgz: Path, folder: str, root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _lock(target: Path):
-    """Hold a lock on `target` among this machine's processes (trials that read data.root where
-    the driver did not download), kept in the temporary folder so nothing is left in data.root."""
+def _lock():
+    """One download at a time among this user's processes on this machine (trials that read
+    data.root where the driver did not fetch it): the second finds the files there. The lock
+    file lives in the temporary folder, so nothing is left in data.root."""
     import fcntl
 
-    key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"prunetune-download-{key}.lock", "w") as f:
+    path = Path(tempfile.gettempdir()) / f"prunetune-download-{os.getuid()}.lock"
+    with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
