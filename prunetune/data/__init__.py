@@ -1,5 +1,6 @@
-"""Datasets: each reads its publisher's on-disk layout from `data.root` (nothing is downloaded),
-resized once to `data.image_size` as uint8, then split (seeded, stratified by class).
+"""Datasets: each reads its publisher's on-disk layout from `data.root` (fetched there first with
+`data.download: true` where the publisher serves it with a checksum: data/download.py), resized
+once to `data.image_size` as uint8, then split (seeded, stratified by class).
 
 A loader in the registry takes the DataSpec and returns a `Source`; `load_dataset` adds the split.
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prunetune import plugins, registry
+from prunetune.data import download
 from prunetune.errors import UserError
 
 
@@ -92,10 +94,12 @@ def _largest_remainder(quotas: np.ndarray, total: int, rng: np.random.Generator)
     return counts
 
 
-def load_dataset(data_spec) -> Dataset:
-    """Read `data_spec.dataset` from its root, resized to `image_size`, and split it. The split of
+def load_dataset(data_spec, echo=None) -> Dataset:
+    """Read `data_spec.dataset` from its root (fetched first with `data.download: true` if its files
+    are not there, saying so through `echo`), resized to `image_size`, and split it. The split of
     data without a published one is drawn by `data_spec.split_seed` alone: a trial's `seed` (and
     its replicates) change initialisation, batch order and augmentation, never the test images."""
+    download.fetch(data_spec, echo)  # on every machine that reads data.root: nodes need not share a disk
     seed = data_spec.split_seed
     if plugins.is_ref(data_spec.dataset):  # the user's own factory
         from prunetune.data.plugin import load as load_plugin

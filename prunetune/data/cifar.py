@@ -1,8 +1,8 @@
 """CIFAR-10 / CIFAR-100 from the python-pickle release, as its publisher distributes it.
 
 `data.root` is the folder holding `cifar-10-batches-py/` (or `cifar-100-python/`), as torchvision
-reads it, or that folder itself. We read the pickles ourselves: torchvision's classes check MD5s
-(so tiny fixtures in the same layout would fail) and would download when asked.
+reads it, or that folder itself (`data.download: true` fetches it: data/download.py). We read the
+pickles ourselves: torchvision's classes check MD5s (so tiny fixtures in the same layout would fail).
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ def _read(path: Path) -> dict:
 def _load(data_spec, which: str) -> Source:
     folder, train_files, test_files, meta_file, label_key, names_key = _LAYOUTS[which]
     if data_spec.root is None:
-        raise UserError(f"data.root: {which} needs the folder holding {folder}/ (nothing is downloaded)")
+        raise UserError(f"data.root: {which} needs the folder holding {folder}/ (data.download: true fetches it)")
     root = Path(data_spec.root)
     base = root / folder if (root / folder).is_dir() else root
     expected = train_files + test_files + [meta_file]
     missing = [f for f in expected if not (base / f).is_file()]
     if missing:
         raise UserError(f"data.root: {root} lacks the {which} python-pickle files {', '.join(missing)} "
-                        f"(expected {folder}/ with {', '.join(expected)})")
+                        f"(expected {folder}/ with {', '.join(expected)}; data.download: true fetches them)")
     images, labels, ids, split = [], [], [], []
     for part, files in (("train", train_files), ("test", test_files)):
         for fname in files:

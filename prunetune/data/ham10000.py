@@ -17,6 +17,7 @@ import numpy as np
 
 from prunetune.data import Source
 from prunetune.data.cache import cached
+from prunetune.data.download import HAM10000_MANUAL
 from prunetune.data.images import decode_all
 from prunetune.errors import UserError
 
@@ -56,16 +57,16 @@ def find_images(root: Path) -> dict[str, Path]:
 
 def load(data_spec) -> Source:
     if data_spec.root is None:
-        raise UserError(f"data.root: ham10000 needs the folder holding {EXPECTED} (nothing is downloaded)")
+        raise UserError(f"data.root: ham10000 needs the folder holding {EXPECTED}; {HAM10000_MANUAL}")
     root = Path(data_spec.root)
     if not (root / METADATA).is_file():
-        raise UserError(f"data.root: {root} lacks {METADATA}; expected {EXPECTED}")
+        raise UserError(f"data.root: {root} lacks {METADATA}; expected {EXPECTED}; {HAM10000_MANUAL}")
     rows = read_metadata(root / METADATA)
     images = find_images(root)
     absent = [r["image_id"] for r in rows if r["image_id"] not in images]
     if absent:
         raise UserError(f"data.root: {len(absent)} image(s) listed in {METADATA} are missing under {root}, "
-                        f"e.g. {absent[0]}.jpg; expected {EXPECTED}")
+                        f"e.g. {absent[0]}.jpg; expected {EXPECTED}; {HAM10000_MANUAL}")
     paths = [images[r["image_id"]] for r in rows]
 
     def build() -> Source:

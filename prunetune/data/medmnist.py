@@ -2,7 +2,8 @@
 `train_images`, `train_labels`, `val_images`, `val_labels`, `test_images` and `test_labels`.
 Images are [N, H, W] (grayscale) or [N, H, W, 3]; labels are [N] or [N, 1] class indices
 (MedMNIST's multi-label ChestMNIST is not a single-label task and is refused). The npz names no
-classes, so classes are named by index."""
+classes, so classes are named by index. With `data.download: true` the file's name
+(`dermamnist.npz`, `dermamnist_64.npz`) says which set and size to fetch: data/download.py."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def load(data_spec) -> Source:
         raise UserError(f"data.root: medmnist needs the path of {EXPECTED}")
     path = Path(data_spec.root)
     if not path.is_file():
-        raise UserError(f"data.root: {path} is not a file; expected {EXPECTED}")
+        raise UserError(f"data.root: {path} is not a file; expected {EXPECTED} (data.download: true fetches it "
+                        "when the file name names a MedMNIST set and size, as dermamnist_64.npz)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

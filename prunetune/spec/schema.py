@@ -106,6 +106,8 @@ class DataSpec(_Strict):
     # draws the split of data without a published one; `seed` (and replicates) never change it
     split_seed: int = 0
     augment: list[Literal["flip", "crop"]] = []
+    # fetch the publisher's checksummed files into root first (cifar10/100, medmnist; data/download.py)
+    download: bool = False
 
     @field_validator("dataset")
     @classmethod
@@ -122,6 +124,12 @@ class DataSpec(_Strict):
         if self.kwargs and not plugins.is_ref(self.dataset):
             raise ValueError(f"data.kwargs: only a dataset factory ('package.module:factory') takes keywords; "
                              f"the built-in {self.dataset} takes none")
+        if self.download:
+            from prunetune.data.download import problem  # imports numpy: only where asked
+
+            why = problem(self.dataset, self.root)
+            if why:
+                raise ValueError(why)
         return self
 
 
@@ -381,13 +389,14 @@ class Spec(_Strict):
     def trial_params(self) -> dict[str, Any]:
         """A trial run's MLflow params: its keys of TRIAL_SECTIONS, dotted, less what it does not
         read: a null or empty value, a method-specific schedule key its method ignores, a key only
-        other criteria read, `data.root` for a dataset read from no folder (config.yaml has all)."""
+        other criteria read, `data.root` for a dataset read from no folder, `data.download: false`
+        (config.yaml has all)."""
         s = self.schedule
         criterion = registry.criterion(s.criterion)
         own, specific = criterion.reads | criterion.acts_on, registry.criterion_keys()
         used = {}
         for key, value in flatten(self.model_dump(mode="json", include=TRIAL_SECTIONS)).items():
-            if value is None or value == {} or value == []:
+            if value is None or value == {} or value == [] or (key == "data.download" and not value):
                 continue
             if key.startswith("schedule.") and not schedules.key_is_used(s.method, key.split(".")[1], s.retrain):
                 continue
@@ -398,7 +407,8 @@ class Spec(_Strict):
 
     def config_hash(self) -> str:
         """Content hash of what determines a trial's result (not tracking, resources, search)."""
-        return _hash({k: v for k, v in self.model_dump(mode="json").items()
+        d = self.model_dump(mode="json")
+        return _hash({k: _data_identity(d["data"]) if k == "data" else v for k, v in d.items()
                       if k in ("seed", "model", "data", "train", "schedule", "distill")})
 
     def dense_hash(self) -> str:
@@ -413,7 +423,7 @@ class Spec(_Strict):
                 if plugins.is_user_code(ref)}
         if code:
             extra["code"] = code  # the user's model or data code: an edit trains a new dense phase
-        return _hash({"format": DENSE_FORMAT, "seed": d["seed"], "model": d["model"], "data": d["data"],
+        return _hash({"format": DENSE_FORMAT, "seed": d["seed"], "model": d["model"], "data": _data_identity(d["data"]),
                       "train": train, **extra})
 
     def ticket_hash(self, targets: list[float]) -> str:
@@ -424,6 +434,12 @@ class Spec(_Strict):
                       "layers": s.layers, "rewind_epoch": s.rewind_epoch, "synflow_iters": s.synflow_iters,
                       "n_m": s.n_m if s.n_m is not None else [2, 4],  # as before n_m was optional
                       **({"samples_per_class": s.samples_per_class} if s.criterion == "grasp" else {})})
+
+
+def _data_identity(data: dict) -> dict:
+    """The data keys that say which data a trial reads: not whether it was fetched (data.download),
+    so fetching neither changes a hash nor misses the dense-phase cache."""
+    return {k: v for k, v in data.items() if k != "download"}
 
 
 def _hash(obj: Any) -> str:

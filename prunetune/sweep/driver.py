@@ -85,7 +85,7 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     spec = loaded.fixed_spec()
     uri = tracking.store_uri(spec.tracking.uri)
     echo(f"reading {spec.data.dataset} at {spec.data.image_size} px and checking the model…")
-    dataset = load_dataset(spec.data)  # a missing or malformed data root (or a bad factory) fails here
+    dataset = load_dataset(spec.data, echo)  # fetched if asked; a missing or malformed root (or a bad factory) fails
     teachers = local_teachers(loaded, uri)  # a missing distillation teacher fails here
     code = loaded.user_code() + teacher_code(teachers, loaded.path.parent if loaded.path else None)
     from prunetune.model_check import check_models
