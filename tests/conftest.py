@@ -135,7 +135,7 @@ def write_medmnist(path: Path, n=(60, 12, 20), classes: int = 7, size: int = 28,
     return path
 
 
-STARTUP = ("sweep ", "reading ", "starting Ray (", "attaching to the Ray cluster at ")
+STARTUP = ("sweep ", "reading ", "downloading torchvision's ", "starting Ray (", "attaching to the Ray cluster at ")
 
 
 def error_lines(stderr: str) -> list[str]:
