@@ -163,3 +163,28 @@ def test_the_shipped_sweeps_name_weights_torchvision_knows():
     assert "densenet169-ham10000" in {s.name for s in named}
     for s in named:
         assert pretrained.resolve(s.model.arch, s.model.weights).url.startswith("https://download.pytorch.org/")
+
+
+def test_a_sweep_with_a_name_runs_its_trials_from_the_cache(tmp_path):
+    """The driver finds the file in the cache (nothing downloaded, no network) and its Ray
+    workers, which inherit $TORCH_HOME, load it: both trials finish."""
+    from mlflow.tracking import MlflowClient
+
+    p = tmp_path / "spec.yaml"
+    p.write_text(textwrap.dedent(SWEEP))
+    env = {**os.environ, **offline_env(tmp_path / "torch_home")}
+    old_home = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = env["TORCH_HOME"]
+    try:
+        prefill("squeezenet1_0", "IMAGENET1K_V1")
+    finally:
+        os.environ.pop("TORCH_HOME") if old_home is None else os.environ.update(TORCH_HOME=old_home)
+    r = subprocess.run([sys.executable, "-m", "prunetune.cli", "sweep", str(p)], cwd=tmp_path, capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "downloading" not in r.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = [run for run in client.search_runs([client.get_experiment_by_name("named").experiment_id])
+            if run.data.tags.get("prunetune.kind") == "trial"]
+    assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+    assert {run.data.params["model.weights"] for run in runs} == {"IMAGENET1K_V1"}
