@@ -104,7 +104,8 @@ def check_weights(loaded: LoadedSpec, fetch: bool, echo=None) -> list[str]:
     is a UserError listing the arch's names. With `fetch` (a sweep, before Ray and its trials),
     a file missing from torchvision's cache is downloaded into it, so trials on this machine
     read it there (UserError naming the file where that fails, e.g. offline); without (validate,
-    --dry-run), a note says it will be. Returns the notes."""
+    --dry-run), a note says it will be. A file already cached is hashed once here: a note where
+    it is not torchvision's (`pretrained.hash_note`). Returns the notes."""
     from prunetune import pretrained
 
     notes, seen = [], set()
@@ -114,9 +115,11 @@ def check_weights(loaded: LoadedSpec, fetch: bool, echo=None) -> list[str]:
             continue
         seen.add((arch, name))
         weights = pretrained.resolve(arch, name)
-        if fetch:
+        if pretrained.cached_file(weights).is_file():
+            notes += [n for n in [pretrained.hash_note(arch, name)] if n]  # a download was checked as it came
+        elif fetch:
             pretrained.fetch(arch, name, echo)
-        elif not pretrained.cached_file(weights).is_file():
+        else:
             notes.append(f"note: model.weights {name} ({pretrained.torchvision_arch(arch)}) is not in torchvision's "
                          f"cache yet: a sweep downloads {weights.url} to {pretrained.cached_file(weights)}")
     return notes

@@ -9,8 +9,9 @@ file of that name). Names apply to the built-in archs that are torchvision's mod
 
 The hash: torch.hub checks a download's SHA-256 against the prefix in the file's name
 (`densenet169-b2777c0a.pth`) and keeps the file only when it matches; a file already in the
-cache is read as it is (as torchvision reads it): one put there by hand is the user's to check
-(`sha256sum` of it starts with those digits).
+cache is read as it is, as torchvision reads it (a trial does not hash it again). The driver
+hashes it once before the trials (`hash_note`): a file that does not match (put there by hand,
+or another file under that name) gets a note, not an error, since it may be what the user meant.
 
 The first part (names, archs) imports no torch: the spec's validation uses it. Resolving and
 fetching import torchvision."""
@@ -116,6 +117,28 @@ def fetch(arch: str, value: str, echo: Callable[[str], None] | None = None) -> P
         torch.hub.download_url_to_file(weights.url, str(path), match.group(1) if match else None,
                                        progress=echo is not None)
     return path
+
+
+def hash_note(arch: str, value: str) -> str | None:
+    """A note where the cached file's SHA-256 does not start with the digits in its name (the
+    file torchvision publishes does); None where it does, or the name carries no digits."""
+    import hashlib
+
+    import torch.hub
+
+    path = cached_file(resolve(arch, value))
+    match = torch.hub.HASH_REGEX.search(path.name)
+    if match is None or not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest().startswith(match.group(1)):
+        return None
+    return (f"note: model.weights {value}: {path} is not the file torchvision publishes (its SHA-256 starts "
+            f"{digest.hexdigest()[:len(match.group(1))]}, not {match.group(1)}); it is used as it is (delete it to "
+            "download torchvision's)")
 
 
 def state_dict(arch: str, value: str) -> dict:

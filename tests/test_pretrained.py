@@ -102,6 +102,17 @@ def test_a_name_for_an_arch_torchvision_does_not_build_is_refused():
     assert spec.validate(digits_raw(model__weights="w.pth")).model.weights == "w.pth"  # a path still is one
 
 
+def test_a_name_stays_a_name_where_a_path_would_be_made_absolute_and_checked_on_every_node():
+    """A path is made absolute at load and compared across a cluster's nodes; a name is neither
+    (each node reads, or downloads into, its own torchvision cache)."""
+    from prunetune.sweep.preflight import _trial_paths
+
+    named = spec.load(None, raw=digits_raw(model__arch="resnet18", model__weights="IMAGENET1K_V1"))
+    assert named.fixed_spec().model.weights == "IMAGENET1K_V1" and "model.weights" not in _trial_paths(named)
+    path = spec.load(None, raw=digits_raw(model__arch="resnet18", model__weights="w.pth"))
+    assert _trial_paths(path)["model.weights"] == os.path.join(os.getcwd(), "w.pth")
+
+
 def test_offline_without_the_file_is_one_line_naming_the_file_torchvision_expects(torch_home):
     expected = torch_home / "hub" / "checkpoints" / "squeezenet1_0-b66bff10.pth"
     with pytest.raises(UserError) as err:
@@ -166,8 +177,9 @@ def test_the_shipped_sweeps_name_weights_torchvision_knows():
 
 
 def test_a_sweep_with_a_name_runs_its_trials_from_the_cache(tmp_path):
-    """The driver finds the file in the cache (nothing downloaded, no network) and its Ray
-    workers, which inherit $TORCH_HOME, load it: both trials finish."""
+    """The driver finds the file in the cache (nothing downloaded, no network), notes that its
+    hash is not the published one, and its Ray workers, which inherit $TORCH_HOME, load it: both
+    trials finish."""
     from mlflow.tracking import MlflowClient
 
     p = tmp_path / "spec.yaml"
@@ -183,6 +195,10 @@ def test_a_sweep_with_a_name_runs_its_trials_from_the_cache(tmp_path):
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "downloading" not in r.stderr
+    # the driver hashed the cached file once: the test's file is not torchvision's, which a note says
+    expected = tmp_path / "torch_home" / "hub" / "checkpoints" / "squeezenet1_0-b66bff10.pth"
+    assert (f"note: model.weights IMAGENET1K_V1: {expected} is not the file torchvision publishes (its SHA-256 "
+            "starts ") in r.stderr and "not b66bff10); it is used as it is" in r.stderr, r.stderr
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = [run for run in client.search_runs([client.get_experiment_by_name("named").experiment_id])
             if run.data.tags.get("prunetune.kind") == "trial"]
