@@ -121,7 +121,7 @@ def sweep(spec_path: Path, resume: bool, restart: bool, address: str | None, tra
     loaded = _load(spec_path, list(sets), tracking_uri=tracking_uri, storage=storage)
     if dry_run:
         prepared = sweep_mod.prepare(loaded, resume=resume, restart=restart,
-                                     echo=lambda line: click.echo(line, err=True))
+                                     echo=lambda line: click.echo(line, err=True), fetch=False)
         click.echo(sweep_mod.plan_text(loaded, prepared.paths, prepared.uri, prepared.dataset))
         return
     click.echo(sweep_mod.first_line(loaded), err=True)

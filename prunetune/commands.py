@@ -31,11 +31,12 @@ def validate_spec(loaded: LoadedSpec) -> tuple[str, str]:
     """`prunetune validate`: the resolved spec as YAML (search entries as written), and one line
     on its data (read here: a missing or malformed root fails) and searched keys."""
     from prunetune.data import load_dataset
-    from prunetune.model_check import check_models
+    from prunetune.model_check import check_models, check_weights
 
     fixed = loaded.fixed_spec()
     dataset = load_dataset(fixed.data)
     notes = check_models(loaded, dataset)  # a factory's model is built and checked
+    notes += check_weights(loaded, fetch=False)  # torchvision's weight names: known, and cached or not
     resolved = fixed.model_dump(mode="json")
     for key in loaded.space:
         set_dotted(resolved, key, get_dotted(loaded.raw, key))

@@ -99,6 +99,32 @@ def check_models(loaded: LoadedSpec, dataset: Dataset) -> list[str]:
     return [note for s in selections.values() for note in s.notes]
 
 
+def check_weights(loaded: LoadedSpec, fetch: bool, echo=None) -> list[str]:
+    """torchvision's weight names in model.weights (each value a trial may take): an unknown name
+    is a UserError listing the arch's names. With `fetch` (a sweep, before Ray and its trials),
+    a file missing from torchvision's cache is downloaded into it, so trials on this machine
+    read it there (UserError naming the file where that fails, e.g. offline); without (validate,
+    --dry-run), a note says it will be. A file already cached is hashed once here: a note where
+    it is not torchvision's (`pretrained.hash_note`). Returns the notes."""
+    from prunetune import pretrained
+
+    notes, seen = [], set()
+    for spec in variants(loaded, ("model.",)):
+        arch, name = spec.model.arch, spec.model.weights
+        if not pretrained.is_name(name) or (arch, name) in seen:
+            continue
+        seen.add((arch, name))
+        weights = pretrained.resolve(arch, name)
+        if pretrained.cached_file(weights).is_file():
+            notes += [n for n in [pretrained.hash_note(arch, name)] if n]  # a download was checked as it came
+        elif fetch:
+            pretrained.fetch(arch, name, echo)
+        else:
+            notes.append(f"note: model.weights {name} ({pretrained.torchvision_arch(arch)}) is not in torchvision's "
+                         f"cache yet: a sweep downloads {weights.url} to {pretrained.cached_file(weights)}")
+    return notes
+
+
 ROUND_KEYS = ("schedule.method", "schedule.sparsity", "schedule.step_size", "schedule.step_rule", "schedule.scope",
               "schedule.layers", "model.", "data.")
 

@@ -1,5 +1,5 @@
-"""Model name → torch module, with the small-image stem, a head sized to the dataset, local
-weights loading, and the prunable layers in forward order."""
+"""Model name → torch module, with the small-image stem, a head sized to the dataset, weights
+loading (torchvision's names or a local state_dict), and the prunable layers in forward order."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunetune import plugins, registry
+from prunetune import plugins, pretrained, registry
 from prunetune.attention import split_attention
 from prunetune.errors import UserError
 
@@ -102,8 +102,9 @@ def uses_small_stem(stem: str, image_size: int) -> bool:
 
 
 def build_model(model_spec, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Build `model_spec.arch` for the data's classes and channels; load `weights` if given (a
-    state_dict of the model as its builder makes it), then make attention's projections Linear
+    """Build `model_spec.arch` for the data's classes and channels; load `weights` if given
+    (torchvision's weight name, `pretrained`, or a path to a state_dict of the model as its
+    builder makes it: `fit_state` keeps the tensors that fit), then make attention's projections Linear
     layers (`attention.split_attention`). A factory's model (the user's, or torchvision's) is
     checked on a batch of zeros first: a wrong output is bad input naming model.arch, not a
     trial that fails later."""
@@ -118,7 +119,9 @@ def build_model(model_spec, num_classes: int, in_channels: int, image_size: int)
         model = registry.lookup(registry.MODELS, arch)(num_classes, in_channels, small, image_size)
     if plugins.is_ref(arch):
         check_output(model, arch, num_classes, in_channels, image_size)
-    if model_spec.weights:
+    if pretrained.is_name(model_spec.weights):  # torchvision's name: from its cache, downloaded there if missing
+        fit_state(model, pretrained.state_dict(arch, model_spec.weights), f"torchvision's {model_spec.weights}")
+    elif model_spec.weights:
         load_weights(model, Path(model_spec.weights).expanduser())
     split_attention(model)  # attention's projections as Linear layers, which criteria prune
     return model
@@ -209,22 +212,29 @@ _DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
 
 
 def load_weights(model: nn.Module, path: Path) -> list[str]:
-    """Load a local state_dict (e.g. torchvision's ImageNet weights) into `model`, skipping the
-    tensors whose shapes differ (the head sized to the dataset, a grayscale first conv).
+    """Load a local state_dict (e.g. torchvision's ImageNet weights) into `model` (`fit_state`).
     Returns the names of the skipped tensors."""
     if not path.is_file():
-        raise UserError(f"model.weights: file {path} not found (expected a torchvision state_dict .pth)")
+        raise UserError(f"model.weights: file {path} not found (expected a torchvision state_dict .pth, or "
+                        "torchvision's weight name such as IMAGENET1K_V1)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
         raise UserError(f"model.weights: {path} is not a readable state_dict ({type(exc).__name__})") from None
     if not isinstance(state, dict):
         raise UserError(f"model.weights: {path} holds a {type(state).__name__}, not a state_dict")
+    return fit_state(model, state, str(path))
+
+
+def fit_state(model: nn.Module, state: dict, source: str) -> list[str]:
+    """Load the tensors of `state` that fit `model`, skipping those whose shapes differ (the head
+    sized to the dataset, a small stem's or a grayscale first conv). Returns the names of the
+    model's tensors left as they were."""
     state = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matched:
-        raise UserError(f"model.weights: no tensor in {path} fits this model (wrong arch or stem?)")
+        raise UserError(f"model.weights: no tensor in {source} fits this model (wrong arch or stem?)")
     model.load_state_dict(matched, strict=False)
     return sorted(set(own) - set(matched))
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from prunetune import metrics, plugins, registry
+from prunetune import metrics, plugins, pretrained, registry
 from prunetune.errors import UserError, first_line
 from prunetune.spec import space as space_mod
 from prunetune.spec.dotted import del_dotted, get_dotted, set_dotted
@@ -195,14 +195,15 @@ def _check_objectives(spec: Spec, space: dict[str, SearchEntry]) -> None:
 
 
 # Files a trial reads, made absolute at load (relative to the working directory): Ray workers,
-# whose working directories differ, and the nodes of a cluster then read the same path.
+# whose working directories differ, and the nodes of a cluster then read the same path. (Not a
+# torchvision weight name in model.weights: each node reads it from its own torchvision cache.)
 _PATH_KEYS = ("data.root", "model.weights")
 
 
 def _absolute_paths(raw: dict) -> None:
     for key in _PATH_KEYS:
         value = get_dotted(raw, key)
-        if isinstance(value, str) and value and "://" not in value:
+        if isinstance(value, str) and value and "://" not in value and not pretrained.is_name(value):
             set_dotted(raw, key, str(Path(value).expanduser().absolute()))
 
 

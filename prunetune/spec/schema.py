@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from prunetune import metrics, plugins, registry
+from prunetune import metrics, plugins, pretrained, registry
 from prunetune.errors import UserError
 from prunetune.pruning import schedules
 from prunetune.spec.dotted import flatten
@@ -75,7 +75,7 @@ class ModelSpec(_Strict):
     # in_channels, image_size, **kwargs), returning an nn.Module) or `torchvision:<name>`
     arch: str = "simple_cnn"
     kwargs: Kwargs = {}  # passed to a factory (or a torchvision builder)
-    weights: Optional[str] = None
+    weights: Optional[str] = None  # torchvision's weight name (IMAGENET1K_V1, DEFAULT) or a state_dict's path
     stem: Literal["auto", "imagenet", "small"] = "auto"  # the built-in archs' first layers
     freeze: list[str] = []
 
@@ -92,6 +92,14 @@ class ModelSpec(_Strict):
         if self.stem != "auto" and plugins.is_ref(self.arch):
             raise ValueError(f"model.stem: applies to the built-in archs; {self.arch} builds its own first layers")
         return self
+
+    @field_validator("weights")
+    @classmethod
+    def _weight_name_for_torchvision(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        problem = pretrained.name_problem(info.data.get("arch", ""), v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class DataSpec(_Strict):
@@ -423,6 +431,8 @@ class Spec(_Strict):
                 if plugins.is_user_code(ref)}
         if code:
             extra["code"] = code  # the user's model or data code: an edit trains a new dense phase
+        if pretrained.is_name(self.model.weights):  # the file the name stands for (DEFAULT moves with torchvision)
+            d["model"]["weights"] = pretrained.url(self.model.arch, self.model.weights)
         return _hash({"format": DENSE_FORMAT, "seed": d["seed"], "model": d["model"], "data": _data_identity(d["data"]),
                       "train": train, **extra})
 

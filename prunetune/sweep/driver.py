@@ -72,8 +72,11 @@ class SweepResult:
 
 # -- before Ray ------------------------------------------------------------------------------------
 
-def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[str], None] = print) -> Prepared:
-    """All checks that need no Ray and write nothing."""
+def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[str], None] = print,
+            fetch: bool = True) -> Prepared:
+    """All checks that need no Ray and write nothing (to the tracking store or the sweep's
+    folder). `fetch`: download torchvision's named weights missing from its cache (not for
+    --dry-run, which notes them)."""
     from prunetune.data import load_dataset
 
     if resume and restart:
@@ -88,11 +91,12 @@ def prepare(loaded: LoadedSpec, *, resume: bool, restart: bool, echo: Callable[[
     dataset = load_dataset(spec.data, echo)  # fetched if asked; a missing or malformed root (or a bad factory) fails
     teachers = local_teachers(loaded, uri)  # a missing distillation teacher fails here
     code = loaded.user_code() + teacher_code(teachers, loaded.path.parent if loaded.path else None)
-    from prunetune.model_check import check_models
+    from prunetune.model_check import check_models, check_weights
 
     on_test = selection_note([o.metric for o in spec.search.objectives])
     criterion = None if "schedule.criterion" in loaded.space else registry.criterion(spec.schedule.criterion)
     notes = ([on_test] if on_test else []) + check_models(loaded, dataset)  # a bad factory or budget raises
+    notes += check_weights(loaded, fetch, echo)  # an unknown weight name raises; offline without the file too
     notes += [n for n in [criterion and criterion.note(spec)] if n]
     for note in notes:
         echo(note)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ray
 
-from prunetune import nodecheck
+from prunetune import nodecheck, pretrained
 from prunetune.errors import UserError, first_line
 from prunetune.spec import LoadedSpec
 from prunetune.storage import Storage
@@ -32,13 +32,14 @@ def check_resources(cpus: float, gpus: float) -> None:
 
 def _trial_paths(loaded: LoadedSpec) -> dict[str, str]:
     """The files trials read from the nodes' own disks: data.root and model.weights (each value
-    a searched key may take)."""
+    a searched key may take; not torchvision's weight names: a node without the file downloads it
+    into its own torchvision cache when a trial builds the model)."""
     paths = {}
     for key in ("data.root", "model.weights"):
         entry = loaded.space.get(key)
         values = entry.probe_values() if entry else [getattr(getattr(loaded.fixed_spec(), key.split(".")[0]),
                                                              key.split(".")[1])]
-        for i, value in enumerate(v for v in values if v):
+        for i, value in enumerate(v for v in values if v and not (key == "model.weights" and pretrained.is_name(v))):
             paths[key if i == 0 else f"{key}[{i}]"] = str(value)
     return paths
 
