@@ -26,7 +26,8 @@ class Progress(tune.Callback):
     0.1 s), so a done line counted at the step the trial ended would always show one trial fewer
     running than the sweep runs (`1 running` throughout, at most 2 at once). The line waits until
     the freed places are taken again (`max_concurrent`, or as many trials as are left), at most
-    `SETTLE_S` seconds (a cluster with room for fewer trials)."""
+    `SETTLE_S` seconds (a cluster with room for fewer trials); trials that end within that wait
+    share one line."""
 
     max_concurrent: int | None = None  # a Progress pickled before this was kept: print at once
     _due: float | None = None  # when a trial ended whose done line is not printed yet
