@@ -128,6 +128,11 @@ def test_small_sweep_and_refused_rerun(tmp_path):
     parents, children = runs_of(tmp_path, "tiny")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 4
+    # 2 trials at once (max_concurrent 2, 1 CPU each of 2): their runs overlap in time, and a
+    # done line counts the trial that took the ended one's place (not "1 running" throughout)
+    spans = sorted((run.info.start_time, run.info.end_time) for run in children)
+    assert sum(b[0] < a[1] for a, b in zip(spans, spans[1:])) >= 2, spans
+    assert any(" done, 2 running, " in line for line in r.stderr.splitlines()), r.stderr[-3000:]
     c = client(tmp_path)
     assert {"tiny.yaml", "search_space.json"} <= {a.path for a in c.list_artifacts(parents[0].info.run_id)}
     # the parent run shows the sweep: its fixed keys as params, its search space in its description

@@ -309,7 +309,7 @@ class _Sweep:
         logger = MlflowLogger(spec.name, spec.name, self.loaded, self.paths.storage.uri, (metric, mode),
                               dataset_info(spec.data, dataset))
         logger.attach(writer)
-        progress = Progress(metric, mode, self.total, res.max_retries, self.echo,
+        progress = Progress(metric, mode, self.total, res.max_retries, self.echo, max_concurrent=res.max_concurrent,
                             method=fixed_schedule_value(self.loaded.raw, "method"))
         # the study leads back to MLflow: where its runs are (the URI without credentials)
         links = {"mlflow_tracking_uri": redacted(self.uri), "mlflow_parent_run_id": parent,

@@ -12,6 +12,7 @@ from ray import tune
 from prunetune.sweep.protocol import EPOCHS_KEY, FINAL_FLAG, PHASE_KEY, failed, tune_error_text, unpack
 
 FIRST_S = 5.0  # seconds between the piped status lines until the first trial ends
+SETTLE_S = 3.0  # at most this long a done line waits for the ended trials' places to be taken again
 
 
 class Progress(tune.Callback):
@@ -19,11 +20,22 @@ class Progress(tune.Callback):
     x/y, last val_acc, time so far and an estimate of the rest), refreshed in place on a terminal
     and printed every `period_s` seconds when output is piped (every `FIRST_S` until the first
     trial ends, so that the shared dense phase is never silent long); a line whenever a trial ends (done /
-    running / failed, the best so far, elapsed); one line when a trial is retried."""
+    running / failed, the best so far, elapsed); one line when a trial is retried.
+
+    Tune starts the trial that takes an ended trial's place a step later (a reused worker: about
+    0.1 s), so a done line counted at the step the trial ended would always show one trial fewer
+    running than the sweep runs (`1 running` throughout, at most 2 at once). The line waits until
+    the freed places are taken again (`max_concurrent`, or as many trials as are left), at most
+    `SETTLE_S` seconds (a cluster with room for fewer trials); trials that end within that wait
+    share one line."""
+
+    max_concurrent: int | None = None  # a Progress pickled before this was kept: print at once
+    _due: float | None = None  # when a trial ended whose done line is not printed yet
 
     def __init__(self, objective: str, mode: str, total: int, max_retries: int, echo: Callable[[str], None],
-                 method: str = "", period_s: float | None = None):
+                 method: str = "", period_s: float | None = None, max_concurrent: int | None = None):
         self.objective, self.mode, self.total, self.echo = objective, mode, total, echo
+        self.max_concurrent = max_concurrent
         self.max_retries, self.method = max_retries, method  # method: the spec's, when not searched
         self.period_s = float(os.environ.get("PRUNETUNE_PROGRESS_S", "30")) if period_s is None else period_s
         self.start = time.monotonic()
@@ -34,7 +46,7 @@ class Progress(tune.Callback):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(echo=None, _live=None, _running={})
+        state.update(echo=None, _live=None, _running={}, _due=None)
         return state
 
     # -- output --------------------------------------------------------------------------------
@@ -53,6 +65,8 @@ class Progress(tune.Callback):
             self._live.start()
 
     def on_experiment_end(self, trials, **info):
+        if self._due is not None and self.echo is not None:
+            self._done_line(trials)
         if self._live is not None:
             self._live.stop()
             self._live = None
@@ -121,17 +135,33 @@ class Progress(tune.Callback):
         ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         if ended != self._seen:
             self._seen = ended
-            n_failed = sum(t.status == "ERROR" or failed(t.last_result) for t in trials)
-            done = sum(t.status == "TERMINATED" for t in trials) - sum(failed(t.last_result) for t in trials)
-            running = sum(t.status == "RUNNING" for t in trials)
-            scores = [(t.last_result or {}).get(self.objective) for t in trials if t.status == "TERMINATED"]
-            scores = [s for s in scores if s is not None]
-            best = (max if self.mode == "max" else min)(scores) if scores else None
-            elapsed = int(time.monotonic() - self.start)
-            best_text = f"best {self.objective} {best:.4f}" if best is not None else "no result yet"
-            self._print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {done}/{self.total} done, "
-                        f"{running} running, {n_failed} failed; {best_text}")
+            if self._due is None:
+                self._due = time.monotonic()
+        if self._due is not None and (self._refilled(trials, len(ended))
+                                      or time.monotonic() - self._due >= SETTLE_S):
+            self._done_line(trials)
         self._refresh()
+
+    def _refilled(self, trials, ended: int) -> bool:
+        """Whether the sweep runs as many trials as it can again: `max_concurrent`, or as many
+        as are left (unknown `max_concurrent`: yes)."""
+        if self.max_concurrent is None:
+            return True
+        running = sum(t.status == "RUNNING" for t in trials)
+        return running >= min(self.max_concurrent, self.total - ended)
+
+    def _done_line(self, trials) -> None:
+        when, self._due = self._due, None
+        n_failed = sum(t.status == "ERROR" or failed(t.last_result) for t in trials)
+        done = sum(t.status == "TERMINATED" for t in trials) - sum(failed(t.last_result) for t in trials)
+        running = sum(t.status == "RUNNING" for t in trials)
+        scores = [(t.last_result or {}).get(self.objective) for t in trials if t.status == "TERMINATED"]
+        scores = [s for s in scores if s is not None]
+        best = (max if self.mode == "max" else min)(scores) if scores else None
+        elapsed = int(when - self.start)  # when the trial ended
+        best_text = f"best {self.objective} {best:.4f}" if best is not None else "no result yet"
+        self._print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {done}/{self.total} done, "
+                    f"{running} running, {n_failed} failed; {best_text}")
 
 
 def _clock(seconds: float) -> str:
