@@ -270,8 +270,9 @@ def test_download_is_a_param_only_when_set_and_never_part_of_a_hash():
     off = spec.validate(digits_raw(data__dataset="cifar10", data__root="/x"))
     on = spec.validate(digits_raw(data__dataset="cifar10", data__root="/x", data__download=True))
     assert "data.download" not in off.trial_params() and on.trial_params()["data.download"] is True
-    # the hashes of this spec before data.download existed: cached dense phases still match
-    assert (off.dense_hash(), off.config_hash()) == ("45c510d53b03c143", "56b087a6a97d865d")
+    # the dense hash of this spec before data.download existed: cached dense phases still match (the
+    # config hash, a tag, moves with every new schedule key, e.g. rigl's update_every)
+    assert off.dense_hash() == "45c510d53b03c143"
     assert (on.dense_hash(), on.config_hash()) == (off.dense_hash(), off.config_hash())
 
 
