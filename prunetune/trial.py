@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -149,10 +148,9 @@ class Trial:
 
     def prune(self, target: float, layers: list[str], scope: str, generator: torch.Generator,
               shuffle: bool = False, criterion: str | None = None) -> None:
-        """Prune by the schedule's criterion (or `criterion`); with `shuffle`, then permute each
-        layer's mask (the control of Frankle et al. 2021: same per-layer density, random places),
-        its survivors starting from the values their places had before this prune, not from the
-        zeros it left."""
+        """Prune by the schedule's criterion (or `criterion`); with `shuffle`, then permute each layer's
+        mask (the control of Frankle et al. 2021: same per-layer density, random places), its survivors
+        starting from the values their places had before this prune, not from the zeros it left."""
         before = {n: self.masks.weights[n].detach().clone() for n in layers} if shuffle else {}
         chosen = registry.criterion(criterion) if criterion else self.criterion
         self.masks.prune(target, chosen, layers, scope, generator, self.criteria_context())
@@ -289,7 +287,8 @@ class Trial:
         self.phase_index, self.phase_start_clock = index, t.clock
         if not resumed:
             self._start_phase(index, phase, dense_entry)
-        self._start_regrowth(phase)
+        t.regrowth = dynamic.for_phase(self.spec, self.masks, self.selected, t.steps_per_epoch,
+                                       self.phase_start_clock, phase.epochs, self._regrowth_state)
         if t.optimizer is None:
             t.new_optimizer(phase.lr_factor)
         if phase.final_lr:
@@ -298,20 +297,6 @@ class Trial:
         else:
             t.run(phase.epochs, lambda e: train.lr * phase.lr_factor
                   * lr_shape(train.lr_schedule, phase.lr_offset + e, phase.lr_horizon))
-
-    def _start_regrowth(self, phase: schedules.Phase) -> None:
-        """rigl and set: the mask updates of the phase (`dynamic.Regrowth`), continuing a saved
-        count on resume."""
-        s, t = self.spec.schedule, self.trainer
-        rule = schedules.METHODS[s.method].regrowth
-        if rule is None:
-            return
-        start = round(self.phase_start_clock * t.steps_per_epoch)
-        steps = round((self.phase_start_clock + phase.epochs) * t.steps_per_epoch) - start
-        t.regrowth = dynamic.Regrowth(self.masks, self.selected, rule, s.update_every, s.drop_fraction,
-                                      start, math.floor(s.update_until * steps), self.spec.seed)
-        if self._regrowth_state is not None:
-            t.regrowth.load_state_dict(self._regrowth_state)
 
     def _start_phase(self, index: int, phase: schedules.Phase, dense_entry: Path) -> None:
         t = self.trainer

@@ -127,3 +127,22 @@ class Regrowth:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.updates, self.regrown_epoch = int(state["updates"]), int(state["regrown_epoch"])
+
+
+def for_phase(spec, masks, layers: Sequence[str], steps_per_epoch: int, start_clock: float, epochs: float,
+              state: dict | None = None) -> Regrowth | None:
+    """The mask updates of a sparse training phase of `epochs` starting at epoch `start_clock`
+    (None where `spec`'s method keeps its mask), continuing a checkpoint's `state` if given."""
+    from prunetune.pruning.schedules import METHODS
+
+    s = spec.schedule
+    rule = METHODS[s.method].regrowth
+    if rule is None:
+        return None
+    start = round(start_clock * steps_per_epoch)
+    steps = round((start_clock + epochs) * steps_per_epoch) - start
+    regrowth = Regrowth(masks, layers, rule, s.update_every, s.drop_fraction, start,
+                        math.floor(s.update_until * steps), spec.seed)
+    if state is not None:
+        regrowth.load_state_dict(state)
+    return regrowth

@@ -1,8 +1,8 @@
 """The spec: one YAML file naming a model, data, a training recipe and a pruning schedule whose
 values may be searched.
 
-- `schema`: the pydantic models of every key (the one place where defaults live), validation and
-  the content hashes;
+- `schema`: the pydantic models of every key (the one place where defaults live), their rules and
+  the content hashes; `validation`: a mapping to a `Spec`, or one line naming the key;
 - `dotted`: dotted keys (`schedule.sparsity`) over nested mappings;
 - `space`: search entries, and which searched keys a trial of a method uses;
 - `loading`: YAML, `base:`, `--set` and the CLI's overrides, into a `LoadedSpec`.
@@ -26,9 +26,6 @@ from prunetune.spec.schema import (
                                    Spec,
                                    TrackingSpec,
                                    TrainSpec,
-                                   defaults_yaml,
-                                   format_validation_error,
-                                   validate,
 )
 from prunetune.spec.space import (
                                    SEARCH_KINDS,
@@ -38,6 +35,7 @@ from prunetune.spec.space import (
                                    keys_used,
                                    parse_search_entry,
 )
+from prunetune.spec.validation import defaults_yaml, format_validation_error, validate
 
 __all__ = [
     "DENSE_FORMAT", "SEARCHABLE_SECTIONS", "SEARCH_KINDS",

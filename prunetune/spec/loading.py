@@ -22,8 +22,9 @@ from prunetune import metrics, plugins, pretrained, registry
 from prunetune.errors import UserError, first_line
 from prunetune.spec import space as space_mod
 from prunetune.spec.dotted import del_dotted, get_dotted, set_dotted
-from prunetune.spec.schema import Spec, validate
+from prunetune.spec.schema import Spec
 from prunetune.spec.space import SearchEntry, is_number, is_search_entry
+from prunetune.spec.validation import validate
 
 
 class _SpecLoader(yaml.SafeLoader):

@@ -9,20 +9,17 @@ import json
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from prunetune import metrics, plugins, pretrained, registry
-from prunetune.errors import UserError
 from prunetune.pruning import schedules
 from prunetune.spec.dotted import flatten
 
@@ -333,26 +330,21 @@ class Spec(_Strict):
     def _from_scratch_defaults(cls, raw):
         """rigl, set and static train sparse from initialisation: train.dense_epochs 0 and
         schedule.scope erk, unless the spec sets them."""
-        if not isinstance(raw, dict) or not isinstance(raw.get("schedule", {}), dict):
+        schedule, train = (raw.get("schedule", {}), raw.get("train", {})) if isinstance(raw, dict) else (None, None)
+        method = schedules.METHODS.get(schedule.get("method")) if isinstance(schedule, dict) else None
+        if method is None or not method.from_scratch or not isinstance(train, dict):
             return raw
-        method = schedules.METHODS.get(raw.get("schedule", {}).get("method"))
-        if method is None or not method.from_scratch or not isinstance(raw.get("train", {}), dict):
-            return raw
-        raw = dict(raw)
-        raw["train"] = {"dense_epochs": 0, **raw.get("train", {})}
-        raw["schedule"] = {"scope": "erk", **raw["schedule"]}
-        return raw
+        return {**raw, "train": {"dense_epochs": 0, **train}, "schedule": {"scope": "erk", **schedule}}
 
     @model_validator(mode="after")
     def _method_values(self):
         s = self.schedule
         method = schedules.METHODS[s.method]
         if method.from_scratch and (s.criterion != "l1_unstructured" or s.n_m is not None):
-            key = "schedule.n_m" if s.n_m is not None else "schedule.criterion"
-            raise ValueError(f"{key}: method {s.method} starts from a random mask and drops the smallest "
-                             "magnitudes, unstructured; leave schedule.criterion at l1_unstructured and "
-                             "schedule.n_m unset (got criterion " + s.criterion
-                             + (f", n_m {s.n_m}" if s.n_m is not None else "") + ")")
+            key, got = ("schedule.n_m", f", n_m {s.n_m}") if s.n_m is not None else ("schedule.criterion", "")
+            raise ValueError(f"{key}: method {s.method} starts from a random mask and drops the smallest magnitudes, "
+                             f"unstructured; leave schedule.criterion at l1_unstructured and schedule.n_m unset "
+                             f"(got criterion {s.criterion}{got})")
         if method.always_rewinds and s.retrain not in ("finetune", "weight_rewind"):
             raise ValueError(f"schedule.retrain {s.retrain} does not apply to method {s.method}, which always "
                              "rewinds weights; use method iterative (or oneshot) with retrain "
@@ -454,48 +446,3 @@ def _data_identity(data: dict) -> dict:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """pydantic's first error as one line naming the dotted key and what is allowed there."""
-    errs = exc.errors()
-    first = errs[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        parent = loc.rsplit(".", 1)[0] if "." in loc else None
-        model = _model_at(parent)
-        allowed = ", ".join(model.model_fields) if model else ""
-        msg = f"unknown key; allowed here: {allowed}"
-    elif first["type"] == "missing":
-        msg = "is required"
-    elif "input" in first and first["type"] not in ("value_error",):
-        msg = f"{msg} (got {first['input']!r})"
-    where = f"spec key {loc}: " if loc else "spec: "
-    more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
-    return f"{where}{msg}{more}"
-
-
-def _model_at(dotted: str | None):
-    model: Any = Spec
-    for part in (dotted.split(".") if dotted else []):
-        field = model.model_fields.get(part)
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
-
-
-def validate(raw: dict) -> Spec:
-    """A resolved spec from a mapping with no search entries; UserError naming the key otherwise."""
-    try:
-        return Spec.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(exc)) from None
-
-
-def defaults_yaml() -> str:
-    """Every key with its default, as conf/defaults.yaml holds it."""
-    d = Spec(name="prunetune").model_dump(mode="json")
-    return yaml.safe_dump(d, sort_keys=False)

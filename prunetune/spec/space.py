@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from prunetune.errors import UserError
 from prunetune.pruning import schedules
 from prunetune.spec.dotted import del_dotted, set_dotted
-from prunetune.spec.schema import ScheduleSpec, Spec, format_validation_error
+from prunetune.spec.schema import ScheduleSpec, Spec
+from prunetune.spec.validation import format_validation_error
 
 SEARCHABLE_SECTIONS = ("model", "data", "train", "schedule", "distill")
 SEARCH_KINDS = ("choice", "uniform", "loguniform", "int")
